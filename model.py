@@ -1,0 +1,495 @@
+"""
+A top-k Mixture-of-Experts decoder-only transformer, in plain PyTorch.
+
+One MoEConfig describes a toy model for a laptop and, exactly, the two architectures SARA is
+applied to: Qwen3-MoE (Qwen3-30B-A3B) and Phi-3.5-MoE-instruct. The numerics (the dtype of each
+step, the order of the expert sum) follow the checkpoints' reference code, so that this file and
+transformers' eager implementation agree to ~1e-7 in fp32 and bit for bit in bf16 on CPU.
+
+Notation in shape comments: B batch, T time (query length), S key length (past + T), H hidden,
+nh query heads, nkv key/value heads, hd head dim, V vocab, E experts, K experts per token,
+I expert (intermediate) width, N = B*T tokens.
+
+    x = embed[ids]                                      (B, T, H)
+    for each block:  x = x + attn(norm1(x));  x = x + ffn(norm2(x))   ffn = MoE or dense SwiGLU
+    logits = lm_head(norm(x))                           (B, T, V)
+
+Decisions and why:
+- Experts are stacked 3-D weights (gate_up (E, 2I, H), down (E, H, I)), the in-memory layout of
+  transformers 5.x: one parameter per kind, every expert always gets a (possibly zero) gradient,
+  so DDP needs no find_unused_parameters, and grouped GEMM reads the weights as they are.
+- Two dispatch paths compute the same function: "loop" (one matmul per expert, ascending expert
+  order; the reference, and faster on CPU) and "grouped" (sort token slots by expert, one
+  torch grouped_mm per projection, no host sync; for GPUs). expert_impl="auto" picks per device.
+- Position ids come from the attention mask (cumsum - 1), so a left-padded sequence gives the
+  same logits as the unpadded one (transformers' plain forward uses arange and does not).
+"""
+import math
+from dataclasses import dataclass, field, fields, asdict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from router import TopKRouter, SparseMixerRouter, load_balancing_loss, router_z_loss
+
+
+@dataclass
+class MoEConfig:
+    vocab_size: int = 4096
+    hidden_size: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: int = 0  # 0 -> hidden_size // n_heads
+    intermediate_size: int = 512  # width of dense (non-MoE) SwiGLU layers
+    # --- mixture of experts
+    n_experts: int = 8
+    top_k: int = 2
+    moe_intermediate_size: int = 256
+    router: str = "topk"  # "topk" (softmax -> top-k) or "sparsemixer" (Phi-3.5-MoE)
+    norm_topk_prob: bool = True  # renormalise the top-k weights to sum to 1 (topk router)
+    router_jitter_eps: float = 0.01  # sparsemixer's relative masking threshold
+    input_jitter: float = 0.0  # sparsemixer's multiplicative router-input noise in training
+    mlp_only_layers: tuple = ()  # these layers get a dense SwiGLU instead of experts
+    decoder_sparse_step: int = 1  # layer i is MoE iff (i + 1) % step == 0 (and not mlp-only)
+    router_aux_loss_coef: float = 0.001  # lambda_LB; used by train.py, reported by the model
+    router_z_loss_coef: float = 0.0
+    expert_impl: str = "auto"  # "loop", "grouped", or "auto" (grouped on CUDA, loop on CPU)
+    # --- attention and normalisation
+    norm: str = "rmsnorm"  # "rmsnorm" (Qwen3) or "layernorm" (Phi-3.5, with bias)
+    norm_eps: float = 1e-6
+    qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (Qwen3)
+    attention_bias: bool = False
+    attn_impl: str = "sdpa"  # "sdpa" or "eager" (the checkpoints' reference numerics)
+    # --- positions
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 4096
+    rope_scaling: dict = None  # None, or {"type": "longrope", "short_factor": [...], ...}
+    # --- output
+    lm_head_bias: bool = False
+    tie_word_embeddings: bool = False
+    # --- training
+    init_std: float = 0.02
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self):
+        if self.head_dim == 0:
+            self.head_dim = self.hidden_size // self.n_heads
+        self.mlp_only_layers = tuple(self.mlp_only_layers)
+        problems = []
+        if self.n_heads % self.n_kv_heads:
+            problems.append(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.head_dim % 2:
+            problems.append(f"head_dim={self.head_dim} must be even for RoPE")
+        if self.n_experts and not 0 < self.top_k <= self.n_experts:
+            problems.append(f"top_k={self.top_k} must be in [1, n_experts={self.n_experts}]")
+        for key, allowed in [("router", ("topk", "sparsemixer")), ("norm", ("rmsnorm", "layernorm")),
+                             ("expert_impl", ("auto", "loop", "grouped")), ("attn_impl", ("sdpa", "eager"))]:
+            if getattr(self, key) not in allowed:
+                problems.append(f"{key}={getattr(self, key)!r} is not one of {allowed}")
+        if self.rope_scaling is not None and self.rope_scaling.get("type") != "longrope":
+            problems.append(f"rope_scaling type {self.rope_scaling.get('type')!r} unsupported (only 'longrope')")
+        if problems:
+            raise ValueError("MoEConfig: " + "; ".join(problems))
+
+    def is_moe_layer(self, i):
+        return (self.n_experts > 0 and i not in self.mlp_only_layers
+                and (i + 1) % self.decoder_sparse_step == 0)
+
+    @property
+    def moe_layers(self):
+        """Indices of the MoE blocks; out.router_logits[j] belongs to block moe_layers[j]."""
+        return [i for i in range(self.n_layers) if self.is_moe_layer(i)]
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"MoEConfig: unknown keys {unknown}; valid keys: {sorted(known)}")
+        return cls(**d)
+
+
+def qwen3_30b_a3b_config(**overrides):
+    """Qwen3-30B-A3B's architecture (30.5B total / 3.3B active parameters)."""
+    cfg = dict(vocab_size=151936, hidden_size=2048, n_layers=48, n_heads=32, n_kv_heads=4,
+               head_dim=128, intermediate_size=6144, n_experts=128, top_k=8,
+               moe_intermediate_size=768, router="topk", norm_topk_prob=True, norm="rmsnorm",
+               norm_eps=1e-6, qk_norm=True, attention_bias=False, rope_theta=1e6,
+               max_position_embeddings=40960, router_aux_loss_coef=0.001)
+    return MoEConfig(**{**cfg, **overrides})
+
+
+def phi35_moe_config(**overrides):
+    """Phi-3.5-MoE-instruct's architecture (41.9B total / 6.6B active), without LongRoPE factors
+    (those come with the checkpoint's config.json)."""
+    cfg = dict(vocab_size=32064, hidden_size=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+               head_dim=128, intermediate_size=6400, n_experts=16, top_k=2,
+               moe_intermediate_size=6400, router="sparsemixer", router_jitter_eps=0.01,
+               input_jitter=0.01, norm="layernorm", norm_eps=1e-5, qk_norm=False,
+               attention_bias=True, lm_head_bias=True, rope_theta=1e4,
+               max_position_embeddings=131072, router_aux_loss_coef=0.0)
+    return MoEConfig(**{**cfg, **overrides})
+
+
+# -----------------------------------------------------------------------------
+# building blocks
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        # normalise in fp32, cast back BEFORE the weight multiply (checkpoints' numerics)
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def make_norm(cfg, dim):
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(dim, cfg.norm_eps)
+    return nn.LayerNorm(dim, eps=cfg.norm_eps)  # with weight and bias
+
+
+class RotaryEmbedding(nn.Module):
+    """
+    NeoX-style RoPE. With rope_scaling type "longrope" (Phi-3.5): per-frequency divisors
+    short_factor or long_factor, switching when a sequence is longer than
+    original_max_position_embeddings, as the released Phi-3.5 code and transformers 4.x do
+    (transformers 5.x always takes the short factors), and cos/sin scaled by an mscale.
+    When decoding with a cache, keys cached before the switch keep their short-factor
+    rotation, exactly as in the released code.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        rs = cfg.rope_scaling
+        self.original_max = None
+        self.mscale_short = self.mscale_long = 1.0
+        if rs is not None:
+            for key in ("short_factor", "long_factor"):
+                if len(rs[key]) != cfg.head_dim // 2:
+                    raise ValueError(f"rope_scaling.{key} has {len(rs[key])} entries, "
+                                     f"expected head_dim/2 = {cfg.head_dim // 2}")
+            self.original_max = rs["original_max_position_embeddings"]
+            scale = cfg.max_position_embeddings / self.original_max
+            default = math.sqrt(1 + math.log(scale) / math.log(self.original_max)) if scale > 1 else 1.0
+            self.mscale_short = rs.get("short_mscale") or default
+            self.mscale_long = rs.get("long_mscale") or default
+        self._make_inv_freq(torch.device("cpu"))
+
+    def _make_inv_freq(self, device):
+        # inv_freq = 1 / (factor * theta^(2i/hd)), in fp32 (factor = 1 without LongRoPE)
+        hd, rs = self.cfg.head_dim, self.cfg.rope_scaling
+        base = self.cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64, device=device).float() / hd)
+        short = torch.tensor(rs["short_factor"], device=device) if rs else 1.0
+        self.inv_freq_short = 1.0 / (short * base)  # (hd/2,)
+        self.inv_freq_long = 1.0 / (torch.tensor(rs["long_factor"], device=device) * base) if rs else None
+
+    def _apply(self, fn, recurse=True):
+        # Not buffers on purpose: model.to(bfloat16) must not round the frequencies (the
+        # checkpoints compute them in fp32). Follow device moves only.
+        super()._apply(fn, recurse)
+        self._make_inv_freq(fn(torch.empty(0)).device)
+        return self
+
+    def forward(self, position_ids, dtype):
+        # position_ids: (B, T) -> cos, sin: (B, T, hd) in `dtype`
+        inv_freq = self.inv_freq_short[None, :]  # (1, hd/2)
+        mscale = torch.full_like(position_ids[:, :1], 1, dtype=torch.float32) * self.mscale_short
+        if self.original_max is not None:
+            # LongRoPE picks its branch per sequence from that sequence's length (its last
+            # position + 1), so padding never changes the result; on device, no host sync
+            is_long = (position_ids.max(dim=-1, keepdim=True).values + 1) > self.original_max  # (B, 1)
+            inv_freq = torch.where(is_long, self.inv_freq_long, self.inv_freq_short)  # (B, hd/2)
+            mscale = torch.where(is_long, self.mscale_long, self.mscale_short).float()  # (B, 1)
+        freqs = position_ids[..., None].float() * inv_freq[:, None, :]  # (B, T, hd/2), fp32
+        emb = torch.cat((freqs, freqs), dim=-1)
+        mscale = mscale[:, :, None]  # (B, 1, 1)
+        return (emb.cos() * mscale).to(dtype), (emb.sin() * mscale).to(dtype)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class KVCache:
+    """Per-layer key/value buffers for generation. k, v: (B, nkv, S_max, hd); `length` filled."""
+
+    def __init__(self, cfg, batch_size, max_len, device, dtype):
+        shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.length = 0
+        self.max_len = max_len
+
+    def update(self, layer, k, v):  # k, v: (B, nkv, T, hd) -> all keys/values so far
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KVCache: {end} positions exceed max_len={self.max_len}")
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg, layer_idx):
+        super().__init__()
+        self.cfg, self.layer_idx = cfg, layer_idx
+        nh, nkv, hd, H = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.hidden_size
+        self.q_proj = nn.Linear(H, nh * hd, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(H, nkv * hd, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(H, nkv * hd, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(nh * hd, H, bias=cfg.attention_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.norm_eps)
+            self.k_norm = RMSNorm(hd, cfg.norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        # x: (B, T, H); cos, sin: (B, T, hd); mask: (B, 1, T, S) bool, True = may attend
+        B, T, _ = x.shape
+        nh, nkv, hd = self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.head_dim
+        q = self.q_proj(x).view(B, T, nh, hd)
+        k = self.k_proj(x).view(B, T, nkv, hd)
+        v = self.v_proj(x).view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
+        if self.cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, nh, T, hd), (B, nkv, T, hd)
+        cos, sin = cos[:, None], sin[:, None]
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, S, hd)
+        # GQA: query head h uses kv head h // (nh/nkv)
+        k = k.repeat_interleave(nh // nkv, dim=1)
+        v = v.repeat_interleave(nh // nkv, dim=1)
+        if self.cfg.attn_impl == "eager":
+            scores = torch.matmul(q, k.transpose(2, 3)) * hd ** -0.5  # (B, nh, T, S)
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+            y = torch.matmul(probs, v)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).reshape(B, T, nh * hd)
+        return self.o_proj(y)
+
+
+class SwiGLU(nn.Module):
+    """Dense feed-forward: down(silu(gate(x)) * up(x)), no biases."""
+
+    def __init__(self, hidden_size, intermediate_size):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+# -----------------------------------------------------------------------------
+# the mixture of experts
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous. grouped_mm's backward
+    rejects a broadcast (stride-0) gradient, e.g. the one `out.sum().backward()` sends."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def experts_loop(x, expert_ids, weights, gate_up, down):
+    """
+    Reference dispatch: one matmul per expert, results accumulated in ascending expert order.
+    x (N, H), expert_ids (N, K), weights (N, K), gate_up (E, 2I, H), down (E, H, I) -> (N, H)
+    """
+    out = torch.zeros_like(x)
+    for e in range(gate_up.shape[0]):
+        # tokens (and which of their K slots) routed to expert e; a host sync, fine on CPU.
+        # An expert with no tokens still runs on an empty batch: its weights get a zero gradient.
+        token_idx, slot = torch.where(expert_ids == e)
+        gate, up = F.linear(x[token_idx], gate_up[e]).chunk(2, dim=-1)
+        y = F.linear(F.silu(gate) * up, down[e])  # (n_e, H)
+        out.index_add_(0, token_idx, y * weights[token_idx, slot, None])
+    return out
+
+
+def experts_grouped(x, expert_ids, weights, gate_up, down):
+    """
+    Grouped-GEMM dispatch, no host syncs: sort the N*K (token, slot) pairs by expert, run each
+    projection as one grouped matmul over contiguous per-expert row blocks, un-sort, and sum
+    each token's K outputs. Same function as experts_loop (sum order differs -> bf16 ulps).
+    """
+    N, H = x.shape
+    E, K = gate_up.shape[0], expert_ids.shape[1]
+    flat_ids = expert_ids.reshape(-1)  # (N*K,)
+    order = torch.argsort(flat_ids, stable=True)  # slot positions, grouped by expert
+    token_of = order // K  # (N*K,) the token each sorted row comes from
+    counts = torch.bincount(flat_ids, minlength=E)  # (E,) on device, no sync
+    offsets = torch.cumsum(counts, 0).to(torch.int32)  # end row of each expert's block
+    xs = x[token_of]  # (N*K, H)
+    h = _grouped_mm(xs, gate_up.transpose(1, 2), offs=offsets)  # (N*K, 2I)
+    gate, up = h.chunk(2, dim=-1)
+    y = _grouped_mm(F.silu(gate) * up, down.transpose(1, 2), offs=offsets)  # (N*K, H)
+    y = _ContiguousGrad.apply(y)
+    y = y * weights.reshape(-1)[order, None]
+    out = torch.zeros((N * K, H), dtype=y.dtype, device=y.device).index_copy(0, order, y)
+    return out.view(N, K, H).sum(dim=1)
+
+
+class MoE(nn.Module):
+    """Router + E SwiGLU experts stored as stacked weights."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        E, H, I = cfg.n_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        if cfg.router == "sparsemixer":
+            self.router = SparseMixerRouter(H, E, cfg.top_k, cfg.router_jitter_eps, cfg.input_jitter)
+        else:
+            self.router = TopKRouter(H, E, cfg.top_k, cfg.norm_topk_prob)
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))  # [gate; up] rows per expert
+        self.down_proj = nn.Parameter(torch.empty(E, H, I))
+
+    def forward(self, x):  # x: (B, T, H) -> (B, T, H), router logits (B, T, E)
+        B, T, H = x.shape
+        x = x.reshape(B * T, H)
+        weights, expert_ids, logits = self.router(x)  # (N, K), (N, K), (N, E)
+        impl = self.cfg.expert_impl
+        if impl == "auto":
+            impl = "grouped" if x.is_cuda and _grouped_mm is not None else "loop"
+        dispatch = experts_grouped if impl == "grouped" else experts_loop
+        y = dispatch(x, expert_ids, weights, self.gate_up_proj, self.down_proj)
+        return y.view(B, T, H), logits.view(B, T, -1)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, layer_idx):
+        super().__init__()
+        self.is_moe = cfg.is_moe_layer(layer_idx)
+        self.input_layernorm = make_norm(cfg, cfg.hidden_size)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = make_norm(cfg, cfg.hidden_size)
+        self.mlp = MoE(cfg) if self.is_moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        if self.is_moe:
+            y, router_logits = self.mlp(self.post_attention_layernorm(x))
+            return x + y, router_logits
+        return x + self.mlp(self.post_attention_layernorm(x)), None
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor = None  # (B, T, V)
+    loss: torch.Tensor = None  # mean cross-entropy over labels != -100, or None
+    router_logits: tuple = ()  # one (B, T, E) tensor of raw gate logits per MoE layer
+    aux_loss: torch.Tensor = None  # load-balancing loss (padding excluded), or None if no MoE
+    z_loss: torch.Tensor = None  # router z-loss (padding excluded), or None if no MoE
+
+
+class MoETransformer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layers)])
+        self.norm = make_norm(cfg, cfg.hidden_size)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.lm_head_bias)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rotary = RotaryEmbedding(cfg)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        std = self.config.init_std
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, MoE):
+            nn.init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            nn.init.normal_(module.down_proj, mean=0.0, std=std)
+        elif isinstance(module, (RMSNorm, nn.LayerNorm)):
+            nn.init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    def num_params(self, active=False):
+        """Total parameters, or those one token uses (K of E experts per MoE layer)."""
+        total = sum(p.numel() for p in self.parameters())
+        if active:
+            cfg = self.config
+            per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+            total -= len(cfg.moe_layers) * (cfg.n_experts - cfg.top_k) * per_expert
+        return total
+
+    def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None, cache=None):
+        """
+        input_ids: (B, T) long. attention_mask: (B, S) with 1 for real tokens, 0 for padding,
+        S = T, or past + T when decoding with a KVCache. labels: (B, T), -100 = ignored; logits
+        at t predict labels at t + 1 (the HF convention). Returns a ModelOutput.
+        """
+        cfg = self.config
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        S = past + T
+        if attention_mask is not None and attention_mask.shape != (B, S):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, S)}")
+        if position_ids is None:
+            if attention_mask is None:
+                position_ids = torch.arange(past, S, device=input_ids.device).expand(B, T)
+            else:  # count only real tokens, so left padding does not shift positions
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+        # (B, 1, T, S) boolean: causal (query at absolute index past+i sees keys <= past+i)
+        # and, if given, no padded keys
+        q_index = torch.arange(past, S, device=input_ids.device)[:, None]
+        k_index = torch.arange(S, device=input_ids.device)[None, :]
+        mask = (k_index <= q_index)[None, None].expand(B, 1, T, S)
+        if attention_mask is not None:
+            mask = mask & attention_mask.bool()[:, None, None, :]
+            # a padding query (e.g. left padding) would see no key at all, and its NaN output
+            # would leak through 0 * NaN into the real tokens' attention: let it see itself
+            mask = mask | (k_index == q_index)[None, None]
+        x = self.embed_tokens(input_ids)  # (B, T, H)
+        cos, sin = self.rotary(position_ids, x.dtype)
+        router_logits = []
+        for block in self.layers:
+            if cfg.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x, logits = checkpoint(block, x, cos, sin, mask, cache, use_reentrant=False)
+            else:
+                x, logits = block(x, cos, sin, mask, cache)
+            if logits is not None:
+                router_logits.append(logits)
+        if cache is not None:
+            cache.length = S
+        logits = self.lm_head(self.norm(x))  # (B, T, V)
+        out = ModelOutput(logits=logits, router_logits=tuple(router_logits))
+        if labels is not None:
+            out.loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                       labels[:, 1:].reshape(-1), ignore_index=-100)
+        if router_logits:
+            token_mask = attention_mask[:, past:] if attention_mask is not None else None
+            out.aux_loss = load_balancing_loss(router_logits, cfg.top_k, token_mask)
+            if cfg.router_z_loss_coef > 0:
+                out.z_loss = router_z_loss(router_logits, token_mask)
+        return out

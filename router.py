@@ -1,0 +1,174 @@
+"""
+Routers of a top-k Mixture-of-Experts layer, and the router losses.
+
+Notation (shapes in comments): N tokens (batch and time flattened), H hidden size, E experts,
+K experts chosen per token.
+
+A router maps each token's hidden state h (H,) to
+  - raw gate logits      h @ W_g^T            (E,)   <- what SARA pools (paper eq. 1-2)
+  - top-k expert ids                          (K,)
+  - top-k combine weights                     (K,)
+Every router here returns (weights (N, K), expert_ids (N, K), logits (N, E)); the MoE layer in
+model.py does the rest. Two routers cover the models SARA is applied to:
+  - TopKRouter: softmax over ALL experts, then top-k, optionally renormalised over the chosen k
+    (Qwen3-MoE, Mixtral, OLMoE).
+  - SparseMixerRouter: Phi-3.5-MoE's "sparsemixer" top-2 (arXiv 2409.12136), which picks experts
+    by argmax at inference and by Gumbel sampling in training, with a straight-through multiplier.
+Numerics (dtype of each step) follow the released checkpoints' reference code exactly, so that
+bf16 outputs are bit-identical to transformers' eager path (see ARCHITECTURES.md).
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class TopKRouter(nn.Module):
+    """softmax(h W_g^T) over all E experts -> top-k -> (optional) renormalise over the k."""
+
+    def __init__(self, hidden_size, n_experts, top_k, norm_topk_prob=True):
+        super().__init__()
+        self.gate = nn.Linear(hidden_size, n_experts, bias=False)
+        self.top_k = top_k
+        self.norm_topk_prob = norm_topk_prob
+
+    def forward(self, x):  # x: (N, H)
+        logits = self.gate(x)  # (N, E), model dtype, as the checkpoints do
+        # softmax over ALL experts in fp32 (float64 stays float64, for gradcheck)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+        weights, expert_ids = torch.topk(probs, self.top_k, dim=-1)  # (N, K) each
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights.to(logits.dtype), expert_ids, logits
+
+
+# -----------------------------------------------------------------------------
+# Phi-3.5-MoE's sparsemixer
+
+class _StraightThroughMultiplier(torch.autograd.Function):
+    """
+    Forward: the chosen expert's gate value g times a constant (1 if the sample agrees with the
+    argmax or a coin says so, 1/3 otherwise -- the midpoint rule of the sparsemixer paper).
+    Backward: g * (onehot(chosen) - masked_probs) * grad_out, the gradient of g as if the choice
+    were fixed, WITHOUT the midpoint constant (this is the estimator Phi-3.5-MoE was trained with).
+    """
+
+    @staticmethod
+    def forward(ctx, scores, gate_value, chosen, masked_probs, midpoint):
+        # scores (N, E) only for autograd bookkeeping; gate_value, midpoint (N, 1); chosen (N, 1)
+        ctx.save_for_backward(gate_value, chosen, masked_probs)
+        return gate_value * midpoint
+
+    @staticmethod
+    def backward(ctx, grad_out):  # grad_out: (N, 1)
+        gate_value, chosen, masked_probs = ctx.saved_tensors
+        grad_out = grad_out * gate_value
+        grad_scores = masked_probs * grad_out.mul(-1)  # (N, E)
+        grad_scores.scatter_add_(dim=-1, index=chosen, src=grad_out)
+        return grad_scores, None, None, None, None
+
+
+def _sparsemixer_pick(scores, masked_scores, jitter_eps, training):
+    """
+    One round of sparsemixer. scores: (N, E) raw logits; masked_scores: scores with the experts
+    already taken set to -inf. Returns (multiplier (N, 1), chosen (N, 1)).
+    """
+    with torch.no_grad():
+        # Mask experts whose logit is relatively far below the best remaining one. Note the
+        # relative distance is measured on the ORIGINAL scores also in round two (as released).
+        top, top_id = masked_scores.max(dim=-1, keepdim=True)
+        factor = scores.abs().clamp(min=top)
+        far = ((top - scores) / factor) > (2 * jitter_eps)
+    masked = masked_scores.masked_fill(far, float("-inf"))
+    if training:  # Gumbel-max sampling from softmax(masked)
+        gumbel = torch.empty_like(masked).exponential_().log()
+        chosen = (masked - gumbel).max(dim=-1)[1].unsqueeze(-1)
+    else:
+        chosen = top_id
+    masked_probs = torch.softmax(masked, dim=-1)  # model dtype, as released
+    gate_value = masked_probs.gather(dim=-1, index=chosen)  # (N, 1)
+    if not training:
+        return gate_value, chosen
+    # Heun's third-order midpoint: weight 1 if the sample is the argmax (or with prob. 1/4), else 1/3
+    is_argmax = chosen == masked_probs.max(dim=-1, keepdim=True)[1]
+    coin = torch.rand_like(gate_value) > 0.75
+    midpoint = torch.add(0.3333, is_argmax | coin, alpha=0.6667).type_as(masked_probs)
+    return _StraightThroughMultiplier.apply(scores, gate_value, chosen, masked_probs, midpoint), chosen
+
+
+def sparsemixer(scores, jitter_eps, training):
+    """Top-2 sparsemixer. scores: (N, E) -> weights (N, 2) (not renormalised), expert ids (N, 2)."""
+    w1, id1 = _sparsemixer_pick(scores, scores, jitter_eps, training)
+    masked_scores = torch.scatter(scores, -1, id1, float("-inf"))  # take expert 1 out
+    w2, id2 = _sparsemixer_pick(scores, masked_scores, jitter_eps, training)
+    return torch.cat((w1, w2), dim=-1), torch.cat((id1, id2), dim=-1)
+
+
+class SparseMixerRouter(nn.Module):
+    """Phi-3.5-MoE's router: a bias-free gate, top-2 by sparsemixer, optional input jitter."""
+
+    def __init__(self, hidden_size, n_experts, top_k=2, jitter_eps=0.01, input_jitter=0.0):
+        super().__init__()
+        if top_k != 2:
+            raise ValueError(f"sparsemixer is defined for top_k=2 only, got top_k={top_k}")
+        self.gate = nn.Linear(hidden_size, n_experts, bias=False)
+        self.top_k = top_k
+        self.jitter_eps = jitter_eps
+        self.input_jitter = input_jitter
+
+    def forward(self, x):  # x: (N, H)
+        if self.training and self.input_jitter > 0:
+            # multiplicative noise U(1-j, 1+j) on the router input only (out of place, unlike
+            # transformers 5.x, which jitters the shared hidden state in place and twice)
+            x = x * torch.empty_like(x).uniform_(1.0 - self.input_jitter, 1.0 + self.input_jitter)
+        logits = self.gate(x)  # (N, E)
+        weights, expert_ids = sparsemixer(logits, self.jitter_eps, self.training)
+        return weights, expert_ids, logits
+
+
+# -----------------------------------------------------------------------------
+# router losses
+
+def load_balancing_loss(router_logits, top_k, attention_mask=None):
+    """
+    Switch/GShard load-balancing loss, summed over layers the way the checkpoints' code does it:
+        aux = E * sum_e f_e * P_e
+    f_e = fraction of (token, slot) assignments that went to expert e, counted over all layers
+          (sums to K, not 1: each token contributes K assignments),
+    P_e = mean router probability of expert e over all layers' tokens.
+    The top-k here is the softmax top-k (also for sparsemixer models, as in transformers).
+    router_logits: sequence of (B, T, E) or (N, E) tensors, one per MoE layer.
+    attention_mask: (B, T), 1 = real token; padding tokens are excluded from both f and P.
+    Returns a scalar fp32 tensor.
+    """
+    n_experts = router_logits[0].shape[-1]
+    device = router_logits[0].device
+    n_tokens = router_logits[0].numel() // n_experts
+    if attention_mask is None:
+        mask = torch.ones(n_tokens, device=device)
+    else:
+        mask = attention_mask.reshape(-1).to(device=device, dtype=torch.float32)  # (N,)
+    assignments = torch.zeros(n_experts, device=device)  # sum over layers of f_e numerators
+    prob_mass = torch.zeros(n_experts, device=device)  # sum over layers of P_e numerators
+    for layer_logits in router_logits:  # one layer at a time: memory O(N E), not O(L N E)
+        # softmax in the logits' dtype, then fp32, as the checkpoints' code does (bf16 parity)
+        probs = torch.softmax(layer_logits.reshape(-1, n_experts), dim=-1).float()
+        chosen = torch.topk(probs, top_k, dim=-1)[1]  # (N, K)
+        # scatter_add rather than bincount/one_hot: no host sync, no (N, K, E) tensor
+        assignments = assignments.scatter_add(0, chosen.reshape(-1), mask.repeat_interleave(top_k))
+        prob_mass = prob_mass + (probs * mask[:, None]).sum(dim=0)
+    n_rows = mask.sum() * len(router_logits)
+    return n_experts * torch.sum((assignments / n_rows) * (prob_mass / n_rows))
+
+
+def router_z_loss(router_logits, attention_mask=None):
+    """
+    ST-MoE router z-loss (arXiv 2202.08906, eq. 5): mean over real tokens of logsumexp(logits)^2,
+    averaged over layers. Keeps gate logits small, which keeps the fp32/bf16 softmax stable.
+    """
+    n_experts = router_logits[0].shape[-1]
+    logits = torch.stack([lg.reshape(-1, n_experts) for lg in router_logits]).float()  # (L, N, E)
+    z = torch.logsumexp(logits, dim=-1) ** 2  # (L, N)
+    if attention_mask is None:
+        return z.mean()
+    mask = attention_mask.reshape(-1).to(device=z.device, dtype=torch.float32)
+    return (z * mask).sum() / (mask.sum() * z.shape[0])
