@@ -443,6 +443,17 @@ class MoETransformer(nn.Module):
             total -= len(cfg.moe_layers) * (cfg.n_experts - cfg.top_k) * per_expert
         return total
 
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device=None):
+        """Load a Hugging Face Qwen3-MoE / Phi-3.5-MoE checkpoint directory (see checkpoint.py)."""
+        from checkpoint import load_pretrained
+        return load_pretrained(path, dtype=dtype, device=device)
+
+    def save_pretrained(self, path, **kwargs):
+        """Write the Hugging Face layout (config.json + safetensors) that transformers loads."""
+        from checkpoint import save_pretrained
+        save_pretrained(self, path, **kwargs)
+
     def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None, cache=None):
         """
         input_ids: (B, T) long. attention_mask: (B, S) with 1 for real tokens, 0 for padding,
