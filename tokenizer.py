@@ -180,6 +180,10 @@ def load_tokenizer(path, chat_format=None):
     tokenizer.json file -> that tokenizer, chat format from the directory's config.json
     `model_type` unless given."""
     path = Path(path)
+    if path.is_dir() and not (path / "tokenizer.json").exists():
+        ranks = sorted(path.glob("*.tiktoken"))  # a toy checkpoint exported by train.py
+        if len(ranks) == 1:
+            path = ranks[0]
     if path.suffix == ".tiktoken":
         return _load_toy(path, chat_format or "toy")
     tok_file = path / "tokenizer.json" if path.is_dir() else path

@@ -610,6 +610,12 @@ if export_hf:
         export.load_state_dict(full, assign=True)
         try:
             export.save_pretrained(os.path.join(out_dir, "hf"))
+            # the tokenizer travels with the weights, so that sample.py / eval.py need only the dir
+            tok_files = [tokenizer_path] if tokenizer_path else [
+                p for p in glob.glob(os.path.join(init_from, "*"))
+                if os.path.basename(p).startswith(("tokenizer", "special_tokens", "generation_config"))]
+            for p in tok_files:
+                shutil.copy(p, os.path.join(out_dir, "hf"))
             log(f"exported the fine-tuned model to {os.path.join(out_dir, 'hf')} (Hugging Face layout)")
         except (ImportError, ValueError) as err:
             log(f"HF export skipped: {err}")
