@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data.parallel import load_parallel_jsonl, split_train_val, tokenize_samples, collate
+from data.parallel import load_parallel_jsonl, split_train_val, tokenize_samples, collate, with_anchor_lang
 from model import MoEConfig, MoETransformer
 from optim import AdamWBF16
 from sara_loss import pool_routing, sara_loss, layer_divergence
@@ -48,6 +48,7 @@ model_config = dict(vocab_size=4096, hidden_size=128, n_layers=4, n_heads=4, n_k
                     router_aux_loss_coef=0.01)  # used only when init_from == "scratch"
 pretrain_iters = 300  # stage 0, scratch only: LM steps on all languages before SARA
 pretrain_lr = 3e-3
+pretrain_target_fraction = 1.0  # stage 0 keeps this fraction of each target language's items (scarce)
 # data
 data_path = "data/udhr/parallel.jsonl"
 tokenizer_path = "data/udhr/bpe.tiktoken"  # "" = the checkpoint's tokenizer.json
@@ -60,6 +61,7 @@ system_prompt = ""
 lambda_js = 1.0  # lambda_JS; the paper uses 1.5 for both models; 0 = plain fine-tuning
 lambda_lb = -1.0  # lambda_LB; < 0 = the model's own router_aux_loss_coef
 sara_layers = [1, 2]  # inclusive (start, end) band of decoder layers to align
+sara_layer_list = []  # if given: exactly these decoder layers instead (e.g. a random set, an ablation)
 anchor_mode = "offline"  # "offline" (frozen original model, cached) or "online" (current model)
 # optimisation
 epochs = 12
@@ -173,6 +175,8 @@ def file_digest(paths):
 # data (stage 1 happens upstream: the JSONL holds the translated, filtered samples)
 tok = load_tokenizer(tokenizer_path or init_from)
 samples = load_parallel_jsonl(data_path)
+if any(s["anchor_lang"] != anchor_lang for s in samples):  # e.g. the paper's zh-anchor track
+    samples = with_anchor_lang(samples, anchor_lang)  # items with no row in that language: no anchor
 train_samples, val_samples = split_train_val(samples, val_fraction, seed=0)
 targets = lambda rows: [s for s in rows if s["lang"] in train_langs]
 train_set, train_stats = tokenize_samples(tok, targets(train_samples), max_len, system_prompt or None)
@@ -316,8 +320,9 @@ def _atomic_torch_save(obj, path):
 
 
 # what must be the same to resume a run (the rest, e.g. log_interval, may change)
-RUN_KEYS = ["init_from", "model_config", "pretrain_iters", "data_path", "train_langs", "anchor_lang",
-            "lambda_js", "lambda_lb", "sara_layers", "anchor_mode", "epochs", "global_batch", "lr", "seed"]
+RUN_KEYS = ["init_from", "model_config", "pretrain_iters", "pretrain_target_fraction", "data_path",
+            "train_langs", "anchor_lang", "lambda_js", "lambda_lb", "sara_layers", "sara_layer_list",
+            "anchor_mode", "epochs", "global_batch", "lr", "seed"]
 
 
 def rng_state():
@@ -562,7 +567,10 @@ if init_from == "scratch":
     # stage 0 (toy only): a brief LM pretraining on every language stands in for the released model
     base_path = os.path.join(out_dir, "base.pt")
     if not os.path.exists(base_path):
-        pretrain_set, _ = tokenize_samples(tok, train_samples, max_len, system_prompt or None)
+        # scarce targets: keep a fixed fraction of each target language's items (by group hash)
+        keep = lambda s: s["lang"] not in train_langs or int(hashlib.sha256(
+            f"{seed}:{s['id']}".encode()).hexdigest()[:8], 16) < pretrain_target_fraction * 16 ** 8
+        pretrain_set, _ = tokenize_samples(tok, [s for s in train_samples if keep(s)], max_len, system_prompt or None)
         model = wrap(raw_model)
         train_phase(model, raw_model, pretrain_set, pretrain_iters, pretrain_lr, 0.0, [], None,
                     os.path.join(out_dir, "ckpt_pretrain"), metrics_path, "pretrain")
@@ -579,7 +587,8 @@ if init_from == "scratch":
 else:
     model_digest = file_digest(glob.glob(os.path.join(init_from, "*.safetensors")) + [os.path.join(init_from, "config.json")])
 
-band = moe_positions(raw_model.config, list(range(sara_layers[0], sara_layers[1] + 1)))
+band_layers = sara_layer_list or list(range(sara_layers[0], sara_layers[1] + 1))
+band = moe_positions(raw_model.config, band_layers)
 anchors = None
 if anchor_mode not in ("offline", "online"):
     raise SystemExit(f"anchor_mode={anchor_mode!r}: expected 'offline' or 'online'")
@@ -598,7 +607,7 @@ if anchor_mode == "online":
 steps_per_epoch = max(1, len(train_set) // global_batch)
 n_steps = epochs * steps_per_epoch
 log(f"stage 3: {n_steps} steps ({epochs} epochs x {steps_per_epoch}), lambda_js={lambda_js}, "
-    f"band = decoder layers {sara_layers[0]}..{sara_layers[1]} (inclusive)")
+    f"aligned decoder layers {band_layers}")
 train_phase(model, raw_model, train_set, n_steps, lr, lambda_js, band, anchors,
             os.path.join(out_dir, "ckpt"), metrics_path, "sara" if lambda_js > 0 else "finetune")
 
