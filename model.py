@@ -24,6 +24,7 @@ Decisions and why:
 - Position ids come from the attention mask (cumsum - 1), so a left-padded sequence gives the
   same logits as the unpadded one (transformers' plain forward uses arange and does not).
 """
+import functools
 import math
 from dataclasses import dataclass, field, fields, asdict
 
@@ -73,6 +74,12 @@ class MoEConfig:
     # --- training
     init_std: float = 0.02
     gradient_checkpointing: bool = False
+    # --- checkpoint metadata
+    special_token_ids: dict = None  # bos/eos/pad_token_id of a loaded config.json, written back on save
+    # --- speed
+    # >0: with labels, lm_head + cross-entropy run this many tokens at a time and the (B, T, V)
+    # logits are never materialised (out.logits is then None); same loss and gradients.
+    loss_chunk_size: int = 0
 
     def __post_init__(self):
         if self.head_dim == 0:
@@ -256,7 +263,8 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(hd, cfg.norm_eps)
 
     def forward(self, x, cos, sin, mask, cache=None):
-        # x: (B, T, H); cos, sin: (B, T, hd); mask: (B, 1, T, S) bool, True = may attend
+        # x: (B, T, H); cos, sin: (B, T, hd); mask: (B, 1, T, S) bool, True = may attend,
+        # or None for plain causal attention (no padding, no cache)
         B, T, _ = x.shape
         nh, nkv, hd = self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.head_dim
         q = self.q_proj(x).view(B, T, nh, hd)
@@ -270,16 +278,21 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, S, hd)
-        # GQA: query head h uses kv head h // (nh/nkv)
-        k = k.repeat_interleave(nh // nkv, dim=1)
-        v = v.repeat_interleave(nh // nkv, dim=1)
         if self.cfg.attn_impl == "eager":
+            # GQA: query head h uses kv head h // (nh/nkv)
+            k = k.repeat_interleave(nh // nkv, dim=1)
+            v = v.repeat_interleave(nh // nkv, dim=1)
+            if mask is None:  # plain causal, T == S
+                mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
             scores = torch.matmul(q, k.transpose(2, 3)) * hd ** -0.5  # (B, nh, T, S)
             scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
             probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
             y = torch.matmul(probs, v)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            # mask None (plain causal) lets SDPA take its flash kernel; enable_gqa maps query head
+            # h to kv head h // (nh/nkv) without copying k and v (a 4-8x larger tensor)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                               enable_gqa=nh != nkv)
         y = y.transpose(1, 2).reshape(B, T, nh * hd)
         return self.o_proj(y)
 
@@ -300,17 +313,28 @@ class SwiGLU(nn.Module):
 # -----------------------------------------------------------------------------
 # the mixture of experts
 
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the incoming gradient contiguous. grouped_mm's backward
-    rejects a broadcast (stride-0) gradient, e.g. the one `out.sum().backward()` sends."""
+class _GatherRows(torch.autograd.Function):
+    """
+    out = x[index], where every row of x appears exactly K times in `index` (K = 1: a
+    permutation) and back_index[j] is the row of `out` holding the (j % K)-th copy of row j // K.
+    The backward gathers through back_index and sums each row's K copies, instead of autograd's
+    scatter-add (index_add_, atomics on CUDA): deterministic, and its output is contiguous, which
+    grouped_mm's backward needs (it rejects e.g. the stride-0 gradient of `out.sum()`).
+    """
 
     @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
+    def forward(ctx, x, index, back_index, K):
+        ctx.save_for_backward(back_index)
+        ctx.K = K
+        return x.index_select(0, index)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad.contiguous()
+        (back_index,) = ctx.saved_tensors
+        grad = grad.index_select(0, back_index)  # (rows of x * K, H), copies of a row adjacent
+        if ctx.K > 1:
+            grad = grad.view(-1, ctx.K, grad.shape[-1]).sum(dim=1)
+        return grad, None, None, None
 
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -335,24 +359,23 @@ def experts_loop(x, expert_ids, weights, gate_up, down):
 def experts_grouped(x, expert_ids, weights, gate_up, down):
     """
     Grouped-GEMM dispatch, no host syncs: sort the N*K (token, slot) pairs by expert, run each
-    projection as one grouped matmul over contiguous per-expert row blocks, un-sort, and sum
-    each token's K outputs. Same function as experts_loop (sum order differs -> bf16 ulps).
+    projection as one grouped matmul over contiguous per-expert row blocks, un-sort, and combine
+    each token's K outputs with its K weights in one batched matmul (fp32 accumulation). Same
+    function as experts_loop (sum order differs -> bf16 ulps).
     """
     N, H = x.shape
     E, K = gate_up.shape[0], expert_ids.shape[1]
-    flat_ids = expert_ids.reshape(-1)  # (N*K,)
-    order = torch.argsort(flat_ids, stable=True)  # slot positions, grouped by expert
-    token_of = order // K  # (N*K,) the token each sorted row comes from
-    counts = torch.bincount(flat_ids, minlength=E)  # (E,) on device, no sync
-    offsets = torch.cumsum(counts, 0).to(torch.int32)  # end row of each expert's block
-    xs = x[token_of]  # (N*K, H)
+    sorted_ids, order = torch.sort(expert_ids.reshape(-1), stable=True)  # (N*K,) slots by expert
+    # end row of each expert's block; searchsorted, unlike bincount, has a static output size
+    # and never syncs with the host
+    offsets = torch.searchsorted(sorted_ids, torch.arange(E, device=x.device), right=True).to(torch.int32)
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(N * K, device=x.device))
+    xs = _GatherRows.apply(x, order // K, inverse, K)  # (N*K, H), row r = token order[r] // K
     h = _grouped_mm(xs, gate_up.transpose(1, 2), offs=offsets)  # (N*K, 2I)
     gate, up = h.chunk(2, dim=-1)
     y = _grouped_mm(F.silu(gate) * up, down.transpose(1, 2), offs=offsets)  # (N*K, H)
-    y = _ContiguousGrad.apply(y)
-    y = y * weights.reshape(-1)[order, None]
-    out = torch.zeros((N * K, H), dtype=y.dtype, device=y.device).index_copy(0, order, y)
-    return out.view(N, K, H).sum(dim=1)
+    y = _GatherRows.apply(y, inverse, order, 1).view(N, K, H)  # back to (token, slot) order
+    return torch.bmm(weights.view(N, 1, K), y).view(N, H)  # sum_k w_k y_k
 
 
 class MoE(nn.Module):
@@ -396,6 +419,80 @@ class Block(nn.Module):
             y, router_logits = self.mlp(self.post_attention_layernorm(x))
             return x + y, router_logits
         return x + self.mlp(self.post_attention_layernorm(x)), None
+
+
+# -----------------------------------------------------------------------------
+# the language-model loss, chunked (MoEConfig.loss_chunk_size > 0)
+
+def _ce_chunk(logits, targets, inv_n):
+    """
+    Cross-entropy of a chunk of rows and its gradient. logits (n, V) model dtype; targets (n,),
+    -100 = ignored; inv_n = 1 / (number of targets in the whole batch). Returns the chunk's summed
+    loss (fp32 scalar) and d(mean loss)/d(logits) (n, V) in the logits' dtype. The softmax runs in
+    fp32, as F.cross_entropy(logits.float()) does.
+    """
+    logits32 = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    lse = torch.logsumexp(logits32, dim=-1, keepdim=True)  # (n, 1)
+    valid = targets != -100
+    target = torch.where(valid, targets, 0)[:, None]  # (n, 1)
+    loss_sum = torch.where(valid, (lse - logits32.gather(1, target)).squeeze(1), 0.0).sum()
+    is_target = torch.arange(logits.shape[1], device=logits.device) == target  # (n, V)
+    grad = (torch.exp(logits32 - lse) - is_target.to(lse.dtype)) * (valid[:, None] * inv_n)
+    return loss_sum, grad.to(logits.dtype)
+
+
+@functools.cache
+def _compiled_ce_chunk():
+    # On a GPU, fused by inductor into one reduction and one elementwise pass over the bf16
+    # logits; eager _ce_chunk makes ~8 passes over (n, V) fp32 temporaries.
+    return torch.compile(_ce_chunk, dynamic=False)
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """
+    mean CE(h W^T + b, targets), `chunk` rows at a time. The loss is a scalar, so the gradients
+    are known in the forward up to the incoming scalar: each chunk's logits are used for the
+    loss and its gradient, then freed. The (N, V) logits never exist at once (5 GB in fp32 for
+    Qwen3's 152k vocabulary and 8k tokens), and nothing is recomputed. Numerics as the plain
+    path (bf16 logits, fp32 softmax, bf16 logit gradient), except that with several chunks the
+    weight gradient is accumulated chunk by chunk in the weight's dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, chunk):
+        # h (N, H), weight (V, H), bias (V,) or None, targets (N,)
+        inv_n = 1.0 / (targets != -100).sum().to(torch.promote_types(h.dtype, torch.float32))
+        ce = _compiled_ce_chunk() if h.is_cuda else _ce_chunk
+        need_grad = any(ctx.needs_input_grad[:3])
+        loss = torch.zeros((), dtype=inv_n.dtype, device=h.device)
+        grad_h = grad_w = grad_b = None
+        if need_grad:
+            grad_h, grad_w = torch.empty_like(h), torch.zeros_like(weight)
+            if bias is not None:
+                grad_b = torch.zeros(weight.shape[0], dtype=inv_n.dtype, device=h.device)
+        for start in range(0, h.shape[0], chunk):
+            h_c = h[start:start + chunk]  # (n, H)
+            loss_c, grad_c = ce(F.linear(h_c, weight, bias), targets[start:start + chunk], inv_n)
+            loss += loss_c
+            if need_grad:
+                torch.mm(grad_c, weight, out=grad_h[start:start + chunk])  # (n, H)
+                grad_w.addmm_(grad_c.t(), h_c)  # (V, H)
+                if bias is not None:
+                    grad_b += grad_c.sum(dim=0, dtype=grad_b.dtype)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        return loss * inv_n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        grad_b = (grad_b * grad_loss).to(grad_w.dtype) if grad_b is not None else None
+        return grad_h * grad_loss, grad_w * grad_loss, grad_b, None, None
+
+
+def chunked_cross_entropy(h, weight, bias, targets, chunk):
+    """mean over targets != -100 of CE(h @ weight.T + bias, targets), never materialising all
+    logits. h (N, H), weight (V, H), bias (V,) or None, targets (N,) -> fp32 scalar."""
+    return _ChunkedLinearCrossEntropy.apply(h, weight, bias, targets, chunk)
 
 
 @dataclass
@@ -444,10 +541,11 @@ class MoETransformer(nn.Module):
         return total
 
     @classmethod
-    def from_pretrained(cls, path, dtype=None, device=None):
-        """Load a Hugging Face Qwen3-MoE / Phi-3.5-MoE checkpoint directory (see checkpoint.py)."""
+    def from_pretrained(cls, path, dtype=None, device=None, **overrides):
+        """Load a Hugging Face Qwen3-MoE / Phi-3.5-MoE checkpoint directory (see checkpoint.py);
+        overrides: MoEConfig fields that leave the weights alone (attn_impl, expert_impl, ...)."""
         from checkpoint import load_pretrained
-        return load_pretrained(path, dtype=dtype, device=device)
+        return load_pretrained(path, dtype=dtype, device=device, **overrides)
 
     def save_pretrained(self, path, **kwargs):
         """Write the Hugging Face layout (config.json + safetensors) that transformers loads."""
@@ -476,7 +574,9 @@ class MoETransformer(nn.Module):
         q_index = torch.arange(past, S, device=input_ids.device)[:, None]
         k_index = torch.arange(S, device=input_ids.device)[None, :]
         mask = (k_index <= q_index)[None, None].expand(B, 1, T, S)
-        if attention_mask is not None:
+        if attention_mask is None and cache is None:
+            mask = None  # plain causal: attention may use a kernel that masks by itself
+        elif attention_mask is not None:
             mask = mask & attention_mask.bool()[:, None, None, :]
             # a padding query (e.g. left padding) would see no key at all, and its NaN output
             # would leak through 0 * NaN into the real tokens' attention: let it see itself
@@ -493,14 +593,75 @@ class MoETransformer(nn.Module):
                 router_logits.append(logits)
         if cache is not None:
             cache.length = S
-        logits = self.lm_head(self.norm(x))  # (B, T, V)
-        out = ModelOutput(logits=logits, router_logits=tuple(router_logits))
-        if labels is not None:
-            out.loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                       labels[:, 1:].reshape(-1), ignore_index=-100)
+        out = ModelOutput(router_logits=tuple(router_logits))
+        if labels is not None and cfg.loss_chunk_size > 0:
+            # position t predicts label t + 1; the last position predicts nothing
+            targets = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)  # (B*T,)
+            out.loss = chunked_cross_entropy(self.norm(x).reshape(B * T, -1), self.lm_head.weight,
+                                             self.lm_head.bias, targets, cfg.loss_chunk_size)
+        else:
+            logits = self.lm_head(self.norm(x))  # (B, T, V)
+            out.logits = logits
+            if labels is not None:
+                out.loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                           labels[:, 1:].reshape(-1), ignore_index=-100)
         if router_logits:
             token_mask = attention_mask[:, past:] if attention_mask is not None else None
             out.aux_loss = load_balancing_loss(router_logits, cfg.top_k, token_mask)
             if cfg.router_z_loss_coef > 0:
                 out.z_loss = router_z_loss(router_logits, token_mask)
         return out
+
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens, attention_mask=None, temperature=0.0, top_p=1.0,
+                 stop_ids=(), generator=None):
+        """
+        Decode with a KVCache. input_ids: (B, T); rows of different lengths are LEFT-padded, with
+        attention_mask (B, T) 1 = real, 0 = padding. temperature 0 is greedy; otherwise sample from
+        softmax(logits / temperature) cut to the top-p nucleus (torch.Generator `generator` for
+        reproducibility). A row ends after any of stop_ids (the stop id IS included in its output)
+        or after max_new_tokens. Returns a list of B lists of new token ids. Runs the model in its
+        current mode: call .eval() first (Phi-3.5's router samples in training mode).
+        NOTE: the prompt is prefilled in one forward (LongRoPE picks its branch from the whole
+        prompt, as the released code does), which materialises (B, T, V) logits.
+        """
+        B, T = input_ids.shape
+        device = input_ids.device
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if not attention_mask[:, -1].all():
+            raise ValueError("generate: the last prompt position is padding in some row; pad on the left")
+        cache = KVCache(self.config, B, T + max_new_tokens, device, self.embed_tokens.weight.dtype)
+        stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        ids, mask, new = input_ids, attention_mask, []
+        for _ in range(max_new_tokens):
+            logits = self(ids, attention_mask=mask, cache=cache).logits[:, -1].float()  # (B, V)
+            next_id = sample_next_token(logits, temperature, top_p, generator)  # (B,)
+            new.append(next_id)
+            done = done | torch.isin(next_id, stop)
+            if done.all():  # host sync, once per token
+                break
+            ids = next_id[:, None]
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        rows = torch.stack(new, dim=1).tolist() if new else [[] for _ in range(B)]
+        stop_set = set(stop.tolist())
+        for row in rows:  # cut each row after its first stop id
+            hit = next((i for i, t in enumerate(row) if t in stop_set), None)
+            if hit is not None:
+                del row[hit + 1:]
+        return rows
+
+
+def sample_next_token(logits, temperature=0.0, top_p=1.0, generator=None):
+    """logits (B, V) fp32 -> (B,) ids: argmax if temperature == 0, else a sample from the smallest
+    set of most likely tokens whose probability reaches top_p (nucleus sampling)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # mass before it already >= top_p
+        outside[:, 0] = False  # the most likely token always stays
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

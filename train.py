@@ -420,7 +420,9 @@ def train_phase(model, raw_model, examples, n_steps, peak_lr, js_weight, band, a
         log(f"{phase}: resumed from {ckpt_path} at step {start}")
     lb_weight = lambda_lb if lambda_lb >= 0 else raw_model.config.router_aux_loss_coef
     z_weight = raw_model.config.router_z_loss_coef
-    flops_per_token = 6 * raw_model.num_params(active=True)
+    # 6 N per token (forward 2N + backward 4N), N = active parameters without the embedding
+    # lookup (not a matmul); attention's T^2 term is left out: small at these lengths
+    flops_per_token = 6 * (raw_model.num_params(active=True) - raw_model.embed_tokens.weight.numel())
     bar = tqdm(total=n_steps, initial=start, desc=phase, disable=not master, dynamic_ncols=True)
     t0 = time.time()
     for step, micro_batches in batches(examples, n_steps, start, global_batch, seed):
