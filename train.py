@@ -204,25 +204,38 @@ def batches(examples, n_steps, start_step, per_step, shuffle_seed):
 # -----------------------------------------------------------------------------
 # model
 def build_model():
+    """-> (model, full_weights). Under FSDP a 30-42B model must not be materialised once per
+    GPU: the model is built on the meta device, rank 0 alone reads the checkpoint into host
+    memory (full_weights), and wrap() shards it and broadcasts the weights into the shards."""
     if not init_from:
         raise SystemExit("init_from is empty: set it to a checkpoint directory, or 'scratch'")
     if init_from == "scratch":
         torch.manual_seed(seed)  # identical initial weights on every rank
-        model = MoETransformer(MoEConfig(**{**model_config, "vocab_size": model_config.get("vocab_size", tok.vocab_size)}))
-    else:
-        model = MoETransformer.from_pretrained(init_from, dtype=param_dtype, device="cpu" if cpu_offload else device)
+        return MoETransformer(MoEConfig(**model_config)), None
+    if ddp and parallel == "fsdp":
+        from checkpoint import config_from_hf
+        with open(os.path.join(init_from, "config.json")) as f:
+            cfg = config_from_hf(json.load(f))
+        with torch.device("meta"):
+            model = MoETransformer(cfg)
+        full = MoETransformer.from_pretrained(init_from, dtype=param_dtype).state_dict() if master else {}
+        return model.to(dtype=param_dtype), full
+    model = MoETransformer.from_pretrained(init_from, dtype=param_dtype, device="cpu" if cpu_offload else device)
+    return model, None
+
+
+def wrap(model, full_weights=None):
+    """DDP, or FSDP2 with one shard group per block; returns the module to call."""
+    model.config.gradient_checkpointing = gradient_checkpointing
     if tok.vocab_size > model.config.vocab_size:
         raise SystemExit(f"tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {model.config.vocab_size}")
-    model.config.gradient_checkpointing = gradient_checkpointing
-    return model.to(device=device if not cpu_offload else "cpu", dtype=param_dtype)
-
-
-def wrap(model):
-    """DDP, or FSDP2 with one shard group per block; returns the module to call."""
+    if not (ddp and parallel == "fsdp"):
+        model = model.to(device=device if not cpu_offload else "cpu", dtype=param_dtype)
     if not ddp:
         return model
     if parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy, CPUOffloadPolicy
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, StateDictOptions
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if dtype == "bfloat16" else None,
                                   reduce_dtype=torch.float32)
         kw = dict(mp_policy=mp, offload_policy=CPUOffloadPolicy() if cpu_offload else None)
@@ -230,6 +243,10 @@ def wrap(model):
         for block in model.layers:
             fully_shard(block, **kw)
         fully_shard(model, **kw)
+        if full_weights is not None:  # meta model: allocate the shards, fill them from rank 0
+            model.to_empty(device="cpu" if cpu_offload else device)
+            set_model_state_dict(model, full_weights, options=StateDictOptions(
+                full_state_dict=True, broadcast_from_rank0=True))
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
     return DDP(model, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None)
@@ -353,6 +370,13 @@ def load_checkpoint(model, optimizer, path):
 
 # -----------------------------------------------------------------------------
 # one training phase: the loop shared by stage 0 (LM pretraining, toy) and stage 3 (SARA)
+def reshard(model):
+    """FSDP2 keeps the root's parameters gathered after a forward that no backward follows
+    (eval, anchors): free them again, and let model.parameters() be the shards once more."""
+    if hasattr(model, "reshard"):
+        model.reshard()
+
+
 def to_device(batch):
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -404,6 +428,7 @@ def evaluate(model, examples, band, anchors):
                 layer_js = layer_divergence(anchor[has], target[has])  # (L,)
                 per_layer = layer_js * len(chunk) if per_layer is None else per_layer + layer_js * len(chunk)
     model.train()
+    reshard(model)
     res = dict(val_ce=ce / max(n, 1))
     if per_layer is not None:
         res["val_js"] = js / n
@@ -506,6 +531,7 @@ def compute_anchors(model, examples):
     with autocast:
         out = model(batch["input_ids"], attention_mask=batch["attention_mask"])
     model.train(was_training)
+    reshard(model)
     dists = pool_routing(out.router_logits, batch["attention_mask"], check=False).float()  # (b, L, E)
     return {e["id"]: d for e, d in zip(with_anchor, dists)}
 
@@ -561,7 +587,7 @@ def get_anchors(model, examples, model_digest):
 # -----------------------------------------------------------------------------
 # main
 metrics_path = os.path.join(out_dir, "metrics.jsonl")
-raw_model = build_model()
+raw_model, full_weights = build_model()
 log(f"model: {raw_model.num_params() / 1e6:.2f}M parameters ({raw_model.num_params(active=True) / 1e6:.2f}M active), "
     f"MoE layers {raw_model.config.moe_layers}, device {device}, world {world}, grad accum {accum}")
 
@@ -581,27 +607,25 @@ if init_from == "scratch":
             _atomic_torch_save(dict(model=weights, config=raw_model.config.to_dict()), base_path)
         barrier()
         del model
-    base = torch.load(base_path, map_location=device, weights_only=False)
-    raw_model = MoETransformer(MoEConfig.from_dict(base["config"])).to(device)
+    base = torch.load(base_path, map_location="cpu", weights_only=False)
+    raw_model = MoETransformer(MoEConfig.from_dict(base["config"]))
     raw_model.load_state_dict(base["model"])
-    raw_model.config.gradient_checkpointing = gradient_checkpointing
     model_digest = file_digest([base_path])
 else:
     model_digest = file_digest(glob.glob(os.path.join(init_from, "*.safetensors")) + [os.path.join(init_from, "config.json")])
 
+model = wrap(raw_model, full_weights)
+del full_weights
 band_layers = sara_layer_list or list(range(sara_layers[0], sara_layers[1] + 1))
 band = moe_positions(raw_model.config, band_layers)
-anchors = None
 if anchor_mode not in ("offline", "online"):
     raise SystemExit(f"anchor_mode={anchor_mode!r}: expected 'offline' or 'online'")
+anchors = None
 if anchor_mode == "offline":
     # stage 2: the ORIGINAL model (not yet fine-tuned), eval mode, no grad
-    anchors = get_anchors(raw_model, train_set + val_set, model_digest)
-
-model = wrap(raw_model)
+    anchors = get_anchors(model, train_set + val_set, model_digest)
 if compile:
     model = torch.compile(model)
-
 
 if anchor_mode == "online":
     anchors = "online"

@@ -184,3 +184,34 @@ def test_adamw_bf16_tracks_fp32_adamw_where_plain_bf16_stalls():
     want = moved["fp32"]  # ~30 * 2e-5 = 6e-4 per weight
     assert (moved["bf16"] - want).abs().mean() > 0.5 * want.abs().mean()  # mostly lost
     assert abs((moved["sr"] - want).mean()) < 0.02 * want.abs().mean()  # unbiased on average
+
+
+@pytest.fixture(scope="module")
+def tiny_hf_checkpoint(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    path = tmp_path_factory.mktemp("hf_qwen3")
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3MoeConfig(vocab_size=4096, hidden_size=32, intermediate_size=64,
+                                      moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
+                                      num_key_value_heads=1, head_dim=16, num_experts=4, num_experts_per_tok=2,
+                                      norm_topk_prob=True, initializer_range=0.1)
+    transformers.Qwen3MoeForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+def test_from_checkpoint_single_vs_fsdp_and_export(tiny_hf_checkpoint, tmp_path):
+    """The real-checkpoint path: init_from an HF dir; FSDP2 builds on meta and broadcasts rank 0's
+    weights into the shards; the result equals a single process, and the export reloads."""
+    args = lambda out, **kw: tiny_args(out, init_from=str(tiny_hf_checkpoint), lambda_lb=0.001,
+                                       tokenizer_path="data/udhr/bpe.tiktoken", **kw)[1:]  # no model_config
+    run_train(args(tmp_path / "one", export_hf=True))
+    run_train(args(tmp_path / "two", parallel="fsdp"), nproc=2)
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert len(one) == len(two) > 0
+    for a, b in zip(one, two):
+        assert abs(a["loss"] - b["loss"]) < 1e-4 * max(1.0, abs(a["loss"])), (a, b)
+    from model import MoETransformer
+    exported = MoETransformer.from_pretrained(tmp_path / "one" / "hf")
+    state = torch.load(tmp_path / "one" / "ckpt" / "state.pt", weights_only=False)["model"]
+    for name, p in exported.state_dict().items():
+        assert torch.equal(p, state[name]), name
