@@ -1,0 +1,523 @@
+"""
+Hugging Face checkpoint directories <-> MoETransformer, for Qwen3-MoE (`qwen3_moe`) and
+Phi-3.5-MoE (`phimoe`). No transformers import: config.json and safetensors are read and written here.
+
+    load_pretrained(path, dtype, device, **overrides) -> MoETransformer   (eval mode)
+    save_pretrained(model, path, max_shard_size="5GB", copy_from=None)
+    config_from_hf(config.json dict) -> MoEConfig;   config_to_hf(MoEConfig) -> config.json dict
+
+On-disk names (ARCHITECTURES.md) vs ours, layer i, expert e (I = moe_intermediate_size):
+    model.layers.i.{mlp|block_sparse_moe}.gate.weight           layers.i.mlp.router.gate.weight
+    model.layers.i.mlp.experts.e.gate_proj.weight  (phi: w1)    layers.i.mlp.gate_up_proj[e, :I]
+    model.layers.i.mlp.experts.e.up_proj.weight    (phi: w3)    layers.i.mlp.gate_up_proj[e, I:]
+    model.layers.i.mlp.experts.e.down_proj.weight  (phi: w2)    layers.i.mlp.down_proj[e]
+    lm_head.*                                                   lm_head.*
+    model.<anything else>                                       <anything else>
+
+Decisions and why:
+- Loading allocates every parameter once: the model is built on the meta device, cast, then
+  materialised uninitialised with to_empty(device), and each on-disk tensor is read with a plain
+  file read straight into its destination (for an expert, its slice of the stacked weight; when
+  dtype and device match, no intermediate buffer at all). Not safetensors' safe_open: it memory-maps
+  the file, and every page it touches counts as resident until the file is closed, so a 400 MB
+  single-file checkpoint peaked at model + file = 2x (measured). Measured with plain reads: peak RSS
+  growth 1.00x the checkpoint size, plus ~80 MB once per process for torch's meta-device machinery
+  (tests/test_checkpoint.py::test_peak_memory_of_loading).
+- Every header is validated before any data is read (JSON, dtypes, offsets within the file), so a
+  truncated or corrupted shard, a missing / unexpected / wrongly shaped tensor fails with one
+  CheckpointError naming them, before any time is spent reading. (safetensors has no checksum: flipped
+  bits inside the data cannot be detected.)
+- config.json is written in the transformers 4.x spelling (rope_theta, rope_scaling, num_experts),
+  the spelling of the released checkpoints: transformers 5.x reads it too, so older pins of
+  transformers / vLLM / lm-eval load what we save. Both spellings are read.
+- save_pretrained writes the whole directory next to its destination and renames it into place, so
+  a reader sees the old directory or the new one, never a half-written one; files of an existing
+  directory other than weights and config.json (tokenizer, training state) are carried over (hard links).
+"""
+import json
+import math
+import os
+import shutil
+import struct
+from pathlib import Path
+
+import torch
+
+from model import MoEConfig, MoETransformer
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded as is (the message names what is wrong)."""
+
+
+# -----------------------------------------------------------------------------
+# config.json
+
+# transformers' class defaults (5.23; the same in 4.5x) for keys a config.json may leave out
+_HF_DEFAULTS = {
+    "qwen3_moe": dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=24,
+                      num_attention_heads=32, num_key_value_heads=4, hidden_act="silu",
+                      max_position_embeddings=32768, initializer_range=0.02, rms_norm_eps=1e-6,
+                      tie_word_embeddings=False, rope_theta=10000.0, attention_bias=False,
+                      use_sliding_window=False, decoder_sparse_step=1, moe_intermediate_size=768,
+                      num_experts_per_tok=8, num_experts=128, norm_topk_prob=False,
+                      router_aux_loss_coef=0.001, mlp_only_layers=[]),
+    "phimoe": dict(vocab_size=32064, hidden_size=4096, intermediate_size=6400, num_hidden_layers=32,
+                   num_attention_heads=32, num_key_value_heads=8, hidden_act="silu",
+                   max_position_embeddings=131072, initializer_range=0.02, rms_norm_eps=1e-5,
+                   tie_word_embeddings=False, rope_theta=1e6, num_experts_per_tok=2,
+                   num_local_experts=16, router_aux_loss_coef=0.001, router_jitter_noise=0.01,
+                   input_jitter_noise=0.0, attention_bias=False, lm_head_bias=False),
+}
+_ARCHITECTURES = {"qwen3_moe": "Qwen3MoeForCausalLM", "phimoe": "PhimoeForCausalLM"}
+_TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+_LONGROPE_KEYS = ("short_factor", "long_factor", "short_mscale", "long_mscale")
+
+
+def config_from_hf(hf):
+    """A transformers config.json dict (4.x or 5.x spelling) -> MoEConfig."""
+    model_type = hf.get("model_type")
+    if model_type not in _HF_DEFAULTS:
+        raise CheckpointError(f"config.json: model_type {model_type!r} is not supported "
+                              f"(supported: {sorted(_HF_DEFAULTS)})")
+    # a key set to null means "the default", as in transformers
+    c = {**_HF_DEFAULTS[model_type], **{k: v for k, v in hf.items() if v is not None}}
+    problems = []
+    if c["hidden_act"] != "silu":
+        problems.append(f"hidden_act={c['hidden_act']!r} (only 'silu')")
+    if "quantization_config" in c:
+        problems.append("quantization_config (quantized checkpoints are not supported)")
+    # sliding window: Qwen3 uses it only with use_sliding_window; Phi-3.5 sets it to the max length
+    window = c.get("sliding_window") if model_type == "phimoe" or c.get("use_sliding_window") else None
+    if window is not None and window < c["max_position_embeddings"]:
+        problems.append(f"sliding_window={window} (sliding-window attention is not implemented)")
+    if model_type == "qwen3_moe":
+        n_experts = c.get("num_local_experts", c["num_experts"])  # 5.x spelling, else 4.x
+        if "num_local_experts" in hf and "num_experts" in hf and hf["num_experts"] != hf["num_local_experts"]:
+            problems.append(f"num_experts={hf['num_experts']} != num_local_experts={hf['num_local_experts']}")
+    else:
+        n_experts = c["num_local_experts"]
+        if c["num_experts_per_tok"] != 2:
+            problems.append(f"num_experts_per_tok={c['num_experts_per_tok']} (phimoe's sparsemixer is top-2 only)")
+    rope_theta, rope_scaling = _rope_from_hf(c, model_type, problems)
+    if problems:
+        raise CheckpointError("config.json: unsupported " + "; ".join(problems))
+    heads = c["num_attention_heads"]
+    common = dict(vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], n_layers=c["num_hidden_layers"],
+                  n_heads=heads, n_kv_heads=c["num_key_value_heads"] or heads,
+                  head_dim=c.get("head_dim") or c["hidden_size"] // heads, n_experts=n_experts,
+                  top_k=c["num_experts_per_tok"], attention_bias=c["attention_bias"],
+                  norm_eps=c["rms_norm_eps"], rope_theta=rope_theta, rope_scaling=rope_scaling,
+                  max_position_embeddings=c["max_position_embeddings"],
+                  router_aux_loss_coef=c["router_aux_loss_coef"], tie_word_embeddings=c["tie_word_embeddings"],
+                  init_std=c["initializer_range"],
+                  special_token_ids={k: hf[k] for k in _TOKEN_KEYS if hf.get(k) is not None} or None)
+    if model_type == "qwen3_moe":
+        return MoEConfig(**common, intermediate_size=c["intermediate_size"],
+                         moe_intermediate_size=c["moe_intermediate_size"], router="topk",
+                         norm_topk_prob=c["norm_topk_prob"], mlp_only_layers=tuple(c["mlp_only_layers"]),
+                         decoder_sparse_step=c["decoder_sparse_step"], norm="rmsnorm", qk_norm=True)
+    # Phi-3.5: every layer is MoE, experts are intermediate_size wide; LayerNorm's eps is rms_norm_eps
+    return MoEConfig(**common, intermediate_size=c["intermediate_size"],
+                     moe_intermediate_size=c["intermediate_size"], router="sparsemixer",
+                     router_jitter_eps=c["router_jitter_noise"], input_jitter=c["input_jitter_noise"],
+                     norm="layernorm", qk_norm=False, lm_head_bias=c["lm_head_bias"])
+
+
+def _rope_from_hf(c, model_type, problems):
+    # 5.x: rope_parameters {rope_type, rope_theta, ...}; 4.x: rope_theta + rope_scaling {type, ...}
+    params = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    theta = params.get("rope_theta", c["rope_theta"])
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if params.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0)) != 1.0:
+        problems.append("partial_rotary_factor != 1")
+    if rope_type == "default":
+        return theta, None
+    if rope_type != "longrope" or model_type != "phimoe":
+        problems.append(f"RoPE type {rope_type!r} for {model_type} (supported: 'default', and 'longrope' for phimoe)")
+        return theta, None
+    missing = [k for k in ("short_factor", "long_factor") if k not in params]
+    if missing:
+        problems.append(f"longrope without {missing}")
+        return theta, None
+    # as transformers does: a top-level original_max_position_embeddings (Phi-3.5 writes it) wins
+    original_max = c.get("original_max_position_embeddings",
+                         params.get("original_max_position_embeddings", c["max_position_embeddings"]))
+    scaling = {"type": "longrope", "original_max_position_embeddings": original_max}
+    scaling.update({k: params[k] for k in _LONGROPE_KEYS if params.get(k) is not None})
+    return theta, scaling
+
+
+def _model_type(cfg):
+    """Which transformers architecture a MoEConfig is, or a CheckpointError saying why neither."""
+    qwen = {"router == 'topk'": cfg.router == "topk", "norm == 'rmsnorm'": cfg.norm == "rmsnorm",
+            "qk_norm": cfg.qk_norm, "not lm_head_bias": not cfg.lm_head_bias,
+            "rope_scaling is None": cfg.rope_scaling is None}
+    phi = {"router == 'sparsemixer'": cfg.router == "sparsemixer", "norm == 'layernorm'": cfg.norm == "layernorm",
+           "not qk_norm": not cfg.qk_norm, "every layer MoE": cfg.moe_layers == list(range(cfg.n_layers)),
+           "head_dim == hidden_size // n_heads": cfg.head_dim == cfg.hidden_size // cfg.n_heads}
+    for model_type, needs in (("qwen3_moe", qwen), ("phimoe", phi)):
+        if all(needs.values()):
+            return model_type
+    raise CheckpointError("MoEConfig is neither qwen3_moe (needs " + ", ".join(qwen) + ") nor phimoe (needs "
+                          + ", ".join(phi) + "); unmet: qwen3_moe " + str([k for k, v in qwen.items() if not v])
+                          + ", phimoe " + str([k for k, v in phi.items() if not v]))
+
+
+def config_to_hf(cfg, dtype=None):
+    """MoEConfig -> config.json dict in the transformers 4.x spelling (which 5.x reads too)."""
+    model_type = _model_type(cfg)
+    hf = dict(architectures=[_ARCHITECTURES[model_type]], model_type=model_type, vocab_size=cfg.vocab_size,
+              hidden_size=cfg.hidden_size, num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+              num_key_value_heads=cfg.n_kv_heads, num_experts_per_tok=cfg.top_k, hidden_act="silu",
+              attention_bias=cfg.attention_bias, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
+              max_position_embeddings=cfg.max_position_embeddings, router_aux_loss_coef=cfg.router_aux_loss_coef,
+              tie_word_embeddings=cfg.tie_word_embeddings, initializer_range=cfg.init_std, rope_scaling=None,
+              use_cache=True, **(cfg.special_token_ids or {}))
+    if dtype is not None:
+        hf["torch_dtype"] = str(dtype).removeprefix("torch.")
+    if model_type == "qwen3_moe":
+        hf.update(head_dim=cfg.head_dim, intermediate_size=cfg.intermediate_size,
+                  moe_intermediate_size=cfg.moe_intermediate_size, num_experts=cfg.n_experts,
+                  norm_topk_prob=cfg.norm_topk_prob, decoder_sparse_step=cfg.decoder_sparse_step,
+                  mlp_only_layers=list(cfg.mlp_only_layers), use_sliding_window=False, sliding_window=None)
+        return hf
+    hf.update(intermediate_size=cfg.moe_intermediate_size, num_local_experts=cfg.n_experts,
+              router_jitter_noise=cfg.router_jitter_eps, input_jitter_noise=cfg.input_jitter,
+              lm_head_bias=cfg.lm_head_bias, sliding_window=None)
+    if cfg.rope_scaling is not None:
+        rs = cfg.rope_scaling
+        original_max = rs["original_max_position_embeddings"]
+        # transformers 5.x requires both mscales; write the LongRoPE default our model would use
+        scale = cfg.max_position_embeddings / original_max
+        default = math.sqrt(1 + math.log(scale) / math.log(original_max)) if scale > 1 else 1.0
+        hf["rope_scaling"] = {"type": "longrope", "rope_type": "longrope",
+                              "short_factor": list(rs["short_factor"]), "long_factor": list(rs["long_factor"]),
+                              "short_mscale": rs.get("short_mscale") or default,
+                              "long_mscale": rs.get("long_mscale") or default,
+                              "original_max_position_embeddings": original_max}
+        hf["original_max_position_embeddings"] = original_max
+    return hf
+
+
+# -----------------------------------------------------------------------------
+# parameter names
+
+_EXPERT_NAMES = {"qwen3_moe": ("mlp", "gate_proj", "up_proj", "down_proj"),
+                 "phimoe": ("block_sparse_moe", "w1", "w3", "w2")}
+
+
+def hf_tensor_map(model, model_type):
+    """{on-disk name: the (detached) tensor it fills}. Expert tensors map to slices (views) of the
+    stacked weights; the tensors partition the model's parameters (tied ones counted once)."""
+    moe, gate, up, down = _EXPERT_NAMES[model_type]
+    I = model.config.moe_intermediate_size
+    out = {}
+    for name, p in model.named_parameters():  # tied lm_head.weight is not listed: embed only
+        p = p.detach()
+        if name.startswith("lm_head."):
+            out[name] = p
+        elif not name.startswith("layers."):
+            out["model." + name] = p
+        else:
+            _, i, rest = name.split(".", 2)
+            prefix = f"model.layers.{i}."
+            if rest == "mlp.router.gate.weight":
+                out[f"{prefix}{moe}.gate.weight"] = p
+            elif rest == "mlp.gate_up_proj":  # (E, 2I, H): rows [gate; up]
+                for e in range(p.shape[0]):
+                    out[f"{prefix}{moe}.experts.{e}.{gate}.weight"] = p[e, :I]
+                    out[f"{prefix}{moe}.experts.{e}.{up}.weight"] = p[e, I:]
+            elif rest == "mlp.down_proj":  # (E, H, I)
+                for e in range(p.shape[0]):
+                    out[f"{prefix}{moe}.experts.{e}.{down}.weight"] = p[e]
+            else:
+                out[prefix + rest] = p
+    return out
+
+
+# -----------------------------------------------------------------------------
+# safetensors, read and written with plain file I/O (see the module docstring for why)
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+def read_safetensors_header(file):
+    """{name: (dtype, shape, absolute byte offset, nbytes)} of a .safetensors file, validated
+    against the file's size; CheckpointError naming the file if it is truncated or corrupted."""
+    size = os.path.getsize(file)
+    with open(file, "rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+        if n is None or n > min(size - 8, 100_000_000):
+            raise CheckpointError(f"{file}: not a safetensors file, or truncated (header size {n}, file size {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CheckpointError(f"{file}: corrupted safetensors header ({err})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: corrupted safetensors header (not a JSON object)")
+    header.pop("__metadata__", None)
+    tensors, problems = {}, []
+    for name, info in header.items():
+        try:
+            dtype = _DTYPES[info["dtype"]]
+            shape = [int(s) for s in info["shape"]]
+            begin, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            problems.append(f"{name}: unsupported dtype or malformed entry {info!r}")
+            continue
+        nbytes = math.prod(shape) * dtype.itemsize
+        if end - begin != nbytes or begin < 0:
+            problems.append(f"{name}: data_offsets {[begin, end]} do not hold shape {shape} {info['dtype']}")
+        elif 8 + n + end > size:
+            problems.append(f"{name}: data ends at byte {8 + n + end} but the file has {size} bytes (truncated)")
+        tensors[name] = (dtype, shape, 8 + n + begin, nbytes)
+    if problems:
+        raise CheckpointError(f"{file}: " + _listing(problems))
+    return tensors
+
+
+def _read_into(f, offset, nbytes, dtype, target):
+    """Read one tensor's bytes into `target` (any device/dtype; directly when CPU, same dtype, contiguous)."""
+    direct = target.device.type == "cpu" and target.dtype == dtype and target.is_contiguous()
+    buf = target if direct else torch.empty(target.shape, dtype=dtype)
+    view = memoryview(buf.view(torch.uint8).reshape(-1).numpy()) if nbytes else memoryview(b"")
+    f.seek(offset)
+    done = 0
+    while done < nbytes:  # a single read() returns at most ~2 GB
+        got = f.readinto(view[done:])
+        if not got:
+            raise CheckpointError(f"{f.name}: truncated while reading")
+        done += got
+    if not direct:
+        target.copy_(buf)
+
+
+def write_safetensors(file, tensors, metadata=None):
+    """Write [(name, tensor)] as one .safetensors file, tensor by tensor (no copy of CPU tensors)."""
+    header, offset = {}, 0
+    for name, t in tensors:
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = metadata
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the format pads the header to 8 bytes, so data is aligned
+    with open(file, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for _, t in tensors:
+            t = t.detach().cpu().contiguous()  # .cpu(): one tensor at a time off the GPU
+            if t.numel():
+                f.write(t.view(torch.uint8).reshape(-1).numpy())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _listing(items, limit=20):
+    items = list(items)
+    more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
+    return "; ".join(items[:limit]) + more
+
+
+def _weight_files(path):
+    """{on-disk tensor name: (file, dtype, shape, offset, nbytes)} over all shards, validated."""
+    index, single = path / "model.safetensors.index.json", path / "model.safetensors"
+    if index.exists():
+        weight_map = _read_json(index)["weight_map"]
+        files = sorted({path / f for f in weight_map.values()})
+        absent = [f.name for f in files if not f.exists()]
+        if absent:
+            raise CheckpointError(f"{index}: shard files missing: {absent}")
+    elif single.exists():
+        weight_map, files = None, [single]
+    else:
+        found = sorted(p.name for p in path.iterdir()) if path.is_dir() else "not a directory"
+        raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json "
+                              f"(only safetensors checkpoints are supported); found {found}")
+    tensors, problems = {}, []
+    for file in files:
+        for name, info in read_safetensors_header(file).items():
+            if name in tensors:
+                problems.append(f"{name} is in both {tensors[name][0].name} and {file.name}")
+            tensors[name] = (file, *info)
+    if weight_map is not None:
+        problems += [f"{name}: the index puts it in {f}, which does not contain it"
+                     for name, f in weight_map.items() if name not in tensors or tensors[name][0].name != f]
+    if problems:
+        raise CheckpointError(f"{path}: inconsistent shards: " + _listing(problems))
+    return tensors
+
+
+def _read_json(file):
+    try:
+        return json.loads(Path(file).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{file}: not found") from None
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{file}: not valid JSON ({err})") from None
+
+
+# -----------------------------------------------------------------------------
+# load
+
+def load_pretrained(path, dtype=None, device=None, **overrides):
+    """
+    Load a transformers Qwen3-MoE / Phi-3.5-MoE checkpoint directory (config.json + model.safetensors,
+    or shards + model.safetensors.index.json). dtype: None = the checkpoint's own dtype. device:
+    None = cpu. overrides: MoEConfig fields that do not change the weights (attn_impl, expert_impl,
+    gradient_checkpointing, ...). Returns the model in eval mode, as transformers does.
+    """
+    path = Path(path)
+    hf = _read_json(path / "config.json")
+    cfg = config_from_hf(hf)
+    if overrides:
+        cfg = MoEConfig.from_dict({**cfg.to_dict(), **overrides})
+    on_disk = _weight_files(path)
+    if dtype is None:  # the dtype the vendor shipped (that of the embedding)
+        dtype = on_disk.get("model.embed_tokens.weight", (None, torch.float32))[1]
+    with torch.device("meta"):
+        model = MoETransformer(cfg)
+    # parameters are allocated here, once, uninitialised, in the target dtype; RotaryEmbedding's
+    # fp32 frequencies are recomputed on the device by its _apply
+    model.to(dtype=dtype).to_empty(device=device or "cpu")
+    if cfg.tie_word_embeddings:  # to_empty makes new Parameters, which unties them
+        model.lm_head.weight = model.embed_tokens.weight
+    targets = hf_tensor_map(model, hf["model_type"])
+    assert sum(t.numel() for t in targets.values()) == sum(p.numel() for p in model.parameters())
+    # old checkpoints may carry RoPE buffers, and a tied lm_head may be stored anyway: both unused
+    ignored = {n for n in on_disk if n.endswith("rotary_emb.inv_freq")}
+    if cfg.tie_word_embeddings:
+        ignored.add("lm_head.weight")
+    missing = sorted(set(targets) - set(on_disk))
+    unexpected = sorted(set(on_disk) - set(targets) - ignored)
+    wrong = [f"{n}: {on_disk[n][2]} on disk, expected {list(targets[n].shape)}"
+             for n in sorted(set(targets) & set(on_disk)) if on_disk[n][2] != list(targets[n].shape)]
+    if missing or unexpected or wrong:
+        parts = [f"{label} ({len(items)}): {_listing(items)}" for label, items in
+                 (("missing tensors", missing), ("unexpected tensors", unexpected), ("wrong shapes", wrong)) if items]
+        raise CheckpointError(f"{path} does not fit its config.json ({hf['model_type']}): " + " | ".join(parts))
+    by_file = {}
+    for name, target in targets.items():
+        by_file.setdefault(on_disk[name][0], []).append((on_disk[name][3], name, target))
+    with torch.no_grad():
+        for file, jobs in sorted(by_file.items()):
+            with open(file, "rb", buffering=0) as f:
+                for offset, name, target in sorted(jobs, key=lambda job: job[0]):  # sequential reads
+                    _, disk_dtype, _, _, nbytes = on_disk[name]
+                    _read_into(f, offset, nbytes, disk_dtype, target)
+    return model.eval()
+
+
+# -----------------------------------------------------------------------------
+# save
+
+def _parse_size(size):
+    """5_000_000_000, "5GB" (10^9) or "5GiB" (2^30) -> bytes."""
+    if isinstance(size, int):
+        return size
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
+    s = size.strip().upper()
+    for unit, factor in units.items():
+        if s.endswith(unit):
+            return int(float(s[: -len(unit)]) * factor)
+    raise ValueError(f"max_shard_size={size!r}: expected bytes or a string like '5GB' / '500MiB'")
+
+
+def _is_ours(name):
+    """Files a save writes or makes stale: weights, their index, config.json."""
+    return name in ("config.json", "model.safetensors.index.json") or (
+        name.startswith(("model", "pytorch_model")) and name.endswith((".safetensors", ".bin")))
+
+
+def save_pretrained(model, path, max_shard_size="5GB", copy_from=None):
+    """
+    Write `path` as a transformers checkpoint directory: config.json, and model.safetensors or,
+    above max_shard_size, model-0000i-of-0000n.safetensors + model.safetensors.index.json (a tensor
+    larger than max_shard_size gets a shard of its own). Tensors keep the model's dtype.
+    copy_from: a checkpoint directory whose other files (tokenizer, generation_config.json, ...) are
+    copied alongside. The directory is replaced atomically (see the module docstring): a new
+    directory takes its name, so a process whose working directory it was keeps the old one.
+    """
+    path = Path(os.path.abspath(path))  # (normalised: "." has no name to put a sibling next to)
+    hf = config_to_hf(model.config, dtype=model.embed_tokens.weight.dtype)
+    tensors = list(hf_tensor_map(model, hf["model_type"]).items())
+    limit, shards = _parse_size(max_shard_size), [[]]
+    size = 0
+    for name, t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, t))
+        size += nbytes
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        names = (["model.safetensors"] if len(shards) == 1 else
+                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+        for fname, shard in zip(names, shards):
+            write_safetensors(tmp / fname, shard, metadata={"format": "pt"})
+        if len(shards) > 1:
+            weight_map = {n: fname for fname, shard in zip(names, shards) for n, _ in shard}
+            total = sum(t.numel() * t.element_size() for _, t in tensors)
+            _write_json(tmp / "model.safetensors.index.json",
+                        {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+        _write_json(tmp / "config.json", hf)
+        if copy_from is not None:
+            for src in Path(copy_from).iterdir():
+                if src.is_file() and not _is_ours(src.name):
+                    shutil.copy2(src, tmp / src.name)
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_json(file, obj):
+    with open(file, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace_dir(tmp, path):
+    """Rename the finished `tmp` to `path`, keeping the non-weight files of an existing `path`."""
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{path} exists and is not a directory")
+        for old in path.iterdir():  # hard links: no data copied, the old directory stays intact
+            if not _is_ours(old.name) and not (tmp / old.name).exists():
+                if old.is_dir():
+                    shutil.copytree(old, tmp / old.name, symlinks=True, copy_function=_link_or_copy)
+                else:
+                    _link_or_copy(old, tmp / old.name)
+        _fsync_dir(tmp)
+        trash = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.rename(path, trash)
+        os.rename(tmp, path)
+        shutil.rmtree(trash)
+    else:
+        _fsync_dir(tmp)
+        os.rename(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _link_or_copy(src, dst):
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(src, dst, follow_symlinks=False)
