@@ -384,13 +384,15 @@ def to_device(batch):
 def forward_losses(model, examples, band, js_weight, anchors):
     """CE, LB and JS of one micro-batch. anchors: {id: (L, E)}, "online", or None (no JS term)."""
     batch = to_device(collate(examples, tok.pad_id))
+    # a single sequence has no padding: no mask lets attention use its fused causal kernel
+    mask = batch["attention_mask"] if len(examples) > 1 else None
     with autocast:
-        out = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        out = model(batch["input_ids"], attention_mask=mask, labels=batch["labels"])
     losses = dict(ce=out.loss, lb=out.aux_loss if out.aux_loss is not None else torch.zeros((), device=device))
     if out.z_loss is not None:
         losses["z"] = out.z_loss
     if anchors is not None:
-        target_dist = pool_routing(out.router_logits, batch["attention_mask"], check=False)  # (B, L, E)
+        target_dist = pool_routing(out.router_logits, mask, check=False)  # (B, L, E)
         if anchors == "online":  # ablation: anchors from the CURRENT model, no grad, eval mode
             anchors = compute_anchors(model, examples)
         anchor_dist, has_anchor = lookup_anchors(anchors, examples, target_dist)
@@ -643,15 +645,15 @@ if export_hf:
         with torch.device("meta"):
             export = MoETransformer(raw_model.config)
         export.load_state_dict(full, assign=True)
+        if export.config.tie_word_embeddings:  # assign=True replaced the shared Parameter
+            export.lm_head.weight = export.embed_tokens.weight
         try:
-            export.save_pretrained(os.path.join(out_dir, "hf"))
             # the tokenizer travels with the weights, so that sample.py / eval.py need only the dir
-            tok_files = [tokenizer_path] if tokenizer_path else [
-                p for p in glob.glob(os.path.join(init_from, "*"))
-                if os.path.basename(p).startswith(("tokenizer", "special_tokens", "generation_config"))]
-            for p in tok_files:
-                shutil.copy(p, os.path.join(out_dir, "hf"))
-            log(f"exported the fine-tuned model to {os.path.join(out_dir, 'hf')} (Hugging Face layout)")
+            hf_dir = os.path.join(out_dir, "hf")
+            export.save_pretrained(hf_dir, copy_from=None if init_from == "scratch" else init_from)
+            if tokenizer_path:
+                shutil.copy(tokenizer_path, hf_dir)
+            log(f"exported the fine-tuned model to {hf_dir} (Hugging Face layout)")
         except (ImportError, ValueError) as err:
             log(f"HF export skipped: {err}")
 if ddp:
