@@ -451,7 +451,7 @@ def train_phase(model, raw_model, examples, n_steps, peak_lr, js_weight, band, a
     # lookup (not a matmul); attention's T^2 term is left out: small at these lengths
     flops_per_token = 6 * (raw_model.num_params(active=True) - raw_model.embed_tokens.weight.numel())
     bar = tqdm(total=n_steps, initial=start, desc=phase, disable=not master, dynamic_ncols=True)
-    t0 = time.time()
+    t0, tokens_since_log = time.time(), 0
     for step, micro_batches in batches(examples, n_steps, start, global_batch, seed):
         lr_now = lr_at(step, n_steps, peak_lr)
         for group in optimizer.param_groups:
@@ -493,10 +493,10 @@ def train_phase(model, raw_model, examples, n_steps, peak_lr, js_weight, band, a
         optimizer.zero_grad(set_to_none=True)
         bar.update(1)
         bar.set_postfix(loss=f"{logged['loss']:.4f}", js=f"{logged.get('js', 0):.4f}")
+        tokens_since_log += n_tokens * world  # (rank 0's count times world: an estimate)
         if step % log_interval == 0 or step == n_steps - 1:
             dt = time.time() - t0
-            t0 = time.time()
-            tokens = n_tokens * world
+            t0, tokens, tokens_since_log = time.time(), tokens_since_log, 0
             record = dict(phase=phase, step=step, lr=lr_now, **logged, tokens_per_s=tokens / max(dt, 1e-9),
                           batch=seen.hexdigest()[:12])  # which samples rank 0 saw, to compare runs
             if device_type == "cuda":
