@@ -21,6 +21,11 @@ Decisions and why:
 - Two dispatch paths compute the same function: "loop" (one matmul per expert, ascending expert
   order; the reference, and faster on CPU) and "grouped" (sort token slots by expert, one
   torch grouped_mm per projection, no host sync; for GPUs). expert_impl="auto" picks per device.
+- Speed (bench.py, one H100, 4 x 2048 tokens, 4-layer Qwen3-30B-A3B dims): loss_chunk_size > 0
+  runs lm_head + cross-entropy in chunks with the gradient computed in the forward (the fp32
+  (B, T, V) logits, 5 GB, never exist); plain causal attention passes no mask, so SDPA takes a
+  flash kernel with native GQA; the grouped path gathers in both directions (no atomics);
+  torch.compile of each Block fuses norms, RoPE, SwiGLU and the combine (88 -> 64 ms/step).
 - Position ids come from the attention mask (cumsum - 1), so a left-padded sequence gives the
   same logits as the unpadded one (transformers' plain forward uses arange and does not).
 """
@@ -447,10 +452,10 @@ def _ce_chunk(logits, targets, inv_n):
 
 @functools.cache
 def _compiled_ce_chunk():
-    # On a GPU, fused by inductor into one reduction and one elementwise pass over the bf16
-    # logits; eager _ce_chunk makes ~8 passes over (n, V) fp32 temporaries. Unsplit reductions
-    # let inductor use an online softmax (max and sum of exp in one read).
-    return torch.compile(_ce_chunk, dynamic=False, options={"split_reductions": False})
+    # On a GPU, inductor fuses this into one kernel over the bf16 logits (measured on an H100:
+    # 1.75 ms per 4096 x 151936 chunk, ~3 reads + 1 write at memory speed); eager _ce_chunk
+    # makes ~8 passes over (n, V) fp32 temporaries.
+    return torch.compile(_ce_chunk, dynamic=False)
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
