@@ -200,12 +200,15 @@ class RotaryEmbedding(nn.Module):
         self._make_inv_freq(torch.device("cpu"))
 
     def _make_inv_freq(self, device):
-        # inv_freq = 1 / (factor * theta^(2i/hd)), in fp32 (factor = 1 without LongRoPE)
+        # inv_freq = 1 / (factor * theta^(2i/hd)), in fp32 (factor = 1 without LongRoPE).
+        # Computed on the CPU, then moved, as the checkpoints' code does: a GPU pow can differ
+        # from the CPU's by an ulp, which is enough to break bf16 bit-exactness.
         hd, rs = self.cfg.head_dim, self.cfg.rope_scaling
-        base = self.cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64, device=device).float() / hd)
-        short = torch.tensor(rs["short_factor"], device=device) if rs else 1.0
-        self.inv_freq_short = 1.0 / (short * base)  # (hd/2,)
-        self.inv_freq_long = 1.0 / (torch.tensor(rs["long_factor"], device=device) * base) if rs else None
+        cpu = torch.device("cpu")  # explicit: also under a `with torch.device("meta")` block
+        base = self.cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64, device=cpu).float() / hd)
+        short = torch.tensor(rs["short_factor"], device=cpu) if rs else 1.0
+        self.inv_freq_short = (1.0 / (short * base)).to(device)  # (hd/2,)
+        self.inv_freq_long = (1.0 / (torch.tensor(rs["long_factor"], device=cpu) * base)).to(device) if rs else None
 
     def _apply(self, fn, recurse=True):
         # Not buffers on purpose: model.to(bfloat16) must not round the frequencies (the

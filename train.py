@@ -229,7 +229,7 @@ def wrap(model, full_weights=None):
     model.config.gradient_checkpointing = gradient_checkpointing
     if tok.vocab_size > model.config.vocab_size:
         raise SystemExit(f"tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {model.config.vocab_size}")
-    if not (ddp and parallel == "fsdp"):
+    if full_weights is None:  # (a meta model is materialised after sharding, below)
         model = model.to(device=device if not cpu_offload else "cpu", dtype=param_dtype)
     if not ddp:
         return model
