@@ -46,7 +46,7 @@ model_config = dict(vocab_size=4096, hidden_size=128, n_layers=4, n_heads=4, n_k
                     intermediate_size=256, n_experts=8, top_k=2, moe_intermediate_size=128,
                     qk_norm=True, norm_topk_prob=True, max_position_embeddings=512,
                     router_aux_loss_coef=0.01)  # used only when init_from == "scratch"
-pretrain_iters = 300  # stage 0, scratch only: LM steps on all languages before SARA
+pretrain_iters = 150  # stage 0, scratch only: LM steps on all languages before SARA
 pretrain_lr = 3e-3
 pretrain_target_fraction = 1.0  # stage 0 keeps this fraction of each target language's items (scarce)
 # data
@@ -64,7 +64,7 @@ sara_layers = [1, 2]  # inclusive (start, end) band of decoder layers to align
 sara_layer_list = []  # if given: exactly these decoder layers instead (e.g. a random set, an ablation)
 anchor_mode = "offline"  # "offline" (frozen original model, cached) or "online" (current model)
 # optimisation
-epochs = 12
+epochs = 8
 global_batch = 16  # sequences per optimizer step, over all ranks and micro-steps
 micro_batch = 16  # sequences per forward on one rank
 lr = 1e-3
@@ -417,7 +417,7 @@ def lookup_anchors(anchors, examples, like):
 def evaluate(model, examples, band, anchors):
     """Mean CE, JS over the band, and per-layer JS (target vs anchor) on held-out samples."""
     model.eval()
-    ce, js, per_layer, n = 0.0, 0.0, None, 0
+    ce, js, per_layer, n, n_js = 0.0, 0.0, None, 0, 0
     for i in range(0, len(examples), micro_batch):
         chunk = examples[i:i + micro_batch]
         losses = forward_losses(model, chunk, band, 0.0, anchors)
@@ -425,16 +425,18 @@ def evaluate(model, examples, band, anchors):
         n += len(chunk)
         if "js" in losses:
             target, anchor, has = losses["_per_layer"]
-            if has.any():
-                js += losses["js"].item() * len(chunk)
-                layer_js = layer_divergence(anchor[has], target[has])  # (L,)
-                per_layer = layer_js * len(chunk) if per_layer is None else per_layer + layer_js * len(chunk)
+            n_has = int(has.sum())
+            if n_has:  # the JS means are over samples that have an anchor
+                js += losses["js"].item() * n_has
+                layer_js = layer_divergence(anchor[has], target[has]) * n_has  # (L,)
+                per_layer = layer_js if per_layer is None else per_layer + layer_js
+                n_js += n_has
     model.train()
     reshard(model)
     res = dict(val_ce=ce / max(n, 1))
     if per_layer is not None:
-        res["val_js"] = js / n
-        res["val_js_per_layer"] = [round(x, 5) for x in (per_layer / n).tolist()]
+        res["val_js"] = js / n_js
+        res["val_js_per_layer"] = [round(x, 5) for x in (per_layer / n_js).tolist()]
     return res
 
 
@@ -450,6 +452,13 @@ def train_phase(model, raw_model, examples, n_steps, peak_lr, js_weight, band, a
     # 6 N per token (forward 2N + backward 4N), N = active parameters without the embedding
     # lookup (not a matmul); attention's T^2 term is left out: small at these lengths
     flops_per_token = 6 * (raw_model.num_params(active=True) - raw_model.embed_tokens.weight.numel())
+    if start == 0 and anchors is not None and val_set:  # the "before" point of the JS curves
+        res = evaluate(model, val_set, band, anchors)
+        log(f"{phase} before fine-tuning: val CE {res['val_ce']:.4f}  val JS(band) {res.get('val_js', float('nan')):.4f}  "
+            f"JS per MoE layer {res.get('val_js_per_layer')}")
+        if master:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(dict(phase=phase, step=-1, **res)) + "\n")
     bar = tqdm(total=n_steps, initial=start, desc=phase, disable=not master, dynamic_ncols=True)
     t0, tokens_since_log = time.time(), 0
     for step, micro_batches in batches(examples, n_steps, start, global_batch, seed):

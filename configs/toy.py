@@ -2,12 +2,12 @@
 # UDHR parallel text, English anchors, five of the paper's target languages. CPU, a few minutes.
 out_dir = "out/toy"
 init_from = "scratch"
-pretrain_iters = 300
+pretrain_iters = 150
 train_langs = ["sw", "hi", "bn", "te", "ne"]
 anchor_lang = "en"
 lambda_js = 1.0
 sara_layers = [1, 2]  # the middle two of four MoE layers
-epochs = 12
+epochs = 8
 global_batch = 16
 micro_batch = 16
 lr = 1e-3
