@@ -34,16 +34,6 @@ def phi_cfg(**kw):  # Phi's dense width is its expert width (one intermediate_si
                         "rope_scaling": dict(ROPE), "max_position_embeddings": 32, **kw})
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a busy 2-core machine every op pays
-    # an OpenMP hand-off (measured: index_add_ on (24, 32) 17 us with 1 thread, 0.12 s with 2)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 CONFIGS = {"qwen": qwen_cfg, "phi": phi_cfg, "qwen_tied": lambda **kw: qwen_cfg(tie_word_embeddings=True, **kw)}
 
 

@@ -39,16 +39,6 @@ PHI_ROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_positi
             "short_mscale": 1.2, "long_mscale": 1.35}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a busy 2-core machine every op pays
-    # an OpenMP hand-off (measured: index_add_ on (24, 32) 17 us with 1 thread, 0.12 s with 2)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def hf_config(name):
     if name == "phi":  # Phi-3.5's real config has attention_bias / lm_head_bias true (class default: false)
         return PhimoeConfig(**TINY, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
