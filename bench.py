@@ -260,7 +260,7 @@ def bench_shape(name, cfg, ceiling):
                 note = f"loss_chunk_size={loss_chunk_size}"
             free()
             sec = timed(lambda: ours_step(model, ids), steps, warmup)
-            r = row(name, label, sec, flops, ceiling, peak_gib(), note)
+            row(name, label, sec, flops, ceiling, peak_gib(), note)
             last = label  # the model's state from here on
             if parity and hf:  # the reference paths must run uncompiled: check before compiling
                 parity_checks(name, model, compiled=use_compile)
@@ -465,7 +465,7 @@ if __name__ == "__main__":
         cpu_moe_vs_dense()
         if torch.get_num_threads() > 1:
             cpu_moe_vs_dense(threads=1)
-    print(f"\n| shape | implementation | ms/step | tokens/s | MFU | peak GiB |\n|---|---|---|---|---|---|")
+    print("\n| shape | implementation | ms/step | tokens/s | MFU | peak GiB |\n|---|---|---|---|---|---|")
     for r in results["rows"]:
         print(f"| {r['shape']} | {r['impl']} | {r['ms']:.1f} | {r['tok_s'] / 1e3:.1f}k | {r['mfu']:.3f} | "
               f"{r['peak_gib']:.1f} |")

@@ -31,7 +31,7 @@ Decisions and why:
 """
 import functools
 import math
-from dataclasses import dataclass, field, fields, asdict
+from dataclasses import dataclass, fields, asdict
 
 import torch
 import torch.nn as nn

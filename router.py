@@ -19,7 +19,6 @@ bf16 outputs are bit-identical to transformers' eager path (see ARCHITECTURES.md
 """
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 
 class TopKRouter(nn.Module):

@@ -469,7 +469,7 @@ def figures(S, results):
     for ax in axes[::len(axes) // 2]:
         ax.set_ylabel("JS to the English anchor (nats)")
     axes[len(keys) - 1].legend(fontsize=7, title="(d): a different band per seed", title_fontsize=7)
-    fig.suptitle(f"Routing divergence from the original model's English routing, held-out items (shaded: SARA band)", fontsize=9)
+    fig.suptitle("Routing divergence from the original model's English routing, held-out items (shaded: SARA band)", fontsize=9)
     fig.tight_layout()
     fig.savefig(os.path.join(results, "routing_js.png"), dpi=90)
 
