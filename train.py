@@ -81,6 +81,7 @@ dtype = "float32"  # "float32" or "bfloat16" (bf16 autocast with fp32 params unl
 parallel = "ddp"  # "ddp" or "fsdp" (FSDP2 fully_shard per block) under torchrun
 cpu_offload = False  # FSDP2: keep parameters and optimizer states in host memory
 gradient_checkpointing = False
+loss_chunk_size = 0  # > 0: lm_head + CE in chunks of this many tokens, no (T, V) fp32 logits
 compile = False
 peak_tflops = 989.0  # the accelerator's dense bf16 peak, for MFU (H100 SXM: 989)
 # bookkeeping
@@ -125,6 +126,9 @@ def apply_overrides(argv, namespace, keys):
 
 apply_overrides(sys.argv[1:], globals(), config_keys)
 config = {k: globals()[k] for k in config_keys}
+for _key in ("init_from", "data_path"):
+    if not globals()[_key]:
+        raise SystemExit(f"{_key} is empty: set --{_key}=... (a checkpoint directory or 'scratch'; a JSONL file)")
 
 # -----------------------------------------------------------------------------
 # distributed setup
@@ -227,6 +231,7 @@ def build_model():
 def wrap(model, full_weights=None):
     """DDP, or FSDP2 with one shard group per block; returns the module to call."""
     model.config.gradient_checkpointing = gradient_checkpointing
+    model.config.loss_chunk_size = loss_chunk_size
     if tok.vocab_size > model.config.vocab_size:
         raise SystemExit(f"tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {model.config.vocab_size}")
     if full_weights is None:  # (a meta model is materialised after sharding, below)
