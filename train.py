@@ -24,7 +24,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -34,9 +33,10 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from anchors import anchor_fingerprint, forward_and_pool, build_anchors, load_or_build_anchors, lookup_anchors
-from checkpoint import (CheckpointError, config_from_hf, load_base, load_model, load_training_state,
-                        read_checkpoint_meta, recover_checkpoint, save_base, save_hf, save_training_state)
+from checkpoint import (CheckpointError, check_fingerprint, file_digest, load_base, load_model, load_training_state, read_checkpoint_meta,
+                        recover_checkpoint, save_base, save_hf_state, save_training_state)
 from configurator import ConfigError, at_least, configure, in_range, one_of, validate
+from hf_config import config_from_hf
 from data.parallel import collate, load_parallel_jsonl, split_train_val, step_batches, tokenize_samples, with_anchor_lang
 from model import MoEConfig, MoETransformer
 from optim import lr_at, make_optimizer
@@ -69,6 +69,7 @@ sara_band = (1, 2)  # inclusive, 0-based (start, end) band of decoder layers to 
 sara_layer_list = []  # if given: exactly these decoder layers instead (e.g. a random set, an ablation)
 anchor_mode = "offline"  # "offline" (frozen original model, cached) or "online" (current model, ablation)
 min_anchor_fraction = 0.25  # SARA needs anchors: fewer training samples with one is an error
+router_clean_logits = False  # sparsemixer with input jitter (Phi-3.5): pool softmax(h W_g) of the un-jittered input
 # optimisation
 epochs = 8
 global_batch = 16  # sequences per optimizer step, over all ranks and micro-steps
@@ -126,10 +127,11 @@ validate(settings, sources, dict(
 # the model's shape is known before any weight is read: check the band and max_len against it
 try:
     if init_from == "scratch":
-        model_cfg = MoEConfig(**model_config)
+        model_cfg = MoEConfig(**{**model_config, "router_clean_logits": router_clean_logits})
     else:
         with open(os.path.join(init_from, "config.json")) as _f:
             model_cfg = config_from_hf(json.load(_f))
+        model_cfg.router_clean_logits = router_clean_logits
 except (OSError, ValueError, TypeError) as err:  # (CheckpointError and JSON errors are ValueErrors)
     _key = "model_config" if init_from == "scratch" else "init_from"
     raise ConfigError(f"{_key} ({sources[_key]}): {err}") from None
@@ -181,21 +183,6 @@ def log(msg):
         tqdm.write(msg)
 
 
-def barrier():
-    if ddp:
-        dist.barrier()
-
-
-def file_digest(paths):
-    h = hashlib.sha256()
-    for p in sorted(paths):
-        h.update(os.path.basename(p).encode())
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                h.update(block)
-    return h.hexdigest()[:16]
-
-
 # -----------------------------------------------------------------------------
 # data (stage 1 happens upstream: the JSONL holds the translated, filtered samples)
 tok = load_tokenizer(tokenizer_path or init_from)
@@ -236,14 +223,6 @@ def fingerprint(keys, **extra):
     return json.loads(json.dumps(dict(data=data_digest, tokenizer=tok_digest, **extra, **{k: settings[k] for k in keys})))
 
 
-def check_same_run(what, saved, now):
-    changed = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)}
-    if changed:
-        raise SystemExit(f"{what} belongs to another run; changed (saved -> now): "
-                         + "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
-                         + ". Use a new out_dir, or restore those settings.")
-
-
 # -----------------------------------------------------------------------------
 # model
 def build_model():
@@ -258,7 +237,8 @@ def build_model():
             meta_model = MoETransformer(model_cfg)
         full = load_model(init_from, dtype=param_dtype).state_dict() if master else {}
         return meta_model.to(dtype=param_dtype), full
-    return load_model(init_from, dtype=param_dtype, device="cpu" if cpu_offload else device).train(), None
+    return load_model(init_from, dtype=param_dtype, device="cpu" if cpu_offload else device,
+                      router_clean_logits=router_clean_logits).train(), None
 
 
 def wrap(net, weights_on_rank0=None):
@@ -294,9 +274,10 @@ def full_state_dict(net):
 
 
 @torch.no_grad()
-def evaluate(net, examples, anchor_table):
+def evaluate(net, examples, anchor_table, phase, step):
     """Held-out CE (mean over micro-batches of their token-mean CE, weighted by size), and JS
-    between anchor and target routing (band mean, and per MoE layer) over samples with an anchor."""
+    between anchor and target routing (band mean, and per MoE layer) over samples with an anchor;
+    logged and written to metrics.jsonl (step -1: before fine-tuning)."""
     out = forward_and_pool(net, [e["input_ids"] for e in examples], labels=[e["labels"] for e in examples],
                            pad_id=tok.pad_id, batch_size=micro_batch, autocast=autocast, device=device)
     ce = sum(out.nll[i:i + micro_batch].sum().item() / out.n_targets[i:i + micro_batch].sum().item()
@@ -308,7 +289,9 @@ def evaluate(net, examples, anchor_table):
     if has.any():  # the means are over samples that have an anchor
         res["val_js"] = sara_loss(out.routing[has], anchor_dist[has], band, check=False).item()
         res["val_js_per_layer"] = [round(x, 5) for x in layer_divergence(anchor_dist[has], out.routing[has]).tolist()]
-    return res
+    log(f"{phase} {'before fine-tuning' if step < 0 else f'step {step}'}: val CE {res['val_ce']:.4f}  val JS(band) "
+        f"{res.get('val_js', math.nan):.4f}  JS per MoE layer {res.get('val_js_per_layer')}")
+    write_metrics(dict(phase=phase, step=step, **res))
 
 
 def write_metrics(record):
@@ -330,7 +313,7 @@ def train_phase(phase, net, examples, total_steps, peak_lr, js_weight, anchor_ta
             saved_id = read_checkpoint_meta(ckpt_dir)["fingerprint"]
         except (CheckpointError, KeyError) as err:
             raise SystemExit(f"{ckpt_dir}: no run fingerprint ({err}); written by an older train.py? Use a new out_dir.")
-        check_same_run(ckpt_dir, saved_id, phase_id)
+        check_fingerprint(ckpt_dir, saved_id, phase_id)
         start = load_training_state(ckpt_dir, net, optimizer, rank=rank, sharded=sharded, device=device)
         log(f"{phase}: resumed from {ckpt_dir} at step {start}")
         if master and os.path.exists(metrics_path):  # steps after the checkpoint are redone: log them once
@@ -341,10 +324,7 @@ def train_phase(phase, net, examples, total_steps, peak_lr, js_weight, anchor_ta
     lb_weight = lambda_lb if lambda_lb >= 0 else core.config.router_aux_loss_coef
     z_weight = core.config.router_z_loss_coef
     if start == 0 and anchor_table is not None and val_set:  # the "before" point of the JS curves
-        res = evaluate(net, val_set, anchor_table)
-        log(f"{phase} before fine-tuning: val CE {res['val_ce']:.4f}  val JS(band) {res.get('val_js', math.nan):.4f}  "
-            f"JS per MoE layer {res.get('val_js_per_layer')}")
-        write_metrics(dict(phase=phase, step=-1, **res))
+        evaluate(net, val_set, anchor_table, phase, -1)
     bar = tqdm(total=total_steps, initial=start, desc=phase, disable=not master, dynamic_ncols=True)
     t0, tokens_since_log, flops_since_log = time.time(), 0, 0
     for step, step_indices in step_batches(len(examples), total_steps, start, global_batch, micro_batch, seed):
@@ -419,10 +399,7 @@ def train_phase(phase, net, examples, total_steps, peak_lr, js_weight, anchor_ta
             t0, tokens_since_log, flops_since_log = time.time(), 0, 0
         if (step + 1) % eval_interval == 0 or step == total_steps - 1:
             if anchor_table is not None and val_set:
-                res = evaluate(net, val_set, anchor_table)
-                write_metrics(dict(phase=phase, step=step, **res))
-                log(f"{phase} step {step}: val CE {res['val_ce']:.4f}  val JS(band) {res.get('val_js', math.nan):.4f}  "
-                    f"JS per MoE layer {res.get('val_js_per_layer')}")
+                evaluate(net, val_set, anchor_table, phase, step)
         if (step + 1) % ckpt_interval == 0 or step == total_steps - 1:
             save_training_state(ckpt_dir, net, optimizer, step + 1, dict(fingerprint=phase_id, phase=phase),
                                 rank=rank, world=world, sharded=sharded)
@@ -448,13 +425,14 @@ if init_from == "scratch":
         weights = full_state_dict(model)  # collective under FSDP
         if master:
             save_base(base_path, weights, raw_model.config, fingerprint=base_id)
-        barrier()
+        if ddp:
+            dist.barrier()
         del model
     try:
-        raw_model, base_meta = load_base(base_path)
+        raw_model, base_meta = load_base(base_path, router_clean_logits=router_clean_logits)
     except CheckpointError as err:
         raise SystemExit(str(err)) from None
-    check_same_run(base_path, base_meta.get("fingerprint", {}), base_id)
+    check_fingerprint(base_path, base_meta.get("fingerprint", {}), base_id)
     raw_model.train()
     model_digest = file_digest([base_path])
 else:
@@ -488,24 +466,18 @@ steps_per_epoch = max(1, len(train_set) // global_batch)
 n_steps = epochs * steps_per_epoch
 log(f"stage 3: {n_steps} steps ({epochs} epochs x {steps_per_epoch}), lambda_js={lambda_js}, "
     f"aligned decoder layers {band_layers}")
-run_id = fingerprint(_shared_keys + ["anchor_lang", "lambda_js", "lambda_lb", "anchor_mode", "epochs", "lr"], model=model_digest, band=band_layers)
+run_id = fingerprint(_shared_keys + ["anchor_lang", "lambda_js", "lambda_lb", "anchor_mode", "epochs", "lr", "router_clean_logits"],
+                     model=model_digest, band=band_layers)
 train_phase("sara" if lambda_js > 0 else "finetune", model, train_set, n_steps, lr, lambda_js, anchors,
             os.path.join(out_dir, "ckpt"), run_id)
 
 if export_hf:
-    full = full_state_dict(model)
+    full = full_state_dict(model)  # a collective under FSDP
     if master:
-        with torch.device("meta"):
-            export = MoETransformer(raw_model.config)
-        export.load_state_dict(full, assign=True)
-        if export.config.tie_word_embeddings:  # assign=True replaced the shared Parameter
-            export.lm_head.weight = export.embed_tokens.weight
-        try:
-            # the tokenizer travels with the weights, so that sample.py / eval.py need only the dir
-            hf_dir = os.path.join(out_dir, "hf")
-            save_hf(export, hf_dir, copy_from=None if init_from == "scratch" else init_from)
-            if tokenizer_path:
-                shutil.copy(tokenizer_path, hf_dir)
+        hf_dir = os.path.join(out_dir, "hf")
+        try:  # the tokenizer travels with the weights: sample.py / eval.py need only the directory
+            save_hf_state(full, raw_model.config, hf_dir, copy_from=None if init_from == "scratch" else init_from,
+                          extra_files=[tokenizer_path] if tokenizer_path else [])
             log(f"exported the fine-tuned model to {hf_dir} (Hugging Face layout)")
         except (ImportError, ValueError) as err:
             log(f"HF export skipped: {err}")

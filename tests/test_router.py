@@ -44,7 +44,7 @@ def test_topk_router_gradcheck():
 
 
 def _sparsemixer_reference(scores, eps):
-    """ARCHITECTURES.md's inference formulas, row by row, float64 numpy."""
+    """The inference formulas of docs/architectures.md, row by row, float64 numpy."""
     weights, ids = [], []
     for s in scores:
         m1, i1 = s.max(), int(s.argmax())

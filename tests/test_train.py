@@ -127,7 +127,7 @@ def test_missing_anchors_are_excluded_not_faked(tmp_path):
     out = tmp_path / "o"
     res = run_train(tiny_args(out, data_path=str(data)))
     assert "have no anchor" in res.stdout + res.stderr
-    anchors = torch.load(out / "anchors.pt", weights_only=False)["anchors"]
+    anchors = torch.load(out / "anchors.pt", weights_only=True)["anchors"]
     assert anchors and not any(k.endswith("-hi") for k in anchors)
     assert all(torch.isfinite(torch.tensor(r["js"])) for r in metrics(out, "sara"))
 
@@ -155,7 +155,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     ckpt = tmp_path / "ckpt"
     # the sara phase reaches step 13 after checkpoints at 2, 4, ..., 12
     assert (ckpt / "COMPLETE").read_text() == "12"
-    state = torch.load(ckpt / "state.pt", weights_only=False)
+    state = torch.load(ckpt / "state.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
@@ -215,7 +215,7 @@ def test_from_checkpoint_single_vs_fsdp_and_export(tiny_hf_checkpoint, tmp_path)
         assert abs(a["loss"] - b["loss"]) < 1e-4 * max(1.0, abs(a["loss"])), (a, b)
     from checkpoint import load_model
     exported = load_model(tmp_path / "one" / "hf")
-    state = torch.load(tmp_path / "one" / "ckpt" / "state.pt", weights_only=False)["model"]
+    state = torch.load(tmp_path / "one" / "ckpt" / "state.pt", weights_only=True)["model"]
     for name, p in exported.state_dict().items():
         assert torch.equal(p, state[name]), name
 
@@ -429,3 +429,18 @@ def test_adamw_bf16_state_dict_round_trip_keeps_fp32_moments():
     again.load_state_dict(opt.state_dict())
     assert again.state[p]["m"].dtype == torch.float32 and torch.equal(again.state[p]["m"], saved["m"])
     assert torch.equal(again.state[p]["v"], saved["v"]) and float(again.state[p]["step"]) == 1
+
+
+def test_ddp_resume_matches_single_process(single_run, tmp_path):
+    """Two DDP ranks stopped by the NaN guard at step 5 (checkpoint at 4; stage 0 has 4 steps) and
+    resumed: every logged loss equals the single-process run's (the same global batch; fp32
+    reduction-order noise only)."""
+    res = run_train(tiny_args(tmp_path, parallel="ddp", ckpt_interval=2, inject_nan_at_iter=5), nproc=2, check=False)
+    assert res.returncode != 0 and "loss is nan" in res.stderr
+    res = run_train(tiny_args(tmp_path, parallel="ddp", ckpt_interval=2), nproc=2)
+    assert "resumed from" in res.stdout + res.stderr
+    one = {r["step"]: r["loss"] for r in metrics(single_run, "sara")}
+    two = {r["step"]: r["loss"] for r in metrics(tmp_path, "sara")}
+    assert one.keys() == two.keys()
+    for step in one:
+        assert abs(one[step] - two[step]) < 1e-4 * max(1.0, abs(one[step])), (step, one[step], two[step])
