@@ -139,3 +139,21 @@ def test_rank_and_correlations_match_scipy():
         assert S.spearman(x, y) == pytest.approx(scipy.stats.spearmanr(x, y)[0], abs=1e-12)
     # exact permutation test: a perfect monotone relation over 5 languages; 2 of 120 orders reach |r| = 1
     assert S.permutation_p([1, 2, 3, 4, 5], [2, 4, 5, 8, 9], S.spearman) == pytest.approx(2 / 120)
+    res = S.correlate({"sw": -0.03, "hi": -0.01, "bn": -0.02, "te": 0.0}, {"sw": 3.0, "hi": 1.0, "bn": 2.5, "te": 0.5,
+                                                                          "ne": 9.0})
+    assert res["langs"] == ["sw", "hi", "bn", "te"] and res["spearman"] == pytest.approx(-1.0)
+    assert "note" in S.correlate({"sw": 1.0, "hi": 2.0}, {"sw": 1.0, "hi": 2.0})
+
+
+def test_paired_bootstrap():
+    a = {"sw": [1, 0, 0, 1, 0, 1, 0, 0], "hi": [0, 0, 1, 1]}
+    b = {"sw": [1, 1, 0, 1, 1, 1, 0, 1], "hi": [0, 0, 1, 1]}
+    res = S.paired_bootstrap(a, b, resamples=2000, seed=0)
+    assert res["hi"]["delta"] == 0 and (res["hi"]["lo"], res["hi"]["hi"], res["hi"]["p"]) == (0, 0, 1.0)
+    assert res["sw"]["delta"] == 37.5 and res["sw"]["acc_a"] == 37.5 and res["sw"]["acc_b"] == 75.0
+    assert 0 < res["sw"]["lo"] < 37.5 < res["sw"]["hi"] <= 75 and res["sw"]["p"] < 0.05
+    assert res["overall"]["delta"] == pytest.approx(18.75) and res["overall"]["n"] == 12
+    assert res["overall"]["lo"] == pytest.approx(res["sw"]["lo"] / 2)  # hi adds exactly 0 to every resample
+    assert S.paired_bootstrap(a, b, resamples=2000, seed=0) == res  # fixed seed: reproducible
+    with pytest.raises(ValueError, match="same non-zero length"):
+        S.paired_bootstrap({"sw": [1, 0]}, {"sw": [1]})
