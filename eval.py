@@ -13,7 +13,7 @@ analysis of its Figure 5, and statistics. The command line only; the work is in 
 
 Files and prompts: evaluation/benchmarks.py. Answer parsing: evaluation/scoring.py. Protocols:
 evaluation/generate.py. Tables and pairing: evaluation/accuracy.py. Routing and the band rule:
-evaluation/routing.py. Statistics: stats.py. Only this file reads checkpoints from disk.
+evaluation/routing.py. Statistics: stats.py. Checkpoints are read by checkpoint.load_model, here only.
 """
 import argparse
 import json
@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from checkpoint import load_model
 from evaluation.accuracy import (compare_conditions, format_table, load_predictions, load_results,
                                  pair_conditions, run_benchmark, summarize, write_bench_outputs)
 from evaluation.benchmarks import BENCH_TITLES, BENCHMARKS, load_benchmarks, load_templates
@@ -32,24 +33,15 @@ from evaluation.routing import (METRICS, band_divergence_change, band_from_rows,
 from stats import correlate
 
 
-def load_model(path, dtype=None, device="cpu"):
-    """A Hugging Face checkpoint dir (MoETransformer.from_pretrained), or train.py's base.pt
-    ({'model': state_dict, 'config': dict}: the toy run's original model)."""
-    from model import MoEConfig, MoETransformer
-    dtype = getattr(torch, dtype) if dtype else None
-    if str(path).endswith(".pt"):
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        model = MoETransformer(MoEConfig.from_dict(ckpt["config"]))
-        model.load_state_dict(ckpt["model"])
-        return model.to(device=device, dtype=dtype or torch.float32).eval()
-    return MoETransformer.from_pretrained(path, dtype=dtype, device=device).eval()
-
-
 def load_tok(checkpoint, tokenizer):
     from tokenizer import load_tokenizer
     if tokenizer is None and str(checkpoint).endswith(".pt"):
         raise SystemExit(f"{checkpoint} is a .pt file: pass --tokenizer (e.g. data/udhr/bpe.tiktoken)")
     return load_tokenizer(tokenizer or checkpoint)
+
+
+def _dtype(name):
+    return getattr(torch, name) if name else None  # None: as stored
 
 
 def _label(path):
@@ -68,7 +60,7 @@ def cmd_bench(args):
     items = load_benchmarks(args.benchmark, args.data, langs, args.limit, progress=_say)
     templates = load_templates(args.templates, args.benchmark)
     runs = 1 if args.protocol == "loglik" else args.runs
-    model = load_model(args.checkpoint, args.dtype, args.device)
+    model = load_model(args.checkpoint, _dtype(args.dtype), args.device)
     tok = load_tok(args.checkpoint, args.tokenizer)
     if args.protocol == "loglik":
         respond = make_loglik_responder(model, tok, batch_size=args.batch_size, system=args.system)
@@ -116,7 +108,7 @@ def cmd_routing(args):
         raise SystemExit(f"--labels needs {len(checkpoints)} distinct names; got {labels}")
     rows = []
     for (ckpt, tok_path), label in zip(checkpoints, labels):
-        model = load_model(ckpt, args.dtype, args.device)
+        model = load_model(ckpt, _dtype(args.dtype), args.device)
         tok = load_tok(ckpt, tok_path)
         max_len = min(args.max_len, model.config.max_position_embeddings)
         dists = routing_distributions(model, tok, samples, batch_size=args.batch_size, max_len=max_len,

@@ -10,31 +10,10 @@ respond(prompts, run) -> one output per prompt: a generated text, or 4 log-likel
   of log p(letter tokens | prompt) (end-of-turn excluded). Deterministic: one run.
 Any other engine (e.g. an OpenAI-compatible server) plugs in as a responder with the same signature.
 """
-import contextlib
-
 import torch
 
 from data.parallel import collate
 from evaluation.scoring import LETTERS
-
-class _NormedHidden(torch.nn.Module):
-    """Stands in for lm_head so that forward returns the final normed hidden states (B, T, H) as `logits`.
-    NOTE: the full (B, T, V) logits of a 151k vocabulary are 10 GB for 16 x 2048 tokens in bf16; routing
-    needs none of them, and letter scoring needs the last few positions only."""
-
-    def forward(self, x):
-        return x
-
-
-@contextlib.contextmanager
-def hidden_states_only(model):
-    lm_head = model.lm_head
-    model.lm_head = _NormedHidden()
-    try:
-        yield lm_head
-    finally:
-        model.lm_head = lm_head
-
 
 def generate_batch(model, prompt_ids, max_new_tokens, temperature, top_p, stop_ids, generator=None):
     """A list of prompt id lists -> a list of new-token id lists (stop id removed), one model.generate
@@ -90,9 +69,11 @@ def letter_logliks(model, tok, prompts, *, batch_size=16, system=None, options=L
     for start in range(0, len(inputs), batch_size):
         chunk = inputs[start:start + batch_size]
         batch = collate([dict(input_ids=list(s)) for s in chunk], pad_id=0, padding_side="left")
-        with hidden_states_only(model) as lm_head:
-            h = model(batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-        tail = torch.log_softmax(lm_head(h[:, -need:]).float(), dim=-1)  # (b, need, V), left padded
+        # hidden states only: the full (b, T, V) logits of a 151k vocabulary are GBs, and scoring needs the
+        # last `need` positions
+        h = model(batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                  return_hidden=True).hidden  # (b, T, H)
+        tail = torch.log_softmax(model.lm_head(h[:, -need:]).float(), dim=-1)  # (b, need, V), left padded
         row, pos, token, slot = [], [], [], []
         for j in range(len(chunk)):
             for s, reply in users[start + j]:

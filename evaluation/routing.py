@@ -3,7 +3,7 @@ Routing analysis (the paper's Figure 5) and the choice of the SARA band.
 
 On parallel text in the data/parallel.py format: each sequence is the chat-formatted prompt + response (as
 SARA's anchors), the model runs in eval mode, and its dense router softmax is averaged over the real tokens
-(sara_loss.pool_routing: the same pooling as the loss). Only groups present in both the language and the
+(anchors.forward_and_pool -> sara_loss.pool_routing: the same pooling as the loss). Only groups present in both the language and the
 anchor language are used (paired). Per MoE layer and language:
   js        JS(mean over the language's sequences || mean over the same items' anchor sequences)
             (sara_loss.pooled_layer_divergence: the language-level comparison of Figure 5)
@@ -28,32 +28,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.parallel import collate, group_key
+from anchors import forward_and_pool
+from data.parallel import group_key
 from evaluation.benchmarks import read_rows
-from evaluation.generate import hidden_states_only
-from sara_loss import layer_divergence, pool_routing, pooled_layer_divergence
+from sara_loss import layer_divergence, pooled_layer_divergence
 
-@torch.no_grad()
 def routing_distributions(model, tok, samples, *, batch_size=16, max_len=512, system=None):
-    """Pooled dense routing of every sample's chat-formatted prompt + response (eval mode, no grad).
-    -> {lang: (groups, (N, L, E) fp32 tensor on the CPU)}."""
-    model.eval()
-    device = next(model.parameters()).device
+    """Pooled dense routing of every sample's chat-formatted prompt + response (eval mode, no grad;
+    anchors.forward_and_pool, the pooling of the loss). -> {lang: (groups, (N, L, E) fp32 tensor on the CPU)}."""
     seqs = []
     for s in samples:
         p, r = tok.encode_chat(s["prompt"], s["response"], system=system)
         seqs.append((p + r)[:max_len])
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths together: less padding
+    pooled = forward_and_pool(model, [seqs[i] for i in order], pad_id=tok.pad_id, batch_size=batch_size).routing
     dists = [None] * len(seqs)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        batch = collate([dict(input_ids=seqs[i]) for i in chunk], pad_id=tok.pad_id)
-        mask = batch["attention_mask"].to(device)
-        with hidden_states_only(model):
-            out = model(batch["input_ids"].to(device), attention_mask=mask)
-        pooled = pool_routing(out.router_logits, mask).float().cpu()  # (b, L, E), eq. 1-2, 6-7
-        for i, d in zip(chunk, pooled):
-            dists[i] = d
+    for i, d in zip(order, pooled):
+        dists[i] = d
     by_lang = {}
     for s, d in zip(samples, dists):
         groups, rows = by_lang.setdefault(s["lang"], ([], []))

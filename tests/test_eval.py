@@ -10,6 +10,7 @@ import pytest
 
 import eval as E
 import evaluation.routing as R
+from checkpoint import save_hf
 from test_evaluation_model import tiny_model
 from tokenizer import load_tokenizer
 
@@ -28,7 +29,7 @@ def tok():
 def checkpoint(tok, tmp_path_factory):
     """A tiny Hugging Face-layout checkpoint with its toy tokenizer, as train.py exports it."""
     path = tmp_path_factory.mktemp("ckpt") / "hf"
-    tiny_model(tok).save_pretrained(path)
+    save_hf(tiny_model(tok), path)
     shutil.copy(TOK_PATH, path)
     return path
 
