@@ -1,12 +1,16 @@
 """
-Hugging Face checkpoint directories <-> MoETransformer, for Qwen3-MoE (`qwen3_moe`) and
-Phi-3.5-MoE (`phimoe`). No transformers import: config.json and safetensors are read and written here.
+Weights on disk, in one place: Hugging Face checkpoint directories of Qwen3-MoE (`qwen3_moe`) and
+Phi-3.5-MoE (`phimoe`), the toy base model train.py writes (base.pt), and training state. No
+transformers import: config.json and safetensors are read and written here. model.py does no disk
+I/O; this file imports it, never the other way round.
 
-    load_pretrained(path, dtype, device, **overrides) -> MoETransformer   (eval mode)
-    save_pretrained(model, path, max_shard_size="5GB", copy_from=None)
+    load_model(path, dtype=None, device="cpu", **overrides) -> MoETransformer   (eval mode)
+        path: an HF directory, or a .pt file {"model": state_dict, "config": MoEConfig dict}
+    save_hf(model, path, max_shard_size="5GB", copy_from=None)
+    save_base(model, path, **meta) / load_base(path) -> (model, meta)        the toy base.pt
     config_from_hf(config.json dict) -> MoEConfig;   config_to_hf(MoEConfig) -> config.json dict
 
-On-disk names (ARCHITECTURES.md) vs ours, layer i, expert e (I = moe_intermediate_size):
+On-disk names (docs/architectures.md) vs ours, layer i, expert e (I = moe_intermediate_size):
     model.layers.i.{mlp|block_sparse_moe}.gate.weight           layers.i.mlp.router.gate.weight
     model.layers.i.mlp.experts.e.gate_proj.weight  (phi: w1)    layers.i.mlp.gate_up_proj[e, :I]
     model.layers.i.mlp.experts.e.up_proj.weight    (phi: w3)    layers.i.mlp.gate_up_proj[e, I:]
@@ -30,7 +34,7 @@ Decisions and why:
 - config.json is written in the transformers 4.x spelling (rope_theta, rope_scaling, num_experts),
   the spelling of the released checkpoints: transformers 5.x reads it too, so older pins of
   transformers / vLLM / lm-eval load what we save. Both spellings are read.
-- save_pretrained writes the whole directory next to its destination and renames it into place, so
+- save_hf writes the whole directory next to its destination and renames it into place, so
   a reader sees the old directory or the new one, never a half-written one; files of an existing
   directory other than weights and config.json (tokenizer, training state) are carried over (hard links).
 """
@@ -76,6 +80,8 @@ _LONGROPE_KEYS = ("short_factor", "long_factor", "short_mscale", "long_mscale")
 
 def config_from_hf(hf):
     """A transformers config.json dict (4.x or 5.x spelling) -> MoEConfig."""
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"config.json: expected a JSON object, got a {type(hf).__name__}")
     model_type = hf.get("model_type")
     if model_type not in _HF_DEFAULTS:
         raise CheckpointError(f"config.json: model_type {model_type!r} is not supported "
@@ -99,6 +105,14 @@ def config_from_hf(hf):
         n_experts = c["num_local_experts"]
         if c["num_experts_per_tok"] != 2:
             problems.append(f"num_experts_per_tok={c['num_experts_per_tok']} (phimoe's sparsemixer is top-2 only)")
+    ints = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_experts_per_tok") + (("moe_intermediate_size",) if model_type == "qwen3_moe" else ())
+    problems += [f"{k}={c[k]!r} (expected a positive integer)" for k in ints
+                 if not (isinstance(c[k], int) and not isinstance(c[k], bool) and c[k] > 0)]
+    if not (isinstance(n_experts, int) and n_experts > 0):
+        problems.append(f"number of experts {n_experts!r} (expected a positive integer)")
+    if problems:
+        raise CheckpointError("config.json: unsupported " + "; ".join(problems))
     rope_theta, rope_scaling = _rope_from_hf(c, model_type, problems)
     if problems:
         raise CheckpointError("config.json: unsupported " + "; ".join(problems))
@@ -327,7 +341,10 @@ def _weight_files(path):
     """{on-disk tensor name: (file, dtype, shape, offset, nbytes)} over all shards, validated."""
     index, single = path / "model.safetensors.index.json", path / "model.safetensors"
     if index.exists():
-        weight_map = _read_json(index)["weight_map"]
+        index_json = _read_json(index)
+        weight_map = index_json.get("weight_map") if isinstance(index_json, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: no 'weight_map' object {{tensor name: shard file}}")
         files = sorted({path / f for f in weight_map.values()})
         absent = [f.name for f in files if not f.exists()]
         if absent:
@@ -364,7 +381,66 @@ def _read_json(file):
 # -----------------------------------------------------------------------------
 # load
 
-def load_pretrained(path, dtype=None, device=None, **overrides):
+def load_model(path, dtype=None, device="cpu", check_finite=True, **overrides):
+    """
+    The one loader of every script: an HF checkpoint directory (load_hf), or a .pt file written by
+    save_base ({"model": state_dict, "config": MoEConfig dict}; train.py's base.pt). dtype: None =
+    as stored. overrides: MoEConfig fields that leave the weights alone (attn_impl, ...).
+    check_finite: a NaN/Inf weight is an error naming the tensor (one pass over the weights).
+    Returns the model in eval mode.
+    """
+    path = Path(path)
+    if path.is_dir():
+        model = load_hf(path, dtype=dtype, device=device, **overrides)
+    elif path.suffix == ".pt" and path.is_file():
+        model, _ = load_base(path, **overrides)
+        model = model.to(device=device or "cpu", dtype=dtype).eval()
+    else:
+        raise CheckpointError(f"{path}: neither a checkpoint directory nor a .pt file" +
+                              ("" if path.exists() else " (it does not exist)"))
+    if check_finite:
+        bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise CheckpointError(f"{path}: non-finite (NaN/Inf) weights in {_listing(bad)}")
+    return model
+
+
+def save_base(model, path, **meta):
+    """Write the toy base model as {"model": state_dict, "config": dict, **meta} (atomic rename);
+    meta: plain data (str, numbers, lists, dicts), e.g. train.py's run fingerprint."""
+    atomic_torch_save(dict(model=model.state_dict(), config=model.config.to_dict(), **meta), path)
+
+
+def load_base(path, **overrides):
+    """-> (MoETransformer in eval mode, meta dict) from a save_base file. weights_only: a crafted
+    file cannot run code."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated, not a torch file, or not plain tensors + data
+        raise CheckpointError(f"{path}: not a readable base model file ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''})") from None
+    if not isinstance(state, dict) or not {"model", "config"} <= set(state):
+        raise CheckpointError(f"{path}: expected a dict with 'model' and 'config'")
+    cfg = MoEConfig.from_dict({**state["config"], **overrides})
+    model = MoETransformer(cfg)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: weights do not fit its config: {err}") from None
+    return model.eval(), {k: v for k, v in state.items() if k not in ("model", "config")}
+
+
+def atomic_torch_save(obj, path):
+    """torch.save to path + ".part", fsync, rename: a reader sees the old file or the new one."""
+    path = str(path)
+    with open(path + ".part", "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".part", path)
+
+
+def load_hf(path, dtype=None, device=None, **overrides):
     """
     Load a transformers Qwen3-MoE / Phi-3.5-MoE checkpoint directory (config.json + model.safetensors,
     or shards + model.safetensors.index.json). dtype: None = the checkpoint's own dtype. device:
@@ -433,7 +509,7 @@ def _is_ours(name):
         name.startswith(("model", "pytorch_model")) and name.endswith((".safetensors", ".bin")))
 
 
-def save_pretrained(model, path, max_shard_size="5GB", copy_from=None):
+def save_hf(model, path, max_shard_size="5GB", copy_from=None):
     """
     Write `path` as a transformers checkpoint directory: config.json, and model.safetensors or,
     above max_shard_size, model-0000i-of-0000n.safetensors + model.safetensors.index.json (a tensor

@@ -515,6 +515,7 @@ class ModelOutput:
     router_logits: tuple = ()  # one (B, T, E) tensor of raw gate logits per MoE layer
     aux_loss: torch.Tensor = None  # load-balancing loss (padding excluded), or None if no MoE
     z_loss: torch.Tensor = None  # router z-loss (padding excluded), or None if no MoE
+    hidden: torch.Tensor = None  # (B, T, H) final normed hidden states, with return_hidden=True
 
 
 class MoETransformer(nn.Module):
@@ -553,23 +554,28 @@ class MoETransformer(nn.Module):
             total -= len(cfg.moe_layers) * (cfg.n_experts - cfg.top_k) * per_expert
         return total
 
-    @classmethod
-    def from_pretrained(cls, path, dtype=None, device=None, **overrides):
-        """Load a Hugging Face Qwen3-MoE / Phi-3.5-MoE checkpoint directory (see checkpoint.py);
-        overrides: MoEConfig fields that leave the weights alone (attn_impl, expert_impl, ...)."""
-        from checkpoint import load_pretrained
-        return load_pretrained(path, dtype=dtype, device=device, **overrides)
+    def flops_per_token(self, seq_len):
+        """Training FLOPs per token (forward + backward) of a sequence of seq_len tokens:
+            6 * N + 6 * n_layers * seq_len * n_heads * head_dim
+        N = active parameters (K of E experts per MoE layer; router, attention, norms, lm_head)
+        without the embedding lookup (a gather, not a matmul; a tied lm_head is counted). The
+        second term is attention's QK^T and PV (2 matmuls x 2 FLOPs x n_heads*head_dim per key),
+        over the causal half of the keys (seq_len / 2 on average), times 3 for forward + backward.
+        Used by train.py's and bench.py's MFU."""
+        cfg = self.config
+        n = self.num_params(active=True)
+        if not cfg.tie_word_embeddings:
+            n -= self.embed_tokens.weight.numel()
+        return 6 * n + 6 * cfg.n_layers * seq_len * cfg.n_heads * cfg.head_dim
 
-    def save_pretrained(self, path, **kwargs):
-        """Write the Hugging Face layout (config.json + safetensors) that transformers loads."""
-        from checkpoint import save_pretrained
-        save_pretrained(self, path, **kwargs)
-
-    def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None, cache=None):
+    def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None, cache=None,
+                return_hidden=False):
         """
         input_ids: (B, T) long. attention_mask: (B, S) with 1 for real tokens, 0 for padding,
         S = T, or past + T when decoding with a KVCache. labels: (B, T), -100 = ignored; logits
-        at t predict labels at t + 1 (the HF convention). Returns a ModelOutput.
+        at t predict labels at t + 1 (the HF convention). return_hidden: out.hidden = the final
+        normed hidden states (B, T, H), and no logits or loss are computed (callers that need
+        only some positions' logits apply self.lm_head themselves). Returns a ModelOutput.
         """
         cfg = self.config
         B, T = input_ids.shape
@@ -607,7 +613,9 @@ class MoETransformer(nn.Module):
         if cache is not None:
             cache.length = S
         out = ModelOutput(router_logits=tuple(router_logits))
-        if labels is not None and cfg.loss_chunk_size > 0:
+        if return_hidden:
+            out.hidden = self.norm(x)  # (B, T, H)
+        elif labels is not None and cfg.loss_chunk_size > 0:
             # position t predicts label t + 1; the last position predicts nothing
             targets = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)  # (B*T,)
             out.loss = chunked_cross_entropy(self.norm(x).reshape(B * T, -1), self.lm_head.weight,

@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from checkpoint import load_model
 from model import MoEConfig, MoETransformer
 from tokenizer import load_tokenizer
 
@@ -45,7 +46,7 @@ def main(argv=None):
         model.load_state_dict(ckpt["model"])
         model = model.to(device=args.device, dtype=dtype).eval()
     else:
-        model = MoETransformer.from_pretrained(args.checkpoint, dtype=dtype, device=args.device)
+        model = load_model(args.checkpoint, dtype=dtype, device=args.device)
     tok = load_tokenizer(args.tokenizer or args.checkpoint)
     prompt_ids, _ = tok.encode_chat(args.prompt, None, system=args.system)
     t1 = time.time()

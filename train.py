@@ -33,6 +33,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from data.parallel import load_parallel_jsonl, split_train_val, tokenize_samples, collate, with_anchor_lang
+from checkpoint import load_model, save_hf
 from model import MoEConfig, MoETransformer
 from optim import AdamWBF16
 from sara_loss import pool_routing, sara_loss, layer_divergence
@@ -222,9 +223,9 @@ def build_model():
             cfg = config_from_hf(json.load(f))
         with torch.device("meta"):
             model = MoETransformer(cfg)
-        full = MoETransformer.from_pretrained(init_from, dtype=param_dtype).state_dict() if master else {}
+        full = load_model(init_from, dtype=param_dtype).state_dict() if master else {}
         return model.to(dtype=param_dtype), full
-    model = MoETransformer.from_pretrained(init_from, dtype=param_dtype, device="cpu" if cpu_offload else device)
+    model = load_model(init_from, dtype=param_dtype, device="cpu" if cpu_offload else device)
     return model, None
 
 
@@ -664,7 +665,7 @@ if export_hf:
         try:
             # the tokenizer travels with the weights, so that sample.py / eval.py need only the dir
             hf_dir = os.path.join(out_dir, "hf")
-            export.save_pretrained(hf_dir, copy_from=None if init_from == "scratch" else init_from)
+            save_hf(export, hf_dir, copy_from=None if init_from == "scratch" else init_from)
             if tokenizer_path:
                 shutil.copy(tokenizer_path, hf_dir)
             log(f"exported the fine-tuned model to {hf_dir} (Hugging Face layout)")

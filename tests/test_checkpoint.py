@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import checkpoint
-from checkpoint import (CheckpointError, config_from_hf, config_to_hf, hf_tensor_map, read_safetensors_header,
-                        write_safetensors)
+from checkpoint import (CheckpointError, config_from_hf, config_to_hf, hf_tensor_map, load_model, read_safetensors_header,
+                        save_hf, write_safetensors)
 from model import MoEConfig, MoETransformer, phi35_moe_config, qwen3_30b_a3b_config, sample_next_token
 
 SMALL = dict(vocab_size=97, hidden_size=32, n_layers=3, n_heads=4, n_kv_heads=2, n_experts=6, top_k=2,
@@ -133,11 +133,11 @@ def test_config_to_hf_needs_a_known_architecture():
 
 def test_missing_mscale_is_written_as_the_longrope_default(tmp_path):
     model = make("phi", rope_scaling={k: v for k, v in ROPE.items() if "mscale" not in k})
-    model.save_pretrained(tmp_path)
+    save_hf(model, tmp_path)
     written = json.loads((tmp_path / "config.json").read_text())["rope_scaling"]
     assert written["short_mscale"] == written["long_mscale"] == model.rotary.mscale_short > 1
     ids = ids_(1, 12)  # past original_max: the long branch
-    assert torch.equal(MoETransformer.from_pretrained(tmp_path)(ids).logits, model(ids).logits)
+    assert torch.equal(load_model(tmp_path)(ids).logits, model(ids).logits)
 
 
 # -----------------------------------------------------------------------------
@@ -159,8 +159,8 @@ def test_on_disk_names():
 @pytest.mark.parametrize("name", CONFIGS)
 def test_save_load_round_trip(tmp_path, name, shard):
     model = make(name)
-    model.save_pretrained(tmp_path, **({"max_shard_size": shard} if shard else {}))
-    loaded = MoETransformer.from_pretrained(tmp_path)
+    save_hf(model, tmp_path, **({"max_shard_size": shard} if shard else {}))
+    loaded = load_model(tmp_path)
     assert not loaded.training and loaded.config == model.config
     assert loaded.state_dict().keys() == model.state_dict().keys()
     for k, v in model.state_dict().items():
@@ -171,7 +171,7 @@ def test_save_load_round_trip(tmp_path, name, shard):
     ids = ids_(2, 12)
     assert torch.equal(loaded(ids).logits, model(ids).logits)
     # straight into another dtype; RoPE frequencies stay fp32 (rebuilt by RotaryEmbedding._apply)
-    bf16 = MoETransformer.from_pretrained(tmp_path, dtype=torch.bfloat16, attn_impl="eager")
+    bf16 = load_model(tmp_path, dtype=torch.bfloat16, attn_impl="eager")
     assert bf16.config.attn_impl == "eager"
     assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())
     assert bf16.rotary.inv_freq_short.dtype == torch.float32
@@ -183,7 +183,7 @@ def test_save_load_round_trip(tmp_path, name, shard):
 
 def test_sharding_layout(tmp_path):
     model = make("qwen")
-    model.save_pretrained(tmp_path, max_shard_size=20_000)
+    save_hf(model, tmp_path, max_shard_size=20_000)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     shards = sorted(tmp_path.glob("model-*.safetensors"))
     n = len(shards)
@@ -206,7 +206,7 @@ def test_sharding_layout(tmp_path):
 
 def test_save_is_atomic_and_keeps_other_files(tmp_path, monkeypatch):
     path = tmp_path / "ckpt"
-    make("qwen").save_pretrained(path, max_shard_size="20KB")
+    save_hf(make("qwen"), path, max_shard_size="20KB")
     (path / "tokenizer.json").write_text("{}")
     (path / "train_state").mkdir()
     (path / "train_state" / "step.txt").write_text("100")
@@ -221,27 +221,27 @@ def test_save_is_atomic_and_keeps_other_files(tmp_path, monkeypatch):
         return write_safetensors(*args, **kwargs)
     monkeypatch.setattr(checkpoint, "write_safetensors", failing_write)
     with pytest.raises(OSError, match="disk full"):
-        make("qwen", seed=1).save_pretrained(path, max_shard_size="20KB")
+        save_hf(make("qwen", seed=1), path, max_shard_size="20KB")
     monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in path.iterdir() if p.is_file()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     # a successful save replaces the weights (stale shards and index gone), keeps the rest
     model = make("qwen", seed=1)
-    model.save_pretrained(path)
+    save_hf(model, path)
     assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json",
                                                       "train_state"]
     assert (path / "train_state" / "step.txt").read_text() == "100"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     ids = ids_(1, 5)
-    assert torch.equal(MoETransformer.from_pretrained(path)(ids).logits, model(ids).logits)
+    assert torch.equal(load_model(path)(ids).logits, model(ids).logits)
 
 
 def test_copy_from_brings_tokenizer_files(tmp_path):
     src = tmp_path / "src"
-    make("qwen").save_pretrained(src)
+    save_hf(make("qwen"), src)
     (src / "tokenizer.json").write_text('{"x": 1}')
     (src / "generation_config.json").write_text('{"eos_token_id": 3}')
-    make("qwen", seed=1).save_pretrained(tmp_path / "dst", copy_from=src)
+    save_hf(make("qwen", seed=1), tmp_path / "dst", copy_from=src)
     assert (tmp_path / "dst" / "tokenizer.json").read_text() == '{"x": 1}'
     assert sorted(p.name for p in (tmp_path / "dst").iterdir()) == [
         "config.json", "generation_config.json", "model.safetensors", "tokenizer.json"]
@@ -258,7 +258,7 @@ def _rewrite(file, edit):
 
 
 def test_missing_unexpected_and_wrongly_shaped_tensors(tmp_path):
-    make("phi").save_pretrained(tmp_path)
+    save_hf(make("phi"), tmp_path)
 
     def edit(t):
         del t["model.layers.1.block_sparse_moe.experts.3.w2.weight"]
@@ -268,7 +268,7 @@ def test_missing_unexpected_and_wrongly_shaped_tensors(tmp_path):
         return t
     _rewrite(tmp_path / "model.safetensors", edit)
     with pytest.raises(CheckpointError) as err:
-        MoETransformer.from_pretrained(tmp_path)
+        load_model(tmp_path)
     msg = str(err.value)  # all problems at once, each tensor named
     assert "missing tensors (2): lm_head.bias; model.layers.1.block_sparse_moe.experts.3.w2.weight" in msg
     assert "unexpected tensors (1): model.layers.0.block_sparse_moe.experts.9.w1.weight" in msg
@@ -276,30 +276,30 @@ def test_missing_unexpected_and_wrongly_shaped_tensors(tmp_path):
 
 
 def test_truncated_and_corrupted_shards(tmp_path):
-    make("qwen").save_pretrained(tmp_path, max_shard_size="20KB")
+    save_hf(make("qwen"), tmp_path, max_shard_size="20KB")
     shards = sorted(tmp_path.glob("model-*.safetensors"))
     data = shards[2].read_bytes()
     shards[2].write_bytes(data[:-100])  # truncated
     with pytest.raises(CheckpointError, match=rf"{shards[2].name}: .*truncated"):
-        MoETransformer.from_pretrained(tmp_path)
+        load_model(tmp_path)
     shards[2].write_bytes(data[:5])  # truncated inside the header length
     with pytest.raises(CheckpointError, match=rf"{shards[2].name}: not a safetensors file"):
-        MoETransformer.from_pretrained(tmp_path)
+        load_model(tmp_path)
     shards[2].write_bytes(data[:8] + b"\xff" * 20 + data[28:])  # garbage header
     with pytest.raises(CheckpointError, match=rf"{shards[2].name}: corrupted safetensors header"):
-        MoETransformer.from_pretrained(tmp_path)
+        load_model(tmp_path)
     shards[2].unlink()  # a shard the index names is gone
     with pytest.raises(CheckpointError, match=rf"shard files missing: \['{shards[2].name}'\]"):
-        MoETransformer.from_pretrained(tmp_path)
+        load_model(tmp_path)
 
 
 def test_missing_files(tmp_path):
     with pytest.raises(CheckpointError, match="config.json: not found"):
-        MoETransformer.from_pretrained(tmp_path)
+        load_model(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(config_to_hf(qwen_cfg())))
     (tmp_path / "pytorch_model.bin").write_bytes(b"")
     with pytest.raises(CheckpointError, match="only safetensors.*pytorch_model.bin"):
-        MoETransformer.from_pretrained(tmp_path)
+        load_model(tmp_path)
 
 
 # -----------------------------------------------------------------------------
@@ -320,7 +320,7 @@ _MEASURE = textwrap.dedent("""
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM (peak RSS) to the current RSS
         base = status("VmRSS:")
-        model = MoETransformer.from_pretrained(path, dtype=getattr(torch, dtype))
+        model = checkpoint.load_model(path, dtype=getattr(torch, dtype))
         print(json.dumps({"path": path, "dtype": dtype, "growth": status("VmHWM:") - base}))
         del model
 """)
@@ -336,8 +336,8 @@ def test_peak_memory_of_loading(tmp_path):
     with torch.no_grad():
         for p in model.parameters():
             p.fill_(0.01)  # (values do not matter here; random ones take seconds)
-    model.save_pretrained(tmp_path / "single", max_shard_size="1GB")
-    model.save_pretrained(tmp_path / "sharded", max_shard_size="40MB")
+    save_hf(model, tmp_path / "single", max_shard_size="1GB")
+    save_hf(model, tmp_path / "sharded", max_shard_size="40MB")
     del model
     size = os.path.getsize(tmp_path / "single" / "model.safetensors")
     assert size > 200e6
@@ -425,7 +425,7 @@ def test_sample_py_chats_with_a_checkpoint(tmp_path, capsys):
     from tokenizer import load_tokenizer
     n_vocab = _tiny_tokenizer_json(tmp_path / "tokenizer.json")
     model = make("qwen", vocab_size=n_vocab)
-    model.save_pretrained(tmp_path)
+    save_hf(model, tmp_path)
     new_ids = sample.main(["--checkpoint", str(tmp_path), "--prompt", "hello world", "--system", "the sky",
                            "--max_new_tokens", "8", "--device", "cpu"])
     tok = load_tokenizer(tmp_path)

@@ -210,8 +210,8 @@ def test_from_checkpoint_single_vs_fsdp_and_export(tiny_hf_checkpoint, tmp_path)
     assert len(one) == len(two) > 0
     for a, b in zip(one, two):
         assert abs(a["loss"] - b["loss"]) < 1e-4 * max(1.0, abs(a["loss"])), (a, b)
-    from model import MoETransformer
-    exported = MoETransformer.from_pretrained(tmp_path / "one" / "hf")
+    from checkpoint import load_model
+    exported = load_model(tmp_path / "one" / "hf")
     state = torch.load(tmp_path / "one" / "ckpt" / "state.pt", weights_only=False)["model"]
     for name, p in exported.state_dict().items():
         assert torch.equal(p, state[name]), name
