@@ -7,7 +7,7 @@ Two backends behind the same small class:
   tiktoken.Encoding built from that dict (nothing is downloaded, nothing registered globally);
 - a checkpoint's `tokenizer.json` (Qwen3, Phi-3.5), run by the `tokenizers` package.
 
-Chat formats (ARCHITECTURES.md, "Tokenizers and chat formats"); `|` marks the prompt/response split:
+Chat formats (docs/architectures.md, "Tokenizers and chat formats"); `|` marks the prompt/response split:
   qwen3  [<|im_start|>system\n{system}<|im_end|>\n]<|im_start|>user\n{prompt}<|im_end|>\n
          <|im_start|>assistant\n<think>\n\n</think>\n\n | {response}<|im_end|>      (thinking disabled)
   phi35  [<|system|>\n{system}<|end|>\n]<|user|>\n{prompt}<|end|>\n<|assistant|>\n | {response}<|end|>
@@ -365,18 +365,22 @@ def chat_template(chat_format, bos=False):
     assert rest.startswith(sys_close) and sys_close.startswith(end), chat_format
     gen, sep = rest[len(sys_close):], sys_close[len(end):]
 
-    def lit(s):
+    def lit(s):  # a Jinja string literal
         return "'" + s.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
-    return (
-        ("{{- bos_token -}}" if bos else "")
-        + "{%- for message in messages -%}"
-        + "{%- if message['role'] == 'system' -%}{{- " + lit(sys_open) + " + message['content'] + " + lit(sys_close) + " -}}"
-        + "{%- elif message['role'] == 'user' -%}{{- " + lit(user_open) + " + message['content'] + " + lit(sys_close) + " -}}"
-        + "{%- elif message['role'] == 'assistant' -%}{{- " + lit(gen) + " + message['content'] + " + lit(end) + " -}}"
-        + "{%- if not loop.last -%}{{- " + lit(sep) + " -}}{%- endif -%}"
-        + "{%- else -%}{{- raise_exception('unknown role ' + message['role'] + ': system, user, assistant') -}}"
-        + "{%- endif -%}{%- endfor -%}"
-        + "{%- if add_generation_prompt -%}{{- " + lit(gen) + " -}}{%- endif -%}")
+
+    def turn(opening, closing):  # one message: opening + content + closing
+        return "{{- " + lit(opening) + " + message['content'] + " + lit(closing) + " -}}"
+    return "".join([
+        "{{- bos_token -}}" if bos else "",
+        "{%- for message in messages -%}",
+        "{%- if message['role'] == 'system' -%}", turn(sys_open, sys_close),
+        "{%- elif message['role'] == 'user' -%}", turn(user_open, sys_close),
+        "{%- elif message['role'] == 'assistant' -%}", turn(gen, end),
+        "{%- if not loop.last -%}{{- ", lit(sep), " -}}{%- endif -%}",
+        "{%- else -%}{{- raise_exception('roles: system, user, assistant; got ' + message['role']) -}}",
+        "{%- endif -%}{%- endfor -%}",
+        "{%- if add_generation_prompt -%}{{- ", lit(gen), " -}}{%- endif -%}",
+    ])
 
 
 def toy_to_hf(path):
@@ -404,7 +408,7 @@ def toy_to_hf(path):
 
 def _bytes_to_unicode():
     """GPT-2's byte -> printable character map, used by the ByteLevel pre-tokenizer."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
     n = 0
     for b in range(256):
