@@ -440,6 +440,10 @@ def save_hf_tokenizer(tok, out_dir, model_max_length=None):
     if tok.path is None:
         raise ValueError("save_hf_tokenizer: this Tokenizer has no source file (build it with load_tokenizer)")
     src = Path(tok.path)
+    model_vocab = _read_json_if_file(out_dir / "config.json").get("vocab_size")
+    if model_vocab is not None and model_vocab < tok.vocab_size:
+        raise ValueError(f"{out_dir / 'config.json'}: vocab_size {model_vocab} is smaller than the "
+                         f"tokenizer's {tok.vocab_size} ({src}): the ids would not fit the model")
     written = []
     gen = {"eos_token_id": [tok.eos_id] + sorted(tok.stop_ids - {tok.eos_id}), "pad_token_id": tok.pad_id}
     if tok.bos_id is not None:
@@ -487,8 +491,9 @@ def save_hf_tokenizer(tok, out_dir, model_max_length=None):
 
 
 def _string_of(tok, token_id):
-    return {i: s for s, i in tok.special_ids.items()}[token_id] if token_id in tok.special_ids.values() \
-        else tok.decode([token_id])
+    """A token's string: the special's name, or (a BOS outside the chat specials) its decoding."""
+    names = {i: s for s, i in tok.special_ids.items()}
+    return names[token_id] if token_id in names else tok.decode([token_id])
 
 
 def _write_json(file, obj):

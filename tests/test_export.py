@@ -136,6 +136,13 @@ def test_a_conversion_that_disagrees_is_refused(tmp_path, monkeypatch):
     assert not (tmp_path / "out" / "tokenizer.json").exists()
 
 
+def test_a_tokenizer_larger_than_the_model_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_moe", "vocab_size": 4000}))
+    with pytest.raises(ValueError, match=r"config.json: vocab_size 4000 is smaller than the tokenizer's 4096"):
+        save_hf_tokenizer(load_tokenizer(TOY), tmp_path)
+    assert not (tmp_path / "tokenizer.json").exists()
+
+
 # -----------------------------------------------------------------------------
 # checkpoint tokenizers: their files are kept; a missing template or generation config is written
 def test_checkpoint_tokenizer_files_are_copied_unchanged(tmp_path):
@@ -157,8 +164,11 @@ def test_checkpoint_tokenizer_without_template_gets_ours(which, tmp_path):
     src = (_qwen_like if which == "qwen" else _phi_like)(tmp_path / which)
     tok = load_tokenizer(src)
     out = tmp_path / "out"
-    with pytest.warns(UserWarning, match="no chat template"):
+    with pytest.warns(UserWarning) as caught:
         save_hf_tokenizer(tok, out)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 2 and "has no chat template" in messages[0]
+    assert "has no generation_config.json" in messages[1]
     hf = AutoTokenizer.from_pretrained(out)
     prompt, response, system = "What is article 3 about?", "Life, liberty and security.", "Be brief."
     p, r = tok.encode_chat(prompt, response, system=system)
