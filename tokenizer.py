@@ -34,9 +34,8 @@ statement of how a conversation is laid out, and Hugging Face's apply_chat_templ
 endpoint tokenize its rendering with add_special_tokens=False: a BOS is in a chat iff the template
 writes `bos_token`. So, for a tokenizer.json whose directory has a chat template (tokenizer_config.json
 `chat_template`, or chat_template.jinja), BOS = the template's rendering starts with `bos_token`. The
-released Phi-3.5-MoE-instruct template writes no BOS (its tokenizer_config.json also says
-add_bos_token false; its tokenizer.json post_processor would add <s> to plain `encode` calls), so
-its chats have none. Without a template: BOS iff the file's post_processor is a TemplateProcessing
+Phi-3.5 instruct template writes no BOS, so its chats have none, whatever `add_bos_token` or the
+tokenizer.json post_processor (`<s> $A`) say about plain encode calls. Without a template: BOS iff the file's post_processor is a TemplateProcessing
 whose single-sequence template starts with a special token (`<s> $A`), unless tokenizer_config.json
 has an explicit boolean `add_bos_token`. qwen3 and toy have none. `encode(text)` never adds BOS or
 any special token.
