@@ -146,7 +146,7 @@ def test_a_tokenizer_larger_than_the_model_is_refused(tmp_path):
 # -----------------------------------------------------------------------------
 # checkpoint tokenizers: their files are kept; a missing template or generation config is written
 def test_checkpoint_tokenizer_files_are_copied_unchanged(tmp_path):
-    from test_tokenizer import _phi_like
+    from test_tokenizer import PHI35_TEMPLATE, _phi_like
     src = _phi_like(tmp_path / "phi", add_bos_token=False)
     (src / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False, "chat_template": PHI35_TEMPLATE,
                                                            "bos_token": "<s>", "eos_token": "<|endoftext|>"}))
@@ -204,12 +204,3 @@ def test_toy_export_logits_with_automodel(tmp_path):
     assert (ours - theirs).abs().max() <= 1e-5 * theirs.abs().max()
     assert hf_model.generation_config.eos_token_id == [tok.eos_id, tok.pad_id]
 
-
-# The chat template of the released Phi-3.5 instruct checkpoints (tokenizer_config.json), typed in
-# here as the oracle's input; test_tokenizer.py checks encode_chat's BOS against it.
-PHI35_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] == 'system' and message['content'] %}"
-    "{{'<|system|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'user' %}"
-    "{{'<|user|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'assistant' %}"
-    "{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}")
