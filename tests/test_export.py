@@ -4,7 +4,6 @@ save_pretrained). transformers is the oracle: AutoTokenizer gives our ids on eve
 and on random text, apply_chat_template gives encode_chat's ids, generation_config.json carries the
 stop ids, and AutoModelForCausalLM gives our logits on a chat-formatted input.
 """
-import functools
 import json
 from pathlib import Path
 
@@ -28,12 +27,11 @@ ROWS = [json.loads(line) for line in PARALLEL.read_text(encoding="utf-8").splitl
 ALPHABET = sorted(set("".join(r["prompt"] + r["response"] for r in ROWS)) | set(" \t\n\r\n'0123456789.,;!?-"))
 
 
-@functools.lru_cache(maxsize=None)
-def _export():
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
     """(our toy tokenizer, its exported directory, transformers' AutoTokenizer on it)."""
-    import tempfile
     tok = load_tokenizer(TOY)
-    out = Path(tempfile.mkdtemp()) / "hf"
+    out = tmp_path_factory.mktemp("export") / "hf"
     save_hf_tokenizer(tok, out, model_max_length=512)
     return tok, out, AutoTokenizer.from_pretrained(out)
 
@@ -44,8 +42,8 @@ def _chat_ids(hf, messages, **kw):
 
 # -----------------------------------------------------------------------------
 # the toy tokenizer, converted
-def test_export_files_and_autotokenizer_basics():
-    tok, out, hf = _export()
+def test_export_files_and_autotokenizer_basics(exported):
+    tok, out, hf = exported
     assert {p.name for p in out.iterdir()} == {"tokenizer.json", "tokenizer_config.json",
                                                "generation_config.json", "bpe.tiktoken"}
     assert len(hf) == tok.vocab_size == 4096  # (the issue: an export without it loaded as length 1)
@@ -58,8 +56,8 @@ def test_export_files_and_autotokenizer_basics():
     assert hf.model_max_length == 512
 
 
-def test_autotokenizer_ids_equal_ours_on_every_bundled_language():
-    tok, _, hf = _export()
+def test_autotokenizer_ids_equal_ours_on_every_bundled_language(exported):
+    tok, _, hf = exported
     langs = {r["lang"] for r in ROWS}
     assert len(langs) == 11
     for lang in sorted(langs):
@@ -71,15 +69,15 @@ def test_autotokenizer_ids_equal_ours_on_every_bundled_language():
 
 @settings(max_examples=150, deadline=None)
 @given(st.one_of(st.text(), st.text(alphabet=st.sampled_from(ALPHABET), max_size=200)))
-def test_autotokenizer_ids_equal_ours_on_random_text(text):
-    tok, _, hf = _export()
+def test_autotokenizer_ids_equal_ours_on_random_text(exported, text):
+    tok, _, hf = exported
     assume(not any(s in text for s in TOY_SPECIAL_TOKENS))  # HF reads those as control tokens
     assert hf.encode(text, add_special_tokens=False) == tok.encode(text)
 
 
 @pytest.mark.parametrize("system", [None, "Be brief.", "Jibu kwa ufupi."])
-def test_apply_chat_template_equals_encode_chat(system):
-    tok, _, hf = _export()
+def test_apply_chat_template_equals_encode_chat(exported, system):
+    tok, _, hf = exported
     for row in ROWS[::97]:  # a spread of languages
         p, r = tok.encode_chat(row["prompt"], row["response"], system=system)
         msgs = ([] if system is None else [{"role": "system", "content": system}])
@@ -93,8 +91,8 @@ TEXT = st.one_of(st.text(max_size=40), st.text(alphabet=st.sampled_from(ALPHABET
 
 @settings(max_examples=100, deadline=None)
 @given(TEXT, TEXT, st.one_of(st.none(), TEXT))
-def test_apply_chat_template_equals_encode_chat_on_random_turns(prompt, response, system):
-    tok, _, hf = _export()
+def test_apply_chat_template_equals_encode_chat_on_random_turns(exported, prompt, response, system):
+    tok, _, hf = exported
     assume(not any(s in t for t in (prompt, response, system or "") for s in TOY_SPECIAL_TOKENS))
     # a response that starts with whitespace may merge with the generation prompt's "\n" in a
     # whole-string encoding; encode_chat keeps prompt_ids as generation sees them (tokenizer.py)
@@ -106,8 +104,8 @@ def test_apply_chat_template_equals_encode_chat_on_random_turns(prompt, response
     assert _chat_ids(hf, msgs + [{"role": "assistant", "content": response}]) == p + r
 
 
-def test_exported_tokenizer_json_loads_back_as_the_toy(tmp_path):
-    tok, out, _ = _export()
+def test_exported_tokenizer_json_loads_back_as_the_toy(exported, tmp_path):
+    tok, out, _ = exported
     only_json = tmp_path / "hf"
     only_json.mkdir()
     for f in ("tokenizer.json", "tokenizer_config.json"):  # no .tiktoken: the conversion is used
