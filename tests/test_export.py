@@ -1,6 +1,6 @@
 """
 Exports are usable Hugging Face directories (tokenizer.py save_hf_tokenizer + checkpoint.py
-save_pretrained). transformers is the oracle: AutoTokenizer gives our ids on every bundled language
+save_hf). transformers is the oracle: AutoTokenizer gives our ids on every bundled language
 and on random text, apply_chat_template gives encode_chat's ids, generation_config.json carries the
 stop ids, and AutoModelForCausalLM gives our logits on a chat-formatted input.
 """
@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig  # noqa: E402
 
 import tokenizer as T  # noqa: E402
-from checkpoint import save_pretrained  # noqa: E402
+from checkpoint import save_hf  # noqa: E402
 from model import MoEConfig, MoETransformer  # noqa: E402
 from tokenizer import TOY_SPECIAL_TOKENS, load_tokenizer, save_hf_tokenizer  # noqa: E402
 
@@ -186,7 +186,7 @@ def test_toy_export_logits_with_automodel(tmp_path):
                     max_position_embeddings=512, init_std=0.2)
     model = MoETransformer(cfg).eval()
     out = tmp_path / "hf"
-    save_pretrained(model, out)
+    save_hf(model, out)
     save_hf_tokenizer(tok, out, model_max_length=cfg.max_position_embeddings)
     hf_tok = AutoTokenizer.from_pretrained(out)
     hf_model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager",
