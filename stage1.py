@@ -8,7 +8,6 @@ target language; every translation is checked. The output is the JSONL train.py 
         --checkpoint Qwen3-30B-A3B --langs sw,hi,bn,te,ne --out data/stage1        # built-in generator
     python stage1.py build ... --engine-url http://localhost:8000/v1 --engine-model sara   # serving engine
         [--translator model|engine|file] [--translate-url URL --translate-model NAME] [--translations FILE]
-    python stage1.py throughput [--checkpoint DIR] [--batch-sizes 1,16,64]   # built-in decoding tokens/s
 
 Question files (.jsonl/.json, .csv/.tsv, .parquet, read by eval's read_rows); the kind is told by the columns:
   multiple choice  MMLU-Pro / MMLU-ProX rows: question, options (a list of up to 10 strings, or a JSON list
@@ -488,16 +487,21 @@ def _lazy(make):
     return respond
 
 
+def _load_model(args):
+    import torch
+    from checkpoint import load_model
+    return load_model(args.checkpoint, getattr(torch, args.dtype) if args.dtype else None, args.device)
+
+
 def _builtin_responders(args):
     """-> make(max_new_tokens) -> a lazy built-in responder; all of them share one model, loaded once."""
     loaded = []
 
     def make(max_new_tokens):
         def build():
-            from eval import load_model, load_tok, make_generative_responder  # TODO: checkpoint.load_model
+            from eval import load_tok, make_generative_responder
             if not loaded:
-                loaded.append((load_model(args.checkpoint, args.dtype, args.device),
-                               load_tok(args.checkpoint, args.tokenizer)))
+                loaded.append((_load_model(args), load_tok(args.checkpoint, args.tokenizer)))
             model, tok = loaded[0]
             return make_generative_responder(model, tok, max_new_tokens=max_new_tokens, temperature=args.temperature,
                                              top_p=args.top_p, batch_size=args.batch_size, seed=args.seed,
@@ -577,43 +581,6 @@ def cmd_build(args):
     print(f"wrote {out / 'parallel.jsonl'} ({n} rows); summary in {out / 'summary.json'}")
 
 
-def cmd_throughput(args):
-    """Decoding tokens/s of the built-in generator (eval.generate_batch: KV cache, left padding)."""
-    import torch
-    from eval import generate_batch, load_model
-    from model import MoEConfig, MoETransformer, qwen3_30b_a3b_config
-    torch.manual_seed(0)
-    if args.checkpoint:
-        model = load_model(args.checkpoint, args.dtype, args.device)
-    else:
-        if args.shape == "toy":  # train.py's toy model_config
-            cfg = MoEConfig(vocab_size=4096, hidden_size=128, n_layers=4, n_heads=4, n_kv_heads=2,
-                            intermediate_size=256, n_experts=8, top_k=2, moe_intermediate_size=128, qk_norm=True,
-                            norm_topk_prob=True, max_position_embeddings=512)
-        else:  # Qwen3-30B-A3B's dimensions with fewer layers
-            cfg = qwen3_30b_a3b_config(n_layers=args.n_layers)
-        dtype = getattr(torch, args.dtype or "float32")
-        model = MoETransformer(cfg).to(device=args.device, dtype=dtype).eval()
-    vocab = model.config.vocab_size
-    print(f"model: {args.checkpoint or args.shape}, {model.config.n_layers} layers, device {args.device}, "
-          f"dtype {next(model.parameters()).dtype}, threads {torch.get_num_threads()}; prompt {args.prompt_len} "
-          f"tokens, {args.new_tokens} new tokens per row (no early stop), temperature {args.temperature}")
-    print(f"{'batch':>6} {'seconds':>8} {'new tok/s':>10} {'ms/step':>8}")
-    for bs in [int(b) for b in args.batch_sizes.split(",")]:
-        prompts = torch.randint(0, vocab, (bs, args.prompt_len)).tolist()
-        gen = torch.Generator(args.device).manual_seed(0)
-        generate_batch(model, prompts, 2, args.temperature, 1.0, (), gen)  # warm-up
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        rows = generate_batch(model, prompts, args.new_tokens, args.temperature, 1.0, (), gen)
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-        n = sum(len(r) for r in rows)
-        print(f"{bs:>6} {dt:>8.2f} {n / dt:>10.1f} {1000 * dt / args.new_tokens:>8.1f}")
-
-
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -646,16 +613,6 @@ def build_parser():
     q.add_argument("--min-ratio", type=float, default=0.15)
     q.add_argument("--max-ratio", type=float, default=3.0)
     q.add_argument("--min-script-fraction", type=float, default=0.5)
-    t = sub.add_parser("throughput", help="tokens/s of the built-in generator at several batch sizes")
-    t.add_argument("--checkpoint", default=None, help="default: a random-init model of --shape")
-    t.add_argument("--shape", choices=("toy", "qwen3"), default="toy")
-    t.add_argument("--n-layers", type=int, default=4, help="decoder layers for --shape qwen3")
-    t.add_argument("--batch-sizes", default="1,16,64")
-    t.add_argument("--prompt-len", type=int, default=64)
-    t.add_argument("--new-tokens", type=int, default=64)
-    t.add_argument("--temperature", type=float, default=0.1)
-    t.add_argument("--dtype", default=None)
-    t.add_argument("--device", default="cuda" if _cuda() else "cpu")
     return p
 
 
@@ -666,7 +623,7 @@ def _cuda():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    {"build": cmd_build, "throughput": cmd_throughput}[args.cmd](args)
+    cmd_build(args)
 
 
 if __name__ == "__main__":

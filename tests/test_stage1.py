@@ -16,6 +16,7 @@ import eval as E
 import stage1 as S
 from data.parallel import load_parallel_jsonl, split_train_val, tokenize_samples
 from fake_engine import FakeEngine
+from checkpoint import save_hf
 from model import MoEConfig, MoETransformer
 from tokenizer import load_tokenizer
 
@@ -200,7 +201,7 @@ def tok():
 @pytest.fixture(scope="module")
 def checkpoint(tok, tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "hf"
-    chain_model(tok).save_pretrained(path)
+    save_hf(chain_model(tok), path)
     shutil.copy(TOK_PATH, path)
     return path
 
