@@ -52,13 +52,11 @@ import json
 import os
 import re
 import sys
-import time
 import unicodedata
 from pathlib import Path
 
 from tqdm import tqdm
 
-from data.parallel import load_parallel_jsonl, tokenize_samples
 from eval import TEMPLATES, build_prompt, extract_boxed, parse_number, read_rows, score_output
 
 LETTERS = "ABCDEFGHIJ"
@@ -82,6 +80,7 @@ TRANSLATE_PROMPT = ("Translate the following text from {source} into {target}. K
 # question files -> items {"group", "source", "question", "choices" (list) or None, "answer", "prompt"}
 
 def _options(row, where):
+    """The row's options as strings, padding not yet removed (the gold decides how much may go)."""
     if "options" in row:
         opts = row["options"]
         if isinstance(opts, str):  # a CSV cell: a JSON list, or a Python list literal
@@ -92,13 +91,22 @@ def _options(row, where):
                     opts = ast.literal_eval(opts)
                 except (ValueError, SyntaxError):
                     raise ValueError(f"{where}: 'options' is not a list: {opts[:80]!r}") from None
-        opts = list(opts) if not isinstance(opts, (str, dict)) and hasattr(opts, "__iter__") else None
-        if opts is None:
-            raise ValueError(f"{where}: 'options' must be a list of strings")
-    else:
-        opts = [row[f"option_{i}"] for i in range(10) if row.get(f"option_{i}") not in (None, "")]
-    opts = [str(o) for o in opts]
-    while opts and opts[-1].strip() == "N/A":  # MMLU-Pro v1.1 pads to 10 with "N/A"
+        if not isinstance(opts, (list, tuple)):
+            raise ValueError(f"{where}: 'options' must be a list of strings, got {type(opts).__name__}")
+        return [str(o) for o in opts]
+    cells = [row.get(f"option_{i}") for i in range(len(LETTERS))]
+    while cells and cells[-1] in (None, ""):
+        cells.pop()
+    gaps = [f"option_{i}" for i, c in enumerate(cells) if c in (None, "")]
+    if gaps:  # skipping it would shift every later letter
+        raise ValueError(f"{where}: {gaps[0]} is empty but later options are not")
+    return [str(c) for c in cells]
+
+
+def _trim_padding(opts, gold, where):
+    """MMLU-Pro v1.1 pads to 10 options with "N/A": drop trailing ones, never the gold."""
+    opts = list(opts)
+    while len(opts) > LETTERS.index(gold) + 1 and opts[-1].strip() == "N/A":
         opts.pop()
     if not 2 <= len(opts) <= len(LETTERS):
         raise ValueError(f"{where}: {len(opts)} options; expected 2 to {len(LETTERS)}")
@@ -150,8 +158,11 @@ def row_to_item(row, kind, source, index, where):
     if not isinstance(row, dict) or not str(row.get("question") or "").strip():
         raise ValueError(f"{where}: no 'question'")
     if kind == "mc":
-        choices = _options(row, where)
-        answer = _mc_gold(row, len(choices), where)
+        opts = _options(row, where)
+        if len(opts) < 2:
+            raise ValueError(f"{where}: {len(opts)} options; expected 2 to {len(LETTERS)}")
+        answer = _mc_gold(row, min(len(opts), len(LETTERS)), where)
+        choices = _trim_padding(opts, answer, where)
         item_id = str(row.get("question_id") if row.get("question_id") not in (None, "") else index)
         prompt = mc_prompt(row["question"], choices)
     else:

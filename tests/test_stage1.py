@@ -3,7 +3,6 @@ translation checks on hand-made cases, a tiny model answering local items end to
 data/parallel.py and train.py's tokenize path accept, the engine path, crash (exception and kill -9) and
 resume without duplicates, and validation before any model is loaded."""
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -65,6 +64,10 @@ def test_question_formats(tmp_path, questions):
     a, b = S.load_questions(f"{tmp_path / 'prox.csv'},{tmp_path / 'pro.csv'}")
     assert (a["group"], a["choices"], a["answer"]) == ("prox-9", ["x", "y", "z"], "C")
     assert (b["group"], b["choices"], b["answer"]) == ("pro-1", ["a", "b"], "B")
+    # "N/A" padding goes, but never the gold option itself
+    na = write_jsonl(tmp_path / "na.jsonl", [dict(question="Which is not a number?", answer="C",
+                                                  options=["1", "2", "N/A", "N/A"])])
+    assert S.load_questions(str(na))[0]["choices"] == ["1", "2", "N/A"]
 
 
 @pytest.mark.parametrize("row, message", [
@@ -73,6 +76,8 @@ def test_question_formats(tmp_path, questions):
     (dict(question="q", options=["a"], answer="A"), "1 options; expected 2 to 10"),
     (dict(question="q", options=["a", "b"]), "no gold answer"),
     (dict(question="", options=["a", "b"], answer="A"), "no 'question'"),
+    (dict(question="q", option_0="a", option_1="", option_2="c", answer="A"), "option_1 is empty but later options are not"),
+    (dict(question="q", options="a, b", answer="A"), "'options' is not a list"),
 ])
 def test_bad_mc_rows_are_named(tmp_path, row, message):
     good = dict(question="ok", options=["a", "b"], answer="A")
