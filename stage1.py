@@ -32,6 +32,7 @@ id, lang, prompt, response; id = "<group>-<lang>" as in the output; a parallel J
 Checks, in order, each a rejection reason: no_translation (file has none), empty, untranslated (a text
 returned unchanged), length_ratio (len(out)+32 outside [min_ratio, max_ratio] x (len(src)+32), in
 characters: runaway repetition or a dropped half; the +32 keeps short strings from tripping it),
+options_lost (a multiple-choice prompt no longer lists its options as lines "A." .. in order),
 boxed_answer_missing / boxed_answer_changed (scored against the gold with eval's scoring), wrong_script
 (for languages in SCRIPTS: in the prompt or in the response, under --min-script-fraction of the letters
 outside \\boxed{} and LaTeX commands are in the language's Unicode blocks).
@@ -48,6 +49,7 @@ set can differ slightly from an uninterrupted run's; every kept row is still ver
 import argparse
 import ast
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -249,6 +251,11 @@ def script_fraction(text, lang):
     return inside / len(letters)
 
 
+def _option_letters(prompt):
+    """The option labels of a multiple-choice prompt, in order: lines starting "A." / "A)" / "(A)"."""
+    return re.findall(r"^\s*\(?([A-J])[.)]", prompt, flags=re.M)
+
+
 def check_translation(item, src, out, lang, *, min_ratio=0.15, max_ratio=3.0, min_script=0.5):
     """src, out: (prompt, response) in the source and the target language. -> None if the translation is
     accepted, else the reason (see the module docstring)."""
@@ -262,6 +269,8 @@ def check_translation(item, src, out, lang, *, min_ratio=0.15, max_ratio=3.0, mi
     for s, t in zip(src, out):
         if not min_ratio * (len(s) + 32) <= len(t) + 32 <= max_ratio * (len(s) + 32):
             return "length_ratio"
+    if item["choices"] is not None and _option_letters(out[0]) != list(LETTERS[:len(item["choices"])]):
+        return "options_lost"
     if extract_boxed(out[1]) is None:
         return "boxed_answer_missing"
     if not score_output(_eval_item(item), out[1], "generative")[1]:
@@ -565,7 +574,10 @@ def cmd_build(args):
     settings = dict(source_lang=args.source_lang, answer_model=answer_model, temperature=args.temperature,
                     top_p=args.top_p, seed=args.seed, system=args.system, max_new_tokens=args.max_new_tokens,
                     translator=args.translator, translate_by=translate_by,
-                    translate_max_new_tokens=args.translate_max_new_tokens, **checks)
+                    translate_max_new_tokens=args.translate_max_new_tokens, **checks,
+                    prompts=hashlib.sha256((TEMPLATES["global_mmlu"] + TEMPLATES["mgsm"] + TRANSLATE_PROMPT)
+                                           .encode()).hexdigest()[:16],
+                    eval_reads_all_letters=EVAL_READS_ALL_LETTERS)
     # --- the work
     with locked(out):
         pin_settings(out, settings)

@@ -160,6 +160,17 @@ def test_translation_checks(out, lang, want):
     assert S.check_translation(ITEM, SRC, out, lang) == want
 
 
+def test_options_must_survive_translation():
+    item = dict(choices=["Oxygen", "Carbon dioxide", "Helium", "Neon"], answer="B")
+    src = (S.mc_prompt("Which gas do plants take in?", item["choices"]), "Plants take in CO2: \\boxed{B}.")
+    ok = "Mimea huchukua gesi gani?\n\nA. Oksijeni\nB. Kaboni dioksidi\nC. Heliamu\nD. Neon"
+    resp = "Mimea huchukua CO2: \\boxed{B}."
+    assert S.check_translation(item, src, (ok, resp), "sw") is None
+    assert S.check_translation(item, src, (ok.replace("B. ", "(B) ").replace("C. ", "C) "), resp), "sw") is None
+    assert S.check_translation(item, src, (ok.replace("\nC. ", " C. "), resp), "sw") == "options_lost"
+    assert S.check_translation(item, src, (ok.replace("B. ", "Б. "), resp), "sw") == "options_lost"
+
+
 def test_length_ratio_catches_a_dropped_half():
     long_src = (SRC[0], "Step. " * 80 + "The answer is \\boxed{7}.")
     assert S.check_translation(ITEM, long_src, (SW[0], "Jibu ni \\boxed{7}."), "sw") == "length_ratio"
@@ -212,28 +223,43 @@ def checkpoint(tok, tmp_path_factory):
 
 
 def test_end_to_end_builtin_generator(tmp_path, questions, checkpoint, tok, capsys):
-    """The tiny model answers "\\boxed{B}" to everything (and "translates" everything into that too): the MMLU
-    item with gold B is kept, the others are rejected for the right reasons; its Swahili "translation" passes
-    the cheap checks, its Hindi one is rejected for its script. The JSONL loads and tokenizes as train.py does."""
+    """The tiny model answers "\\boxed{B}" to everything: the MMLU item with gold B is kept, the others are
+    rejected for the right reasons. Translations come from a file (one good, one that lost its box); the
+    JSONL loads and tokenizes as train.py does. Then the model itself as translator: what it returns is no
+    translation of a multiple-choice prompt, and the checks say so."""
     out = tmp_path / "out"
-    S.main(["build", "--questions", questions, "--checkpoint", str(checkpoint), "--langs", "sw,hi", "--out", str(out),
-            "--max-new-tokens", "24", "--translate-max-new-tokens", "24", "--temperature", "0", "--batch-size", "3"])
+    trans = write_jsonl(tmp_path / "t.jsonl", [
+        dict(id="mmlu-70-sw", lang="sw", prompt="Mimea huchukua gesi gani?\n\nA. Oksijeni\nB. Kaboni dioksidi\n"
+             "C. Heliamu\nD. Neon", response="Jibu ni \\boxed{B}."),
+        dict(id="mmlu-70-hi", lang="hi", prompt="पौधे कौन सी गैस लेते हैं?\n\nA. ऑक्सीजन\nB. कार्बन डाइऑक्साइड\n"
+             "C. हीलियम\nD. नियॉन", response="उत्तर है।"),
+    ])
+    common = ["--questions", questions, "--checkpoint", str(checkpoint), "--langs", "sw,hi", "--max-new-tokens", "24",
+              "--translate-max-new-tokens", "24", "--temperature", "0", "--batch-size", "3"]
+    S.main(["build", *common, "--out", str(out), "--translator", "file", "--translations", str(trans)])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["answer"]["mmlu"] == dict(items=2, kept=1, rejected={"wrong_answer": 1})
     assert summary["answer"]["gsm8k"] == dict(items=2, kept=0, rejected={"no_boxed_answer": 2})
     assert summary["translate"] == {"sw": dict(items=1, kept=1, rejected={}),
-                                    "hi": dict(items=1, kept=0, rejected={"wrong_script": 1})}
+                                    "hi": dict(items=1, kept=0, rejected={"boxed_answer_missing": 1})}
     assert "translate hi" in capsys.readouterr().out
     rows = load_parallel_jsonl(out / "parallel.jsonl")
     assert [(r["id"], r["lang"]) for r in rows] == [("mmlu-70-en", "en"), ("mmlu-70-sw", "sw")]
     en, sw = rows
     assert en["response"] == ANSWER and en["prompt"].startswith("Answer the following multiple choice question.")
     assert sw["anchor_prompt"] == en["prompt"] and sw["anchor_response"] == en["response"]
-    assert sw["anchor_lang"] == "en" and sw["prompt"] == ANSWER  # what the toy model "translated" to
+    assert sw["anchor_lang"] == "en" and sw["response"] == "Jibu ni \\boxed{B}."
     examples, stats = tokenize_samples(tok, rows, max_len=256)
     assert stats["kept"] == 2 and all(e["has_anchor"] for e in examples)
     train, val = split_train_val(rows, 0.5)
     assert len(train) + len(val) == 2 and len(val) in (0, 2)  # one group: both languages on one side
+
+    S.main(["build", *common, "--out", str(tmp_path / "self"), "--limit", "1"])
+    summary = json.loads((tmp_path / "self" / "summary.json").read_text())
+    assert summary["translate"] == {"sw": dict(items=1, kept=0, rejected={"options_lost": 1}),
+                                    "hi": dict(items=1, kept=0, rejected={"options_lost": 1})}
+    got = [json.loads(l) for l in (tmp_path / "self" / "translations.jsonl").read_text().splitlines()]
+    assert [(t["prompt"], t["response"]) for t in got] == [(ANSWER, ANSWER)] * 2  # what the model "translated" to
 
 
 def fake_answers(prompts, run):
@@ -371,7 +397,8 @@ def test_translation_file(tmp_path, questions):
     """--translator file: rows joined by id; a missing one is rejected as no_translation."""
     items = S.load_questions(questions)
     trans = write_jsonl(tmp_path / "t.jsonl", [
-        dict(id="mmlu-70-sw", lang="sw", prompt="Mimea huchukua gesi gani?", response="Mimea huchukua CO2. \\boxed{B}"),
+        dict(id="mmlu-70-sw", lang="sw", prompt="Mimea huchukua gesi gani?\nA. O2\nB. CO2\nC. He\nD. Ne",
+             response="Mimea huchukua CO2. \\boxed{B}"),
         dict(id="gsm8k-1-sw", lang="sw", prompt="Tom ana tufaha 3.", response="Jibu ni \\boxed{8}."),
     ])
     summary = S.run_stage1(items, fake_answers, S.file_translator(S.load_translation_file(trans)), tmp_path,
