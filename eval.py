@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import load_model
-from evaluation.accuracy import (compare_conditions, format_table, load_predictions, load_results,
+from evaluation.accuracy import (compare_conditions, format_comparison, format_correlation, format_table, load_predictions, load_results,
                                  pair_conditions, run_benchmark, summarize, write_bench_outputs)
 from evaluation.benchmarks import BENCH_TITLES, BENCHMARKS, load_benchmarks, load_templates
 from evaluation.figures import FIGURES_SKIPPED, plot_routing
@@ -146,44 +146,26 @@ def cmd_band(args):
 
 
 def cmd_compare(args):
+    if args.routing_csv and not args.band:  # before any work
+        raise SystemExit("--routing-csv needs --band START,END (decoder layers, inclusive; see `eval.py band`)")
     pairs = pair_conditions([load_predictions(p) for p in args.a], [load_predictions(p) for p in args.b],
                             args.common_only)
     for note in pairs["notes"]:
         _say("warning: " + note)
     res = compare_conditions(pairs, resamples=args.resamples, seed=args.seed)
-    boot = res["bootstrap"]
-    print(f"paired bootstrap over items ({args.resamples} resamples, seed {args.seed}): Δ = b - a, percentage "
-          f"points, 95% CI; p_holm: Holm-adjusted over the {len(pairs['units'])} languages")
-    print(f"{'lang':<14}{'n':>7}{'acc a':>9}{'acc b':>9}{'Δ':>8}   {'95% CI':<18}{'p':>7}{'p_holm':>8}")
-    for unit, s in boot.items():
-        print(f"{unit:<14}{s['n']:>7}{s['acc_a']:9.2f}{s['acc_b']:9.2f}{s['delta']:+8.2f}   "
-              f"[{s['lo']:+6.2f}, {s['hi']:+6.2f}]  {s['p']:7.4f}" + (f"{s['p_holm']:8.4f}" if "p_holm" in s else ""))
-    print(f"overall: unweighted mean over languages; resampled {boot['overall']['resampling']}")
-    for unit, t in res.get("seed_level", {}).items():
-        print(f"seed level {unit:<10} Δ per seed {', '.join(f'{d:+.2f}' for d in t['deltas'])}: "
-              f"mean {t['mean']:+.2f} [{t['lo']:+.2f}, {t['hi']:+.2f}] (t, df {t['df']}), p = {t['p']:.4f}")
-    print("note: " + res["note"])
+    print(format_comparison(res, len(pairs["units"]), args.resamples, args.seed))
     result = dict(a=list(map(str, args.a)), b=list(map(str, args.b)), resamples=args.resamples, seed=args.seed,
                   warnings=pairs["notes"], **res)
     if args.routing_csv:
-        if not args.band:
-            raise SystemExit("--routing-csv needs --band START,END (decoder layers, inclusive; see `eval.py band`)")
         band = tuple(int(x) for x in args.band.split(","))
         rows = [r for p in args.routing_csv for r in read_routing_csv(p)]
         models = models_in(rows)
         if len(models) != 2:
             raise SystemExit(f"the routing table(s) must hold exactly two models (a, b); found {models}")
         ddiv = band_divergence_change(rows, band, models[0], models[1], args.metric)
-        corr = correlate(ddiv, {u: s["delta"] for u, s in boot.items() if u != "overall"})
+        corr = correlate(ddiv, {u: s["delta"] for u, s in res["bootstrap"].items() if u != "overall"})
         result["correlation"] = dict(band=band, metric=args.metric, models=models, **corr)
-        print(f"\nΔ{args.metric} over layers {band[0]}..{band[1]} ({models[1]} - {models[0]}) vs Δaccuracy, "
-              f"across {corr['n']} languages: " + ", ".join(f"{l} ({x:+.4f}, {y:+.2f})" for l, x, y in
-                                                             zip(corr["langs"], corr["delta_div"], corr["delta_acc"])))
-        if "note" in corr:
-            print(corr["note"])
-        else:
-            print(f"Pearson r = {corr['pearson']:+.3f} (permutation p = {corr['pearson_p']:.3f}), "
-                  f"Spearman rho = {corr['spearman']:+.3f} (p = {corr['spearman_p']:.3f})")
+        print(format_correlation(result["correlation"]))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1), encoding="utf-8")
