@@ -53,28 +53,45 @@ def _say(msg):
     print(msg, file=sys.stderr, flush=True)
 
 
-def cmd_bench(args):
+def check_bench_args(args):
     if args.protocol == "loglik" and args.benchmark == "mgsm":
         raise SystemExit("the loglik protocol is for multiple choice (global_mmlu, belebele); use generative for mgsm")
+    if args.engine_url and (args.protocol == "loglik" or not args.engine_model):
+        raise SystemExit("--engine-url needs --engine-model (the served model's name) and serves the generative "
+                         "protocol only (chat completions give no option log-likelihoods)")
+    if not args.checkpoint and not args.engine_url:
+        raise SystemExit("bench needs --checkpoint, or --engine-url and --engine-model")
+
+
+def make_responder(args):
+    """respond(prompts, run): an OpenAI-compatible server (engine.py), or the checkpoint run here."""
+    if args.engine_url:  # same call signature as make_generative_responder
+        from engine import make_engine_responder
+        return make_engine_responder(args.engine_url, args.engine_model, max_new_tokens=args.max_new_tokens,
+                                     temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                                     concurrency=args.engine_concurrency, system=args.system)
+    model = load_model(args.checkpoint, _dtype(args.dtype), args.device)
+    tok = load_tok(args.checkpoint, args.tokenizer)
+    if args.protocol == "loglik":
+        return make_loglik_responder(model, tok, batch_size=args.batch_size, system=args.system)
+    return make_generative_responder(model, tok, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                     top_p=args.top_p, batch_size=args.batch_size, seed=args.seed, system=args.system)
+
+
+def cmd_bench(args):
+    check_bench_args(args)
     langs = args.langs.split(",")
     items = load_benchmarks(args.benchmark, args.data, langs, args.limit, progress=_say)
     templates = load_templates(args.templates, args.benchmark)
     runs = 1 if args.protocol == "loglik" else args.runs
-    model = load_model(args.checkpoint, _dtype(args.dtype), args.device)
-    tok = load_tok(args.checkpoint, args.tokenizer)
-    if args.protocol == "loglik":
-        respond = make_loglik_responder(model, tok, batch_size=args.batch_size, system=args.system)
-    else:
-        respond = make_generative_responder(model, tok, max_new_tokens=args.max_new_tokens,
-                                            temperature=args.temperature, top_p=args.top_p,
-                                            batch_size=args.batch_size, seed=args.seed, system=args.system)
-    records = run_benchmark(items, respond, benchmark=args.benchmark, protocol=args.protocol, runs=runs,
+    records = run_benchmark(items, make_responder(args), benchmark=args.benchmark, protocol=args.protocol, runs=runs,
                             templates=templates, progress=_say)
     summary = summarize(records)
-    label = args.label or _label(args.checkpoint)
-    meta = dict(benchmark=args.benchmark, protocol=args.protocol, checkpoint=str(args.checkpoint), label=label,
-                runs=runs, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                seed=args.seed, templates=args.templates, system=args.system)
+    label = args.label or _label(args.checkpoint or args.engine_model)
+    meta = dict(benchmark=args.benchmark, protocol=args.protocol, checkpoint=args.checkpoint, label=label,
+                engine_url=args.engine_url, engine_model=args.engine_model, runs=runs, temperature=args.temperature,
+                top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed, templates=args.templates,
+                system=args.system)
     out = args.out or f"results/{args.benchmark}-{args.protocol}-{label.replace('/', '-')}"
     write_bench_outputs(out, records, summary, meta)
     proto = (f"generative, {runs} run(s), T={args.temperature}, top-p {args.top_p}" if args.protocol == "generative"
@@ -178,8 +195,8 @@ def build_parser():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
-    def model_args(q):
-        q.add_argument("--checkpoint", required=True, help="Hugging Face checkpoint dir, or train.py's base.pt")
+    def model_args(q, required=True):
+        q.add_argument("--checkpoint", required=required, help="Hugging Face checkpoint dir, or train.py's base.pt")
         q.add_argument("--tokenizer", default=None, help="tokenizer path (default: the checkpoint dir)")
         q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         q.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
@@ -188,7 +205,11 @@ def build_parser():
         q.add_argument("--system", default=None, help="optional system message")
 
     q = sub.add_parser("bench", help="Global-MMLU / BELEBELE / MGSM accuracy per language")
-    model_args(q)
+    model_args(q, required=False)  # required unless --engine-url
+    q.add_argument("--engine-url", "--engine_url", default=None,
+                   help="generate with an OpenAI-compatible server (e.g. http://localhost:8000/v1; engine.py)")
+    q.add_argument("--engine-model", "--engine_model", default=None, help="the served model's name")
+    q.add_argument("--engine-concurrency", type=int, default=16, help="requests in flight at once")
     q.add_argument("--benchmark", required=True, choices=BENCHMARKS)
     q.add_argument("--data", required=True, help="file, directory, or pattern with {lang}")
     q.add_argument("--langs", required=True, help="comma-separated, e.g. sw,hi,bn,te,ne")
