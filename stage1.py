@@ -1,0 +1,673 @@
+"""
+Stage 1 of SARA (Dong et al., Findings of ACL 2026): build the parallel training data. The ORIGINAL model
+answers high-resource questions itself (chat template, reasoning, final answer in \\boxed{}); only answers
+whose last \\boxed{} matches the gold answer are kept; prompt + reasoning + answer are translated into each
+target language; every translation is checked. The output is the JSONL train.py reads (data/parallel.py).
+
+    python stage1.py build --questions mmlu=raw/mmlu_prox_en.parquet,gsm8k=raw/gsm8k_train.jsonl \\
+        --checkpoint Qwen3-30B-A3B --langs sw,hi,bn,te,ne --out data/stage1        # built-in generator
+    python stage1.py build ... --engine-url http://localhost:8000/v1 --engine-model sara   # serving engine
+        [--translator model|engine|file] [--translate-url URL --translate-model NAME] [--translations FILE]
+    python stage1.py throughput [--checkpoint DIR] [--batch-sizes 1,16,64]   # built-in decoding tokens/s
+
+Question files (.jsonl/.json, .csv/.tsv, .parquet, read by eval's read_rows); the kind is told by the columns:
+  multiple choice  MMLU-Pro / MMLU-ProX rows: question, options (a list of up to 10 strings, or a JSON list
+                   in a CSV cell; trailing "N/A" padding is dropped) or option_0..option_9, and the gold as
+                   answer (a letter A-J) and/or answer_index (0-9; both must agree); id from question_id.
+  math             GSM8K rows: question, answer (reasoning, then "#### <number>", thousands separators
+                   allowed); id = the row number.
+--questions is a comma list of files, each optionally named (name=path); the name (default: the file stem)
+prefixes the ids. A bad row stops the run before any model is loaded, naming the file and line (row for
+CSV/Parquet). All validation (files, languages, translation file, servers, output directory) comes first.
+
+Prompts: math uses eval's MGSM template; multiple choice uses the Global-MMLU wording with the letter list
+of the item (A..D for four options: the very prompt eval sends, so training and evaluation ask alike).
+Filter: eval's score_output (extract_boxed: last complete \\boxed{}; normalize_choice / parse_number), the
+SAME normalisation as the evaluation. Reasons: wrong_answer, no_boxed_answer (no box, or unreadable),
+gold_unreadable (a gold letter the evaluation's normaliser cannot read, e.g. E-J while it reads A-D).
+
+Translators (--translator): "model" = the answering model (built-in or --engine-url) prompted with
+TRANSLATE_PROMPT; "engine" = any OpenAI-compatible server (--translate-url/--translate-model, e.g. a
+stronger model under vLLM); "file" = an existing translation file (--translations, JSONL/CSV/Parquet with
+id, lang, prompt, response; id = "<group>-<lang>" as in the output; a parallel JSONL works as is).
+Checks, in order, each a rejection reason: no_translation (file has none), empty, untranslated (a text
+returned unchanged), length_ratio (len(out)+32 outside [min_ratio, max_ratio] x (len(src)+32), in
+characters: runaway repetition or a dropped half; the +32 keeps short strings from tripping it),
+boxed_answer_missing / boxed_answer_changed (scored against the gold with eval's scoring), wrong_script
+(for languages in SCRIPTS: in the prompt or in the response, under --min-script-fraction of the letters
+outside \\boxed{} and LaTeX commands are in the language's Unicode blocks).
+
+Output in --out: answers.jsonl and translations.jsonl are append-only journals (one record per item /
+item x language, fsync'd after every batch); a rerun skips what they hold, cuts a torn last line left by a
+crash, and ignores duplicates, so nothing is done or written twice. parallel.jsonl is rebuilt from them at
+the end (atomically): per kept item, the source-language row (its own anchor) and one row per accepted
+translation, id "<name>-<item id>-<lang>", anchored on the source row. summary.json has kept / rejected per
+reason, per source and per language; run.json pins the settings, and a rerun with other settings stops.
+NOTE: a resumed run samples its remaining batches afresh (seed per batch), so with temperature > 0 its kept
+set can differ slightly from an uninterrupted run's; every kept row is still verified.
+"""
+import argparse
+import ast
+import contextlib
+import json
+import os
+import re
+import sys
+import time
+import unicodedata
+from pathlib import Path
+
+from tqdm import tqdm
+
+from data.parallel import load_parallel_jsonl, tokenize_samples
+from eval import TEMPLATES, build_prompt, extract_boxed, parse_number, read_rows, score_output
+
+LETTERS = "ABCDEFGHIJ"
+LANG_NAMES = {"en": "English", "zh": "Chinese", "sw": "Swahili", "hi": "Hindi", "bn": "Bengali", "te": "Telugu",
+              "ne": "Nepali", "am": "Amharic", "yo": "Yoruba", "ha": "Hausa", "zu": "Zulu", "xh": "Xhosa",
+              "ig": "Igbo", "so": "Somali", "ny": "Chichewa", "fr": "French", "es": "Spanish", "de": "German",
+              "ja": "Japanese", "ru": "Russian", "th": "Thai", "ar": "Arabic", "ko": "Korean", "pt": "Portuguese",
+              "id": "Indonesian", "vi": "Vietnamese", "mr": "Marathi", "ta": "Tamil"}
+# Unicode blocks of languages whose script tells them apart from English cheaply
+SCRIPTS = {"hi": [(0x0900, 0x097F)], "ne": [(0x0900, 0x097F)], "mr": [(0x0900, 0x097F)],
+           "bn": [(0x0980, 0x09FF)], "te": [(0x0C00, 0x0C7F)], "ta": [(0x0B80, 0x0BFF)],
+           "am": [(0x1200, 0x139F), (0x2D80, 0x2DDF)], "zh": [(0x3400, 0x4DBF), (0x4E00, 0x9FFF)],
+           "ja": [(0x3040, 0x30FF), (0x4E00, 0x9FFF)], "ko": [(0xAC00, 0xD7AF), (0x1100, 0x11FF)],
+           "ru": [(0x0400, 0x04FF)], "ar": [(0x0600, 0x06FF)], "th": [(0x0E00, 0x0E7F)]}
+TRANSLATE_PROMPT = ("Translate the following text from {source} into {target}. Keep every number, formula, "
+                    "LaTeX command and \\boxed{{...}} exactly as it is, keep option letters and line breaks, and "
+                    "reply with the translation only.\n\n{text}")
+
+
+# -----------------------------------------------------------------------------
+# question files -> items {"group", "source", "question", "choices" (list) or None, "answer", "prompt"}
+
+def _options(row, where):
+    if "options" in row:
+        opts = row["options"]
+        if isinstance(opts, str):  # a CSV cell: a JSON list, or a Python list literal
+            try:
+                opts = json.loads(opts)
+            except json.JSONDecodeError:
+                try:
+                    opts = ast.literal_eval(opts)
+                except (ValueError, SyntaxError):
+                    raise ValueError(f"{where}: 'options' is not a list: {opts[:80]!r}") from None
+        opts = list(opts) if not isinstance(opts, (str, dict)) and hasattr(opts, "__iter__") else None
+        if opts is None:
+            raise ValueError(f"{where}: 'options' must be a list of strings")
+    else:
+        opts = [row[f"option_{i}"] for i in range(10) if row.get(f"option_{i}") not in (None, "")]
+    opts = [str(o) for o in opts]
+    while opts and opts[-1].strip() == "N/A":  # MMLU-Pro v1.1 pads to 10 with "N/A"
+        opts.pop()
+    if not 2 <= len(opts) <= len(LETTERS):
+        raise ValueError(f"{where}: {len(opts)} options; expected 2 to {len(LETTERS)}")
+    return opts
+
+
+def _mc_gold(row, n, where):
+    letter = index = None
+    if row.get("answer") not in (None, ""):
+        letter = str(row["answer"]).strip().strip("()").rstrip(".").upper()
+        if len(letter) != 1 or letter not in LETTERS[:n]:
+            raise ValueError(f"{where}: answer {row['answer']!r} is not one of {LETTERS[0]}-{LETTERS[n - 1]}")
+    if row.get("answer_index") not in (None, ""):
+        try:
+            index = int(row["answer_index"])
+        except (TypeError, ValueError):
+            index = -1
+        if not 0 <= index < n:
+            raise ValueError(f"{where}: answer_index {row['answer_index']!r} is not in 0-{n - 1}")
+    if letter is None and index is None:
+        raise ValueError(f"{where}: no gold answer (answer or answer_index)")
+    if letter is not None and index is not None and LETTERS[index] != letter:
+        raise ValueError(f"{where}: answer {letter!r} and answer_index {index} disagree")
+    return letter or LETTERS[index]
+
+
+def _math_gold(row, where):
+    text = str(row["answer"])
+    if "####" not in text:
+        raise ValueError(f"{where}: answer has no '#### <number>' (GSM8K format)")
+    gold = text.rsplit("####", 1)[1].strip()
+    if parse_number(gold) is None:
+        raise ValueError(f"{where}: the answer after '####' is not a number: {gold!r}")
+    return gold
+
+
+def mc_prompt(question, choices):
+    """The Global-MMLU instruction with this item's letters; for 4 options exactly eval's prompt."""
+    letters = LETTERS[:len(choices)]
+    listing = ", ".join(letters[:-1]) + " or " + letters[-1]
+    head = TEMPLATES["global_mmlu"].split("\n\n")[0]
+    if "(A, B, C or D)" not in head:
+        raise RuntimeError("eval's global_mmlu template changed: update stage1.mc_prompt")
+    head = head.replace("(A, B, C or D)", f"({listing})")
+    return head + "\n\n" + question + "\n\n" + "\n".join(f"{l}. {c}" for l, c in zip(letters, choices))
+
+
+def row_to_item(row, kind, source, index, where):
+    if not isinstance(row, dict) or not str(row.get("question") or "").strip():
+        raise ValueError(f"{where}: no 'question'")
+    if kind == "mc":
+        choices = _options(row, where)
+        answer = _mc_gold(row, len(choices), where)
+        item_id = str(row.get("question_id") if row.get("question_id") not in (None, "") else index)
+        prompt = mc_prompt(row["question"], choices)
+    else:
+        choices, answer, item_id = None, _math_gold(row, where), str(index)
+        prompt = build_prompt(dict(question=row["question"], passage=None, choices=None), TEMPLATES["mgsm"])
+    return dict(group=f"{source}-{item_id}", source=source, question=row["question"], choices=choices,
+                answer=answer, prompt=prompt)
+
+
+def _row_places(path, n):
+    """Where each row of a file is, for error messages: JSONL lines skip blanks as read_rows does."""
+    if path.suffix.lower() in (".jsonl", ".json"):
+        text = path.read_text(encoding="utf-8")
+        if not text.lstrip().startswith("["):
+            lines = [i for i, l in enumerate(text.splitlines(), 1) if l.strip()]
+            return [f"{path}:{i}" for i in lines]
+    return [f"{path} row {i}" for i in range(1, n + 1)]
+
+
+def load_questions(spec):
+    """--questions "name=path,path2" -> items of every file, in file order. Raises ValueError naming
+    the file and line of the first bad row, or the columns found when a file's kind is unknown."""
+    items, seen = [], {}
+    for part in [p for p in spec.split(",") if p.strip()]:
+        name, path = part.split("=", 1) if "=" in part else (Path(part).stem, part)
+        path, name = Path(path.strip()), re.sub(r"[^\w.]+", "_", name.strip())
+        if not path.is_file():
+            raise ValueError(f"--questions: {path}: no such file")
+        rows = read_rows(path)
+        if not rows:
+            raise ValueError(f"{path}: no rows")
+        cols = set(rows[0]) if isinstance(rows[0], dict) else set()
+        if "options" in cols or "option_0" in cols:
+            kind = "mc"
+        elif {"question", "answer"} <= cols:
+            kind = "math"
+        else:
+            raise ValueError(f"{path}: unknown question format, columns {sorted(cols)}; expected MMLU-Pro "
+                             "(question, options or option_0..9, answer/answer_index) or GSM8K (question, answer)")
+        places = _row_places(path, len(rows))
+        for i, row in enumerate(rows):
+            it = row_to_item(row, kind, name, i + 1, places[i])
+            if it["group"] in seen:
+                raise ValueError(f"{places[i]}: duplicate id {it['group']!r} (first at {seen[it['group']]})")
+            seen[it["group"]] = places[i]
+            items.append(it)
+    return items
+
+
+# -----------------------------------------------------------------------------
+# the filter and the translation checks
+
+def _eval_item(item):
+    return dict(choices=item["choices"], answer=item["answer"])
+
+
+# Whether the evaluation's normaliser reads letters past D (probed, not assumed: it is eval's to decide)
+_PROBE = dict(choices=list("0123456789"), answer="J")
+EVAL_READS_ALL_LETTERS = score_output(_PROBE, "\\boxed{J}", "generative")[1]
+
+
+def judge_answer(item, text):
+    """-> (pred, reason): reason None = keep; else wrong_answer / no_boxed_answer / gold_unreadable."""
+    if item["choices"] is not None and item["answer"] not in "ABCD" and not EVAL_READS_ALL_LETTERS:
+        return None, "gold_unreadable"
+    pred, correct = score_output(_eval_item(item), text, "generative")
+    if correct:
+        return pred, None
+    return pred, "wrong_answer" if pred is not None else "no_boxed_answer"
+
+
+def _strip_markup(text):
+    """Text without \\boxed{...} contents and LaTeX commands: what the script check counts."""
+    text = re.sub(r"\\boxed\s*\{[^{}]*\}", " ", text)
+    return re.sub(r"\\[A-Za-z]+", " ", text)
+
+
+def script_fraction(text, lang):
+    """Fraction of the letters of text (outside \\boxed{} and LaTeX commands) in lang's SCRIPTS blocks."""
+    letters = [c for c in _strip_markup(text) if unicodedata.category(c).startswith("L")]
+    if not letters:
+        return 1.0
+    inside = sum(any(lo <= ord(c) <= hi for lo, hi in SCRIPTS[lang]) for c in letters)
+    return inside / len(letters)
+
+
+def check_translation(item, src, out, lang, *, min_ratio=0.15, max_ratio=3.0, min_script=0.5):
+    """src, out: (prompt, response) in the source and the target language. -> None if the translation is
+    accepted, else the reason (see the module docstring)."""
+    if out is None:
+        return "no_translation"
+    if not out[1].strip() or (src[0].strip() and not out[0].strip()):
+        return "empty"
+    for s, t in zip(src, out):
+        if sum(c.isalpha() for c in s) >= 20 and s.strip() == t.strip():
+            return "untranslated"
+    for s, t in zip(src, out):
+        if not min_ratio * (len(s) + 32) <= len(t) + 32 <= max_ratio * (len(s) + 32):
+            return "length_ratio"
+    if extract_boxed(out[1]) is None:
+        return "boxed_answer_missing"
+    if not score_output(_eval_item(item), out[1], "generative")[1]:
+        return "boxed_answer_changed"
+    if lang in SCRIPTS and any(script_fraction(t, lang) < min_script for t in out):
+        return "wrong_script"
+    return None
+
+
+# -----------------------------------------------------------------------------
+# translators: jobs [(item, (prompt, response), lang)] -> [(prompt, response) or None]
+
+def responder_translator(respond, source_lang, lang_names, run=0):
+    """The text of each job, translated by a chat model (respond(prompts, run) -> texts)."""
+    def fill(text, lang):
+        return TRANSLATE_PROMPT.format(source=lang_names[source_lang], target=lang_names[lang], text=text)
+
+    def translate(jobs):
+        prompts = [fill(t, lang) for _, src, lang in jobs for t in src]
+        texts = respond(prompts, run)
+        return [(texts[2 * j].strip(), texts[2 * j + 1].strip()) for j in range(len(jobs))]
+    return translate
+
+
+def load_translation_file(path):
+    """A JSONL/CSV/Parquet file with id ("<group>-<lang>"), lang, prompt, response -> {(group, lang): (p, r)}."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--translations {path}: no such file")
+    rows = read_rows(path)
+    places, table = _row_places(path, len(rows)), {}
+    for row, where in zip(rows, places):
+        missing = [k for k in ("id", "lang", "prompt", "response") if not isinstance(row, dict) or k not in row]
+        if missing:
+            raise ValueError(f"{where}: missing {missing}; a translation row needs id, lang, prompt, response")
+        rid, lang = str(row["id"]), str(row["lang"])
+        if not rid.endswith("-" + lang) or rid == "-" + lang:
+            raise ValueError(f"{where}: id {rid!r} does not end with '-{lang}' (ids are '<group>-<lang>')")
+        key = (rid[:-len(lang) - 1], lang)
+        if key in table:
+            raise ValueError(f"{where}: duplicate translation {rid!r}")
+        table[key] = (str(row["prompt"] or ""), str(row["response"] or ""))
+    return table
+
+
+def file_translator(table):
+    return lambda jobs: [table.get((item["group"], lang)) for item, _, lang in jobs]
+
+
+# -----------------------------------------------------------------------------
+# append-only journals
+
+class Journal:
+    """A JSONL file of records, one per key, appended and fsync'd batch by batch. Opening it cuts a torn
+    last line (a crash mid-write) and keeps the first record of a key (nothing counts twice)."""
+
+    def __init__(self, path, key):
+        self.path, self.key, self.records = Path(path), key, {}
+        if self.path.exists():
+            data = self.path.read_bytes()
+            cut = data.rfind(b"\n") + 1
+            if cut < len(data):  # an unfinished line: the batch it belonged to is redone
+                with open(self.path, "r+b") as f:
+                    f.truncate(cut)
+                    os.fsync(f.fileno())
+            for lineno, line in enumerate(data[:cut].decode("utf-8").splitlines(), 1):
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    raise ValueError(f"{self.path}:{lineno}: not JSON; the journal is damaged "
+                                     "(not by a crash, which only tears the last line)") from None
+                self.records.setdefault(key(rec), rec)
+
+    def __contains__(self, k):
+        return k in self.records
+
+    def append(self, records):
+        new = [r for r in records if self.key(r) not in self.records]
+        with open(self.path, "a", encoding="utf-8") as f:
+            for r in new:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        for r in new:
+            self.records[self.key(r)] = r
+
+
+@contextlib.contextmanager
+def locked(out):
+    """One stage1 process per output directory (two would interleave their journals)."""
+    import fcntl
+    with open(out / ".lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SystemExit(f"{out}: another stage1 run is using this directory") from None
+        yield
+
+
+def pin_settings(out, settings):
+    """run.json holds the settings that decide what the journals mean; a resume must match them."""
+    path = out / "run.json"
+    if path.exists():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        diff = [f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in sorted(set(old) | set(settings))
+                if old.get(k) != settings.get(k)]
+        if diff:
+            raise SystemExit(f"{out} was made with other settings ({'; '.join(diff)}); "
+                             "use another --out, or the same settings")
+    else:
+        path.write_text(json.dumps(settings, indent=1, ensure_ascii=False), encoding="utf-8")
+
+
+# -----------------------------------------------------------------------------
+# the pipeline
+
+def _batches(seq, n):
+    for i in range(0, len(seq), n):
+        yield seq[i:i + n]
+
+
+def run_stage1(items, respond, translate, out, *, langs, source_lang="en", batch_size=16,
+               checks=None, progress=True):
+    """items from load_questions; respond(prompts, run) -> answers (built-in or engine responder), called
+    lazily (None is fine when the journal already holds every answer); translate(jobs) -> translations.
+    Writes the journals, parallel.jsonl and summary.json in out; -> the summary dict."""
+    out = Path(out)
+    answers = Journal(out / "answers.jsonl", key=lambda r: r["group"])
+    todo = [it for it in items if it["group"] not in answers]
+    bar = tqdm(total=len(items), initial=len(items) - len(todo), desc="answer", unit="item", disable=not progress)
+    for chunk in _batches(todo, batch_size):
+        texts = respond([it["prompt"] for it in chunk], 0)
+        recs = []
+        for it, text in zip(chunk, texts):
+            pred, reason = judge_answer(it, text)
+            recs.append(dict(group=it["group"], source=it["source"], prompt=it["prompt"], response=text,
+                             gold=it["answer"], pred=pred, status=reason or "kept"))
+        answers.append(recs)
+        bar.update(len(chunk))
+    bar.close()
+
+    kept = [it for it in items if answers.records[it["group"]]["status"] == "kept"]
+    trans = Journal(out / "translations.jsonl", key=lambda r: (r["group"], r["lang"]))
+    jobs = [(it, (it["prompt"], answers.records[it["group"]]["response"]), lang)
+            for it in kept for lang in langs if (it["group"], lang) not in trans]
+    bar = tqdm(total=len(kept) * len(langs), initial=len(kept) * len(langs) - len(jobs), desc="translate",
+               unit="text", disable=not progress)
+    for chunk in _batches(jobs, batch_size):
+        outs = translate(chunk)
+        recs = []
+        for (it, src, lang), o in zip(chunk, outs):
+            reason = check_translation(it, src, o, lang, **(checks or {}))
+            recs.append(dict(group=it["group"], lang=lang, prompt=o[0] if o else None,
+                             response=o[1] if o else None, status=reason or "kept"))
+        trans.append(recs)
+        bar.update(len(chunk))
+    bar.close()
+
+    rows = []
+    for it in kept:
+        a = answers.records[it["group"]]
+        anchor = dict(anchor_lang=source_lang, anchor_prompt=a["prompt"], anchor_response=a["response"])
+        rows.append(dict(id=f"{it['group']}-{source_lang}", lang=source_lang, prompt=a["prompt"],
+                         response=a["response"], **anchor))
+        for lang in langs:
+            t = trans.records[(it["group"], lang)]
+            if t["status"] == "kept":
+                rows.append(dict(id=f"{it['group']}-{lang}", lang=lang, prompt=t["prompt"], response=t["response"],
+                                 **anchor))
+    tmp = out / "parallel.jsonl.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out / "parallel.jsonl")
+    summary = summarize(items, answers.records, trans.records, langs)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    return summary
+
+
+def summarize(items, answers, trans, langs):
+    """-> {"answer": {source: {"items", "kept", "rejected": {reason: n}}}, "translate": {lang: {...}}}."""
+    def count(recs):
+        recs = list(recs)
+        rejected = {}
+        for r in recs:
+            if r["status"] != "kept":
+                rejected[r["status"]] = rejected.get(r["status"], 0) + 1
+        return dict(items=len(recs), kept=sum(r["status"] == "kept" for r in recs), rejected=rejected)
+    by_source = {}
+    for it in items:
+        by_source.setdefault(it["source"], []).append(answers[it["group"]])
+    groups = {it["group"] for it in items}
+    return dict(answer={s: count(r) for s, r in by_source.items()},
+                translate={l: count(r for (g, lang), r in trans.items() if lang == l and g in groups) for l in langs})
+
+
+def format_summary(summary):
+    lines = ["stage             items   kept  rejected (reason: n)"]
+    for title, part in (("answer", summary["answer"]), ("translate", summary["translate"])):
+        for name, d in part.items():
+            why = ", ".join(f"{k}: {v}" for k, v in sorted(d["rejected"].items())) or "-"
+            lines.append(f"{title + ' ' + name:<16} {d['items']:>6} {d['kept']:>6}  {why}")
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+def parse_langs(spec, source_lang):
+    """"sw,hi,kin=Kinyarwanda" -> {code: name}; a code outside LANG_NAMES needs its name."""
+    names = {}
+    for part in [p.strip() for p in spec.split(",") if p.strip()]:
+        code, _, name = part.partition("=")
+        if not name and code not in LANG_NAMES:
+            raise SystemExit(f"--langs: unknown language {code!r}; give its name as {code}=Name "
+                             f"(known: {','.join(LANG_NAMES)})")
+        if code == source_lang:
+            raise SystemExit(f"--langs: {code} is the source language (--source-lang)")
+        names[code] = name or LANG_NAMES[code]
+    if not names:
+        raise SystemExit("--langs: no target language")
+    return names
+
+
+def _lazy(make):
+    """A responder built on first use: no model is loaded when the journals already hold the work."""
+    box = []
+
+    def respond(prompts, run):
+        if not box:
+            box.append(make())
+        return box[0](prompts, run)
+    return respond
+
+
+def _builtin_responders(args):
+    """-> make(max_new_tokens) -> a lazy built-in responder; all of them share one model, loaded once."""
+    loaded = []
+
+    def make(max_new_tokens):
+        def build():
+            from eval import load_model, load_tok, make_generative_responder  # TODO: checkpoint.load_model
+            if not loaded:
+                loaded.append((load_model(args.checkpoint, args.dtype, args.device),
+                               load_tok(args.checkpoint, args.tokenizer)))
+            model, tok = loaded[0]
+            return make_generative_responder(model, tok, max_new_tokens=max_new_tokens, temperature=args.temperature,
+                                             top_p=args.top_p, batch_size=args.batch_size, seed=args.seed,
+                                             system=args.system)
+        return _lazy(build)
+    return make
+
+
+def _engine_responder(args, url, model, max_new_tokens):
+    from engine import make_engine_responder
+    return make_engine_responder(url, model, max_new_tokens=max_new_tokens, temperature=args.temperature,
+                                 top_p=args.top_p, seed=args.seed, concurrency=args.concurrency,
+                                 timeout=args.timeout, retries=args.retries, system=args.system,
+                                 api_key=os.environ.get("OPENAI_API_KEY"))
+
+
+def cmd_build(args):
+    # --- every check first: no model is loaded before the inputs are known to be good
+    langs = parse_langs(args.langs, args.source_lang)
+    if (args.checkpoint is None) == (args.engine_url is None):
+        raise SystemExit("pass exactly one of --checkpoint (built-in generator) or --engine-url (serving engine)")
+    if args.engine_url and not args.engine_model:
+        raise SystemExit("--engine-url needs --engine-model (the name the server serves)")
+    if args.checkpoint and not Path(args.checkpoint).exists():
+        raise SystemExit(f"--checkpoint {args.checkpoint}: no such file or directory")
+    if args.translator == "engine" and not (args.translate_url and args.translate_model):
+        raise SystemExit("--translator engine needs --translate-url and --translate-model")
+    if args.translator == "file" and not args.translations:
+        raise SystemExit("--translator file needs --translations FILE")
+    try:
+        items = load_questions(args.questions)
+        table = load_translation_file(args.translations) if args.translator == "file" else None
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    items = items[:args.limit] if args.limit else items
+    from engine import EngineError, check_engine
+    try:
+        if args.engine_url:
+            check_engine(args.engine_url, args.engine_model)
+        if args.translator == "engine":
+            check_engine(args.translate_url, args.translate_model)
+    except EngineError as e:
+        raise SystemExit(str(e)) from None
+    checks = dict(min_ratio=args.min_ratio, max_ratio=args.max_ratio, min_script=args.min_script_fraction)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    answer_model = args.checkpoint or f"{args.engine_url} {args.engine_model}"
+    translate_by = dict(model=answer_model, engine=f"{args.translate_url} {args.translate_model}",
+                        file=str(args.translations))[args.translator]
+    settings = dict(source_lang=args.source_lang, answer_model=answer_model, temperature=args.temperature,
+                    top_p=args.top_p, seed=args.seed, system=args.system, max_new_tokens=args.max_new_tokens,
+                    translator=args.translator, translate_by=translate_by,
+                    translate_max_new_tokens=args.translate_max_new_tokens, **checks)
+    # --- the work
+    with locked(out):
+        pin_settings(out, settings)
+        if args.checkpoint:
+            make = _builtin_responders(args)
+        else:
+            make = lambda n: _lazy(lambda: _engine_responder(args, args.engine_url, args.engine_model, n))
+        respond = make(args.max_new_tokens)
+        names = {args.source_lang: LANG_NAMES.get(args.source_lang, args.source_lang), **langs}
+        if args.translator == "file":
+            translate = file_translator(table)
+        elif args.translator == "engine":
+            translate = responder_translator(_lazy(lambda: _engine_responder(
+                args, args.translate_url, args.translate_model, args.translate_max_new_tokens)), args.source_lang, names)
+        else:  # the answering model itself, with the translation output budget
+            translate = responder_translator(make(args.translate_max_new_tokens), args.source_lang, names)
+        if not EVAL_READS_ALL_LETTERS and any(it["choices"] and it["answer"] not in "ABCD" for it in items):
+            print("note: the evaluation's normalize_choice reads A-D only; items whose gold is E-J are rejected "
+                  "as gold_unreadable", file=sys.stderr)
+        summary = run_stage1(items, respond, translate, out, langs=list(langs), source_lang=args.source_lang,
+                             batch_size=args.batch_size, checks=checks)
+    print(format_summary(summary))
+    n = sum(1 for _ in open(out / "parallel.jsonl", encoding="utf-8"))
+    print(f"wrote {out / 'parallel.jsonl'} ({n} rows); summary in {out / 'summary.json'}")
+
+
+def cmd_throughput(args):
+    """Decoding tokens/s of the built-in generator (eval.generate_batch: KV cache, left padding)."""
+    import torch
+    from eval import generate_batch, load_model
+    from model import MoEConfig, MoETransformer, qwen3_30b_a3b_config
+    torch.manual_seed(0)
+    if args.checkpoint:
+        model = load_model(args.checkpoint, args.dtype, args.device)
+    else:
+        if args.shape == "toy":  # train.py's toy model_config
+            cfg = MoEConfig(vocab_size=4096, hidden_size=128, n_layers=4, n_heads=4, n_kv_heads=2,
+                            intermediate_size=256, n_experts=8, top_k=2, moe_intermediate_size=128, qk_norm=True,
+                            norm_topk_prob=True, max_position_embeddings=512)
+        else:  # Qwen3-30B-A3B's dimensions with fewer layers
+            cfg = qwen3_30b_a3b_config(n_layers=args.n_layers)
+        dtype = getattr(torch, args.dtype or "float32")
+        model = MoETransformer(cfg).to(device=args.device, dtype=dtype).eval()
+    vocab = model.config.vocab_size
+    print(f"model: {args.checkpoint or args.shape}, {model.config.n_layers} layers, device {args.device}, "
+          f"dtype {next(model.parameters()).dtype}, threads {torch.get_num_threads()}; prompt {args.prompt_len} "
+          f"tokens, {args.new_tokens} new tokens per row (no early stop), temperature {args.temperature}")
+    print(f"{'batch':>6} {'seconds':>8} {'new tok/s':>10} {'ms/step':>8}")
+    for bs in [int(b) for b in args.batch_sizes.split(",")]:
+        prompts = torch.randint(0, vocab, (bs, args.prompt_len)).tolist()
+        gen = torch.Generator(args.device).manual_seed(0)
+        generate_batch(model, prompts, 2, args.temperature, 1.0, (), gen)  # warm-up
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        rows = generate_batch(model, prompts, args.new_tokens, args.temperature, 1.0, (), gen)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        n = sum(len(r) for r in rows)
+        print(f"{bs:>6} {dt:>8.2f} {n / dt:>10.1f} {1000 * dt / args.new_tokens:>8.1f}")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    q = sub.add_parser("build", help="answer, filter, translate, check -> parallel.jsonl")
+    q.add_argument("--questions", required=True, help="comma list of question files, each optionally name=path")
+    q.add_argument("--langs", required=True, help="target languages, e.g. sw,hi,bn,te,ne (code=Name for others)")
+    q.add_argument("--out", required=True, help="output directory (journals, parallel.jsonl, summary.json)")
+    q.add_argument("--source-lang", default="en", help="language of the question files (the anchor)")
+    q.add_argument("--checkpoint", default=None, help="Hugging Face checkpoint dir, or train.py's base.pt")
+    q.add_argument("--tokenizer", default=None, help="tokenizer path (default: the checkpoint dir)")
+    q.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: the checkpoint's own)")
+    q.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    q.add_argument("--engine-url", default=None, help="OpenAI-compatible server instead of the built-in generator")
+    q.add_argument("--engine-model", default=None, help="the model name the server serves")
+    q.add_argument("--translator", choices=("model", "engine", "file"), default="model")
+    q.add_argument("--translate-url", default=None)
+    q.add_argument("--translate-model", default=None)
+    q.add_argument("--translations", default=None, help="translation file for --translator file")
+    q.add_argument("--batch-size", type=int, default=16, help="items per generation call and journal write")
+    q.add_argument("--concurrency", type=int, default=16, help="requests in flight (engine)")
+    q.add_argument("--timeout", type=float, default=600.0, help="seconds per request (engine)")
+    q.add_argument("--retries", type=int, default=3, help="retries per request (engine)")
+    q.add_argument("--max-new-tokens", type=int, default=1024)
+    q.add_argument("--translate-max-new-tokens", type=int, default=2048)
+    q.add_argument("--temperature", type=float, default=0.1)
+    q.add_argument("--top-p", type=float, default=1.0)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--system", default=None, help="system prompt (default: none)")
+    q.add_argument("--limit", type=int, default=None, help="only the first N items (a trial run)")
+    q.add_argument("--min-ratio", type=float, default=0.15)
+    q.add_argument("--max-ratio", type=float, default=3.0)
+    q.add_argument("--min-script-fraction", type=float, default=0.5)
+    t = sub.add_parser("throughput", help="tokens/s of the built-in generator at several batch sizes")
+    t.add_argument("--checkpoint", default=None, help="default: a random-init model of --shape")
+    t.add_argument("--shape", choices=("toy", "qwen3"), default="toy")
+    t.add_argument("--n-layers", type=int, default=4, help="decoder layers for --shape qwen3")
+    t.add_argument("--batch-sizes", default="1,16,64")
+    t.add_argument("--prompt-len", type=int, default=64)
+    t.add_argument("--new-tokens", type=int, default=64)
+    t.add_argument("--temperature", type=float, default=0.1)
+    t.add_argument("--dtype", default=None)
+    t.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    return p
+
+
+def _cuda():
+    import torch
+    return torch.cuda.is_available()
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    {"build": cmd_build, "throughput": cmd_throughput}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""Tests for engine.py against a stand-in server on 127.0.0.1 (tests/fake_engine.py): the request it sends,
+order under concurrency, retries, each failure's message, and the same benchmark records as the built-in
+generator when the server returns the built-in generator's own completions."""
+import json
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import eval as E
+from engine import EngineError, check_engine, make_engine_responder, served_models
+from fake_engine import FakeEngine
+from model import MoEConfig, MoETransformer
+from tokenizer import load_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = dict(max_new_tokens=32, retries=2, backoff=0.01, timeout=5.0)
+
+
+def user_text(payload):
+    return payload["messages"][-1]["content"]
+
+
+def test_request_and_order_under_concurrency():
+    prompts = [f"question {i}" for i in range(20)]
+
+    def reply(payload):  # later prompts answer sooner: completion order is the reverse of prompt order
+        i = int(user_text(payload).split()[1])
+        time.sleep(0.002 * (20 - i))
+        return f"answer {i}"
+    with FakeEngine(reply) as fake:
+        respond = make_engine_responder(fake.url, "m", temperature=0.1, top_p=0.9, seed=5, concurrency=8,
+                                        system="be brief", **FAST)
+        assert respond(prompts, 2) == [f"answer {i}" for i in range(20)]
+        req = fake.requests[0]
+        assert req["model"] == "m" and req["max_tokens"] == 32 and req["temperature"] == 0.1
+        assert req["top_p"] == 0.9 and req["n"] == 1
+        assert {r["seed"] for r in fake.requests} == {7}  # seed + run
+        assert req["messages"][0] == {"role": "system", "content": "be brief"}
+        assert req["top_k"] == -1 and req["chat_template_kwargs"] == {"enable_thinking": False}
+        fake.requests.clear()
+        make_engine_responder(fake.url, "m", extra_body={}, **FAST)(["question 1"], 0)
+        assert "seed" not in fake.requests[0] and "top_k" not in fake.requests[0]
+        assert fake.requests[0]["messages"] == [{"role": "user", "content": "question 1"}]
+
+
+def test_retries_then_success():
+    with FakeEngine(lambda p: "ok") as fake:
+        fake.script = [(503, {"error": "busy"}), (429, {"error": "slow down"})]
+        assert make_engine_responder(fake.url, "m", concurrency=1, **FAST)(["q"], 0) == ["ok"]
+        assert len(fake.requests) == 3
+
+
+def test_error_status_names_url_and_status():
+    with FakeEngine(lambda p: "ok") as fake:
+        fake.script = [(400, {"error": {"message": "max_tokens is too large"}})]
+        with pytest.raises(EngineError, match=r"/v1/chat/completions: HTTP 400 .*max_tokens is too large"):
+            make_engine_responder(fake.url, "m", concurrency=1, **FAST)(["q"], 0)
+        assert len(fake.requests) == 1  # a client error is not retried
+        fake.script = [(500, b"boom")] * 3  # retried, then reported
+        with pytest.raises(EngineError, match="HTTP 500.*boom"):
+            make_engine_responder(fake.url, "m", concurrency=1, **FAST)(["q"], 0)
+
+
+def test_timeout():
+    with FakeEngine(lambda p: "late") as fake:
+        fake.script = [("sleep", 1.0), ("sleep", 1.0)]
+        t0 = time.perf_counter()
+        with pytest.raises(EngineError, match=r"127\.0\.0\.1.*no answer within 0.2 s \(2 attempts\)"):
+            make_engine_responder(fake.url, "m", max_new_tokens=8, timeout=0.2, retries=1, backoff=0.01)(["q"], 0)
+        assert time.perf_counter() - t0 < 1.5
+
+
+def test_malformed_bodies():
+    with FakeEngine(lambda p: "ok") as fake:
+        respond = make_engine_responder(fake.url, "m", concurrency=1, **FAST)
+        fake.script = [(200, b"<html>gateway</html>")]
+        with pytest.raises(EngineError, match="malformed response, not JSON.*gateway"):
+            respond(["q"], 0)
+        fake.script = [(200, {"object": "chat.completion", "choices": []})]
+        with pytest.raises(EngineError, match=r"malformed response, expected choices\[0\]\.message\.content"):
+            respond(["q"], 0)
+        fake.script = [(200, {"choices": [{"message": {"role": "assistant", "content": None}}]})]
+        with pytest.raises(EngineError, match="reasoning-parser"):
+            respond(["q"], 0)
+        assert len(fake.requests) == 3  # none retried
+
+
+def test_unreachable_and_model_check():
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/v1"
+    with pytest.raises(EngineError, match=rf"127\.0\.0\.1:{port}/v1/chat/completions: unreachable"):
+        make_engine_responder(url, "m", max_new_tokens=8, retries=1, backoff=0.01)(["q"], 0)
+    with pytest.raises(EngineError, match="unreachable"):
+        check_engine(url, "m")
+    with FakeEngine(lambda p: "ok", models=["sara-sw"]) as fake:
+        assert served_models(fake.url) == ["sara-sw"]
+        check_engine(fake.url, "sara-sw")
+        with pytest.raises(EngineError, match=r"model 'qwen' is not served; the server lists \['sara-sw'\]"):
+            check_engine(fake.url, "qwen")
+
+
+def test_same_records_as_builtin_generator():
+    """The server returns what the built-in generator produced for each prompt: eval's records (prompts,
+    scoring, order, format) are then identical, so table and compare work on either path."""
+    tok = load_tokenizer(ROOT / "data" / "udhr" / "bpe.tiktoken")
+    torch.manual_seed(0)
+    model = MoETransformer(MoEConfig(vocab_size=tok.vocab_size, hidden_size=32, n_layers=2, n_heads=2,
+                                     n_kv_heads=1, intermediate_size=64, n_experts=4, top_k=2,
+                                     moe_intermediate_size=32, max_position_embeddings=512)).eval()
+    items, _ = E.load_benchmark("global_mmlu", ROOT / "tests" / "fixtures" / "global_mmlu", "sw")
+    builtin = E.make_generative_responder(model, tok, max_new_tokens=6, temperature=0.1, seed=0)
+    kw = dict(benchmark="global_mmlu", protocol="generative", runs=2)
+    want = E.run_benchmark({"sw": items}, builtin, **kw)
+    prompts = [E.build_prompt(it, E.TEMPLATES["global_mmlu"]) for it in items]
+    table = {(p, run): builtin(prompts, run)[i] for run in range(2) for i, p in enumerate(prompts)}
+    with FakeEngine(lambda payload: table[(user_text(payload), payload["seed"])]) as fake:
+        engine = make_engine_responder(fake.url, "m", max_new_tokens=6, seed=0, concurrency=4)
+        got = E.run_benchmark({"sw": items}, engine, **kw)
+    assert json.dumps(got) == json.dumps(want)
+    assert len({r["output"] for r in got}) > 1  # real, varied completions, not one constant

@@ -1,0 +1,375 @@
+"""Tests for stage1.py: question files in both formats and their errors, the answer filter and the
+translation checks on hand-made cases, a tiny model answering local items end to end into a JSONL that
+data/parallel.py and train.py's tokenize path accept, the engine path, crash (exception and kill -9) and
+resume without duplicates, and validation before any model is loaded."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import eval as E
+import stage1 as S
+from data.parallel import load_parallel_jsonl, split_train_val, tokenize_samples
+from fake_engine import FakeEngine
+from model import MoEConfig, MoETransformer
+from tokenizer import load_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+TOK_PATH = ROOT / "data" / "udhr" / "bpe.tiktoken"
+ANSWER = "The answer is \\boxed{B}."
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def questions(tmp_path):
+    """Two MMLU-Pro rows (gold B, C), one with v1.1 "N/A" padding, and two GSM8K rows."""
+    mc = write_jsonl(tmp_path / "mmlu.jsonl", [
+        dict(question_id=70, question="Which gas do plants take in?", answer="B", answer_index=1,
+             options=["Oxygen", "Carbon dioxide", "Helium", "Neon", "N/A", "N/A"], category="biology"),
+        dict(question_id=71, question="What is 2 + 3?", answer="C", options=["4", "6", "5", "7", "8"]),
+    ])
+    gsm = write_jsonl(tmp_path / "gsm8k.jsonl", [
+        dict(question="Tom has 3 apples and buys 4 more. How many apples?", answer="3 + 4 = 7\n#### 7"),
+        dict(question="A car costs 1,200 dollars; two cars?", answer="2 * 1200 = 2400\n#### 2,400"),
+    ])
+    return f"mmlu={mc},{gsm}"
+
+
+# -----------------------------------------------------------------------------
+# question files
+
+def test_question_formats(tmp_path, questions):
+    items = S.load_questions(questions)
+    assert [it["group"] for it in items] == ["mmlu-70", "mmlu-71", "gsm8k-1", "gsm8k-2"]
+    assert items[0]["choices"] == ["Oxygen", "Carbon dioxide", "Helium", "Neon"]  # N/A padding dropped
+    assert [it["answer"] for it in items] == ["B", "C", "7", "2,400"]
+    assert "(A, B, C, D or E)" in items[1]["prompt"] and "\nE. 8" in items[1]["prompt"]
+    # four options: exactly the prompt the evaluation sends for Global-MMLU; math: eval's MGSM prompt
+    ev = dict(question=items[0]["question"], passage=None, choices=items[0]["choices"])
+    assert items[0]["prompt"] == E.build_prompt(ev, E.TEMPLATES["global_mmlu"])
+    assert items[2]["prompt"] == E.TEMPLATES["mgsm"].replace("{question}", items[2]["question"])
+    # CSV with option_0..option_9 and answer_index only; a JSON list in an `options` cell
+    (tmp_path / "prox.csv").write_text(
+        "question_id,question,option_0,option_1,option_2,answer_index\n9,Pick one,x,y,z,2\n", encoding="utf-8")
+    (tmp_path / "pro.csv").write_text('question,options,answer\nQ,"[""a"", ""b""]",B\n', encoding="utf-8")
+    a, b = S.load_questions(f"{tmp_path / 'prox.csv'},{tmp_path / 'pro.csv'}")
+    assert (a["group"], a["choices"], a["answer"]) == ("prox-9", ["x", "y", "z"], "C")
+    assert (b["group"], b["choices"], b["answer"]) == ("pro-1", ["a", "b"], "B")
+
+
+@pytest.mark.parametrize("row, message", [
+    (dict(question="q", options=["a", "b"], answer="C"), "answer 'C' is not one of A-B"),
+    (dict(question="q", options=["a", "b", "c"], answer="A", answer_index=2), "answer 'A' and answer_index 2 disagree"),
+    (dict(question="q", options=["a"], answer="A"), "1 options; expected 2 to 10"),
+    (dict(question="q", options=["a", "b"]), "no gold answer"),
+    (dict(question="", options=["a", "b"], answer="A"), "no 'question'"),
+])
+def test_bad_mc_rows_are_named(tmp_path, row, message):
+    good = dict(question="ok", options=["a", "b"], answer="A")
+    path = tmp_path / "mc.jsonl"
+    path.write_text(json.dumps(good) + "\n\n" + json.dumps(row) + "\n", encoding="utf-8")  # blank line 2
+    with pytest.raises(ValueError, match=rf"mc.jsonl:3: .*{message}"):
+        S.load_questions(str(path))
+
+
+def test_bad_files_are_named(tmp_path):
+    gsm = write_jsonl(tmp_path / "g.jsonl", [dict(question="q", answer="7")])
+    with pytest.raises(ValueError, match=r"g.jsonl:1: answer has no '#### <number>'"):
+        S.load_questions(str(gsm))
+    write_jsonl(gsm, [dict(question="q", answer="#### seven")])
+    with pytest.raises(ValueError, match=r"g.jsonl:1: the answer after '####' is not a number"):
+        S.load_questions(str(gsm))
+    other = write_jsonl(tmp_path / "o.jsonl", [dict(prompt="p", completion="c")])
+    with pytest.raises(ValueError, match=r"o.jsonl: unknown question format, columns \['completion', 'prompt'\]"):
+        S.load_questions(str(other))
+    dup = write_jsonl(tmp_path / "d.jsonl", [dict(question_id=1, question="q", options=["a", "b"], answer="A")] * 2)
+    with pytest.raises(ValueError, match=r"d.jsonl:2: duplicate id 'd-1' \(first at .*d.jsonl:1\)"):
+        S.load_questions(str(dup))
+
+
+# -----------------------------------------------------------------------------
+# the filter and the translation checks
+
+MC = dict(choices=["a", "b", "c", "d"], answer="B")
+MATH = dict(choices=None, answer="2,400")
+
+
+@pytest.mark.parametrize("item, text, want", [
+    (MC, "so \\boxed{B}", ("B", None)),
+    (MC, "first \\boxed{A}, no wait: \\boxed{(B)}", ("B", None)),  # the last box counts
+    (MC, "\\boxed{\\text{B. b}}", ("B", None)),
+    (MC, "\\boxed{C}", ("C", "wrong_answer")),
+    (MC, "the answer is B", (None, "no_boxed_answer")),
+    (MC, "\\boxed{B", (None, "no_boxed_answer")),  # unclosed: a truncated output
+    (MATH, "2 * 1200 = \\boxed{2400}", ("2400", None)),
+    (MATH, "\\boxed{2,400.0}", ("2400", None)),
+    (MATH, "\\boxed{240}", ("240", "wrong_answer")),
+])
+def test_filter(item, text, want):
+    assert S.judge_answer(item, text) == want
+
+
+def test_gold_letters_past_d_follow_the_evaluation():
+    item = dict(choices=list("abcdefghij"), answer="J")
+    if S.EVAL_READS_ALL_LETTERS:
+        assert S.judge_answer(item, "\\boxed{J}") == ("J", None)
+    else:  # the evaluation reads A-D only: such an item is unscorable, never kept by a guess
+        assert S.judge_answer(item, "\\boxed{J}") == (None, "gold_unreadable")
+    assert S.judge_answer(dict(item, answer="B"), "\\boxed{B}") == ("B", None)
+
+
+SRC = ("Tom has 3 apples and buys 4 more. How many apples does he have now?",
+       "He has 3 + 4 = 7 apples. The answer is \\boxed{7}.")
+SW = ("Tom ana tufaha 3 na ananunua 4 zaidi. Ana tufaha ngapi sasa?",
+      "Ana tufaha 3 + 4 = 7. Jibu ni \\boxed{7}.")
+HI = ("टॉम के पास 3 सेब हैं और वह 4 और खरीदता है। अब उसके पास कितने सेब हैं?",
+      "उसके पास 3 + 4 = 7 सेब हैं। उत्तर \\boxed{7} है।")
+ITEM = dict(choices=None, answer="7")
+
+
+@pytest.mark.parametrize("out, lang, want", [
+    (SW, "sw", None),
+    (HI, "hi", None),
+    (HI, "ne", None),  # Devanagari serves both
+    (None, "sw", "no_translation"),
+    (("", SW[1]), "sw", "empty"),
+    ((SW[0], "  "), "sw", "empty"),
+    ((SRC[0], SW[1]), "sw", "untranslated"),
+    ((SW[0], SW[1] + " Jibu ni 7." * 40), "sw", "length_ratio"),  # runaway repetition
+    ((SW[0], "Ana tufaha 3 + 4 = 7. Jibu ni saba, tufaha saba kwa jumla."), "sw", "boxed_answer_missing"),
+    ((SW[0], "Ana tufaha 3 + 4 = 7. Jibu ni \\boxed{8}."), "sw", "boxed_answer_changed"),
+    (SW, "hi", "wrong_script"),
+    ((HI[0], "He has 3 + 4 = 7 apples, so the answer is \\boxed{7}, सेब।"), "hi", "wrong_script"),
+])
+def test_translation_checks(out, lang, want):
+    assert S.check_translation(ITEM, SRC, out, lang) == want
+
+
+def test_length_ratio_catches_a_dropped_half():
+    long_src = (SRC[0], "Step. " * 80 + "The answer is \\boxed{7}.")
+    assert S.check_translation(ITEM, long_src, (SW[0], "Jibu ni \\boxed{7}."), "sw") == "length_ratio"
+    assert S.check_translation(ITEM, long_src, (SW[0], "Hatua. " * 80 + "Jibu ni \\boxed{7}."), "sw") is None
+
+
+def test_script_fraction_ignores_boxes_and_latex():
+    assert S.script_fraction("उत्तर \\boxed{B} \\frac{1}{2} है", "hi") == 1.0
+    assert S.script_fraction("答案是 \\boxed{B}", "zh") == 1.0
+    assert S.script_fraction("abc दो", "hi") == 0.25  # letters a, b, c, द; ो is a mark (Mc)
+
+
+# -----------------------------------------------------------------------------
+# end to end with a tiny model
+
+def chain_model(tok, text=ANSWER):
+    """A tiny MoETransformer that answers every prompt with `text`: every block's output projections are
+    zero, so the last hidden state is the current token's embedding, and lm_head maps each token of the
+    chain "\\n" -> text -> end-of-turn to the next one (greedy decoding follows the chain)."""
+    chain = [tok.encode("\n")[0]] + tok.encode(text) + [tok.eos_id]
+    assert len(set(chain)) == len(chain), "the chain needs distinct tokens"
+    cfg = MoEConfig(vocab_size=tok.vocab_size, hidden_size=32, n_layers=2, n_heads=2, n_kv_heads=1,
+                    intermediate_size=64, n_experts=4, top_k=2, moe_intermediate_size=32,
+                    max_position_embeddings=512, qk_norm=True, tie_word_embeddings=False)
+    model = MoETransformer(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj")):
+                p.zero_()
+        model.embed_tokens.weight.normal_(0, 0.02)
+        model.lm_head.weight.zero_()
+        for i, (t, nxt) in enumerate(zip(chain, chain[1:])):
+            model.embed_tokens.weight[t] = 0
+            model.embed_tokens.weight[t, i] = 1.0
+            model.lm_head.weight[nxt, i] = 10.0
+    return model
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(TOK_PATH)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tok, tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "hf"
+    chain_model(tok).save_pretrained(path)
+    shutil.copy(TOK_PATH, path)
+    return path
+
+
+def test_end_to_end_builtin_generator(tmp_path, questions, checkpoint, tok, capsys):
+    """The tiny model answers "\\boxed{B}" to everything (and "translates" everything into that too): the MMLU
+    item with gold B is kept, the others are rejected for the right reasons; its Swahili "translation" passes
+    the cheap checks, its Hindi one is rejected for its script. The JSONL loads and tokenizes as train.py does."""
+    out = tmp_path / "out"
+    S.main(["build", "--questions", questions, "--checkpoint", str(checkpoint), "--langs", "sw,hi", "--out", str(out),
+            "--max-new-tokens", "24", "--translate-max-new-tokens", "24", "--temperature", "0", "--batch-size", "3"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["answer"]["mmlu"] == dict(items=2, kept=1, rejected={"wrong_answer": 1})
+    assert summary["answer"]["gsm8k"] == dict(items=2, kept=0, rejected={"no_boxed_answer": 2})
+    assert summary["translate"] == {"sw": dict(items=1, kept=1, rejected={}),
+                                    "hi": dict(items=1, kept=0, rejected={"wrong_script": 1})}
+    assert "translate hi" in capsys.readouterr().out
+    rows = load_parallel_jsonl(out / "parallel.jsonl")
+    assert [(r["id"], r["lang"]) for r in rows] == [("mmlu-70-en", "en"), ("mmlu-70-sw", "sw")]
+    en, sw = rows
+    assert en["response"] == ANSWER and en["prompt"].startswith("Answer the following multiple choice question.")
+    assert sw["anchor_prompt"] == en["prompt"] and sw["anchor_response"] == en["response"]
+    assert sw["anchor_lang"] == "en" and sw["prompt"] == ANSWER  # what the toy model "translated" to
+    examples, stats = tokenize_samples(tok, rows, max_len=256)
+    assert stats["kept"] == 2 and all(e["has_anchor"] for e in examples)
+    train, val = split_train_val(rows, 0.5)
+    assert len(train) + len(val) == 2 and len(val) in (0, 2)  # one group: both languages on one side
+
+
+def fake_answers(prompts, run):
+    """A responder that answers each prompt right (the gold is in the prompt's own text) or translates."""
+    outs = []
+    for p in prompts:
+        if p.startswith("Translate"):
+            text = p.split("\n\n", 1)[1]
+            outs.append("[sw] " + text)
+        elif "Carbon dioxide" in p:
+            outs.append("Plants take in CO2. \\boxed{B}")
+        elif "2 + 3" in p:
+            outs.append("2 + 3 = 5. \\boxed{C}")
+        elif "apples" in p:
+            outs.append("3 + 4 = 7. \\boxed{7}")
+        else:
+            outs.append("2 * 1200 = \\boxed{2400}")
+    return outs
+
+
+def test_engine_path(tmp_path, questions):
+    """The same build through an OpenAI-compatible server (answering and translating) via the CLI."""
+    with FakeEngine(lambda payload: fake_answers([payload["messages"][-1]["content"]], 0)[0], models=["orig"]) as fake:
+        S.main(["build", "--questions", questions, "--engine-url", fake.url, "--engine-model", "orig",
+                "--langs", "sw", "--out", str(tmp_path / "out")])
+        assert {r["temperature"] for r in fake.requests} == {0.1} and {r["seed"] for r in fake.requests} == {0}
+        assert {r["max_tokens"] for r in fake.requests} == {1024, 2048}  # answers, translations
+    rows = load_parallel_jsonl(tmp_path / "out" / "parallel.jsonl")
+    assert len(rows) == 8 and sorted({r["lang"] for r in rows}) == ["en", "sw"]
+    assert rows[1]["response"] == "[sw] Plants take in CO2. \\boxed{B}"
+
+
+# -----------------------------------------------------------------------------
+# crash and resume
+
+def run(out, questions, respond=fake_answers, langs=("sw", "zu")):
+    items = S.load_questions(questions)
+    translate = S.responder_translator(respond, "en", S.LANG_NAMES)
+    return S.run_stage1(items, respond, translate, out, langs=list(langs), batch_size=1, progress=False)
+
+
+def lines(path):
+    return [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_crash_and_resume_without_duplicates(tmp_path, questions):
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    want = run(ref, questions)
+    calls = []
+
+    def flaky(prompts, r):
+        calls.append(prompts)
+        if len(calls) in (3, 7):  # once while answering, once while translating
+            raise RuntimeError("GPU fell over")
+        return fake_answers(prompts, r)
+    out = tmp_path / "out"
+    out.mkdir()
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="GPU fell over"):
+            run(out, questions, flaky)
+    assert run(out, questions, flaky) == want
+    assert len(calls) == 4 + 4 * 2 + 2  # one call per answer and per (item, language), + the 2 failed ones
+    for name in ("answers.jsonl", "translations.jsonl", "parallel.jsonl"):
+        assert (out / name).read_text() == (ref / name).read_text()
+    # a resume with everything done asks for nothing
+    assert run(out, questions, respond=None) == want
+
+
+def test_kill_and_torn_line(tmp_path, questions):
+    """kill -9 in the middle of the answers, then a torn last line: the rerun redoes exactly what is missing."""
+    out = tmp_path / "out"
+    out.mkdir()
+    script = f"""
+import os, signal, sys
+sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]
+import test_stage1 as T
+n = []
+def dying(prompts, r):
+    n.append(1)
+    if len(n) == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return T.fake_answers(prompts, r)
+T.run({str(out)!r}, {questions!r}, dying)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr
+    assert len(lines(out / "answers.jsonl")) == 2
+    with open(out / "answers.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"group": "gsm8k-1", "source": "gsm8k", "prompt": "Tom h')  # a write cut short
+    calls = []
+    run(out, questions, lambda p, r: calls.append(p) or fake_answers(p, r))
+    answers = lines(out / "answers.jsonl")
+    assert [a["group"] for a in answers] == ["mmlu-70", "mmlu-71", "gsm8k-1", "gsm8k-2"]
+    assert sum(not p[0].startswith("Translate") for p in calls) == 2
+    rows = load_parallel_jsonl(out / "parallel.jsonl")  # raises on a duplicate id
+    assert len(rows) == 4 * 3
+
+
+def test_resume_refuses_other_settings_and_a_second_process(tmp_path):
+    S.pin_settings(tmp_path, dict(temperature=0.1, answer_model="a"))
+    S.pin_settings(tmp_path, dict(temperature=0.1, answer_model="a"))
+    with pytest.raises(SystemExit, match=r"other settings \(temperature: 0.1 -> 0.7\)"):
+        S.pin_settings(tmp_path, dict(temperature=0.7, answer_model="a"))
+    with S.locked(tmp_path):
+        with pytest.raises(SystemExit, match="another stage1 run is using this directory"):
+            with S.locked(tmp_path):
+                pass
+    (tmp_path / "answers.jsonl").write_text('{"group": "a"}\nnot json\n{"group": "b"}\n')
+    with pytest.raises(ValueError, match=r"answers.jsonl:2: not JSON; the journal is damaged"):
+        S.Journal(tmp_path / "answers.jsonl", key=lambda r: r["group"])
+
+
+# -----------------------------------------------------------------------------
+# validation comes first
+
+def test_validation_before_model_loading(tmp_path, questions):
+    not_a_checkpoint = tmp_path / "empty_dir"  # loading it would fail: the input errors must come first
+    not_a_checkpoint.mkdir()
+    bad = write_jsonl(tmp_path / "bad.jsonl", [dict(question="q", options=["a", "b"], answer="Z")])
+    base = ["build", "--checkpoint", str(not_a_checkpoint), "--out", str(tmp_path / "o")]
+    with pytest.raises(SystemExit, match=r"bad.jsonl:1: answer 'Z'"):
+        S.main(base + ["--questions", str(bad), "--langs", "sw"])
+    with pytest.raises(SystemExit, match=r"unknown language 'xx'; give its name as xx=Name"):
+        S.main(base + ["--questions", questions, "--langs", "sw,xx"])
+    trans = write_jsonl(tmp_path / "t.jsonl", [dict(id="mmlu-70-sw", lang="hi", prompt="p", response="r")])
+    with pytest.raises(SystemExit, match=r"t.jsonl:1: id 'mmlu-70-sw' does not end with '-hi'"):
+        S.main(base + ["--questions", questions, "--langs", "sw", "--translator", "file", "--translations", str(trans)])
+    with pytest.raises(SystemExit, match="exactly one of --checkpoint"):
+        S.main(["build", "--questions", questions, "--langs", "sw", "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()  # nothing written before the checks pass
+
+
+def test_translation_file(tmp_path, questions):
+    """--translator file: rows joined by id; a missing one is rejected as no_translation."""
+    items = S.load_questions(questions)
+    trans = write_jsonl(tmp_path / "t.jsonl", [
+        dict(id="mmlu-70-sw", lang="sw", prompt="Mimea huchukua gesi gani?", response="Mimea huchukua CO2. \\boxed{B}"),
+        dict(id="gsm8k-1-sw", lang="sw", prompt="Tom ana tufaha 3.", response="Jibu ni \\boxed{8}."),
+    ])
+    summary = S.run_stage1(items, fake_answers, S.file_translator(S.load_translation_file(trans)), tmp_path,
+                           langs=["sw"], progress=False)
+    assert summary["translate"]["sw"] == dict(items=4, kept=1, rejected={"boxed_answer_changed": 1, "no_translation": 2})
+    ids = [r["id"] for r in load_parallel_jsonl(tmp_path / "parallel.jsonl")]
+    assert ids == ["mmlu-70-en", "mmlu-70-sw", "mmlu-71-en", "gsm8k-1-en", "gsm8k-2-en"]
