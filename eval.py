@@ -109,7 +109,8 @@ def cmd_table(args):
         langs += [l for l in res["langs"] if l not in langs]
         titles.add(f"{BENCH_TITLES.get(res['benchmark'], res['benchmark'])} ({res['protocol']}, "
                    f"{len(res['average']['runs'])} run(s))")
-    print(format_table(rows, langs, "accuracy (%): " + ", ".join(sorted(titles))))
+    print(format_table(rows, langs, "accuracy (%): " + ", ".join(sorted(titles))
+                       + "; ± = std over the generation runs of one checkpoint (sampling noise, not seeds)"))
 
 
 def cmd_routing(args):
