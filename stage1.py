@@ -9,7 +9,7 @@ target language; every translation is checked. The output is the JSONL train.py 
     python stage1.py build ... --engine-url http://localhost:8000/v1 --engine-model sara   # serving engine
         [--translator model|engine|file] [--translate-url URL --translate-model NAME] [--translations FILE]
 
-Question files (.jsonl/.json, .csv/.tsv, .parquet, read by eval's read_rows); the kind is told by the columns:
+Question files (.jsonl/.json, .csv/.tsv, .parquet, read by the evaluation's read_rows); the kind is told by the columns:
   multiple choice  MMLU-Pro / MMLU-ProX rows: question, options (a list of up to 10 strings, or a JSON list
                    in a CSV cell; trailing "N/A" padding is dropped) or option_0..option_9, and the gold as
                    answer (a letter A-J) and/or answer_index (0-9; both must agree); id from question_id.
@@ -19,10 +19,10 @@ Question files (.jsonl/.json, .csv/.tsv, .parquet, read by eval's read_rows); th
 prefixes the ids. A bad row stops the run before any model is loaded, naming the file and line (row for
 CSV/Parquet). All validation (files, languages, translation file, servers, output directory) comes first.
 
-Prompts: math uses eval's MGSM template; multiple choice uses the Global-MMLU wording with the letter list
-of the item (A..D for four options: the very prompt eval sends, so training and evaluation ask alike).
-Filter: eval's score_output (extract_boxed: last complete \\boxed{}; normalize_choice / parse_number), the
-SAME normalisation as the evaluation. Reasons: wrong_answer, no_boxed_answer (no box, or unreadable),
+Prompts: math uses the evaluation's MGSM template; multiple choice the Global-MMLU wording with the item's
+letter list (for four options the very prompt the evaluation sends: training and evaluation ask alike).
+Filter: evaluation/scoring.py's score_output (the last complete \\boxed{}; normalize_choice / parse_number),
+the SAME normalisation as the evaluation. Reasons: wrong_answer, no_boxed_answer (no box, or unreadable),
 gold_unreadable (a gold letter the evaluation's normaliser cannot read, e.g. E-J while it reads A-D).
 
 Translators (--translator): "model" = the answering model (built-in or --engine-url) prompted with
@@ -33,7 +33,7 @@ Checks, in order, each a rejection reason: no_translation (file has none), empty
 returned unchanged), length_ratio (len(out)+32 outside [min_ratio, max_ratio] x (len(src)+32), in
 characters: runaway repetition or a dropped half; the +32 keeps short strings from tripping it),
 options_lost (a multiple-choice prompt no longer lists its options as lines "A." .. in order),
-boxed_answer_missing / boxed_answer_changed (scored against the gold with eval's scoring), wrong_script
+boxed_answer_missing / boxed_answer_changed (scored against the gold with the evaluation's scoring), wrong_script
 (for languages in SCRIPTS: in the prompt or in the response, under --min-script-fraction of the letters
 outside \\boxed{} and LaTeX commands are in the language's Unicode blocks).
 
@@ -59,7 +59,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from eval import TEMPLATES, build_prompt, extract_boxed, parse_number, read_rows, score_output
+from evaluation.benchmarks import TEMPLATES, build_prompt, read_rows
+from evaluation.scoring import extract_boxed, parse_number, score_output
 
 LETTERS = "ABCDEFGHIJ"
 LANG_NAMES = {"en": "English", "zh": "Chinese", "sw": "Swahili", "hi": "Hindi", "bn": "Bengali", "te": "Telugu",
@@ -146,12 +147,12 @@ def _math_gold(row, where):
 
 
 def mc_prompt(question, choices):
-    """The Global-MMLU instruction with this item's letters; for 4 options exactly eval's prompt."""
+    """The Global-MMLU instruction with this item's letters; for 4 options exactly the evaluation's."""
     letters = LETTERS[:len(choices)]
     listing = ", ".join(letters[:-1]) + " or " + letters[-1]
     head = TEMPLATES["global_mmlu"].split("\n\n")[0]
     if "(A, B, C or D)" not in head:
-        raise RuntimeError("eval's global_mmlu template changed: update stage1.mc_prompt")
+        raise RuntimeError("evaluation's global_mmlu template changed: update stage1.mc_prompt")
     head = head.replace("(A, B, C or D)", f"({listing})")
     return head + "\n\n" + question + "\n\n" + "\n".join(f"{l}. {c}" for l, c in zip(letters, choices))
 
@@ -217,20 +218,21 @@ def load_questions(spec):
 # -----------------------------------------------------------------------------
 # the filter and the translation checks
 
-def _eval_item(item):
-    return dict(choices=item["choices"], answer=item["answer"])
+def _eval_item(item, lang):
+    """The fields the evaluation's score_output reads (lang: how a number's digit grouping is read)."""
+    return dict(choices=item["choices"], answer=item["answer"], lang=lang)
 
 
-# Whether the evaluation's normaliser reads letters past D (probed, not assumed: it is eval's to decide)
+# Whether the evaluation's normaliser reads letters past D (probed, not assumed: it is the evaluation's call)
 _PROBE = dict(choices=list("0123456789"), answer="J")
 EVAL_READS_ALL_LETTERS = score_output(_PROBE, "\\boxed{J}", "generative")[1]
 
 
-def judge_answer(item, text):
+def judge_answer(item, text, lang="en"):
     """-> (pred, reason): reason None = keep; else wrong_answer / no_boxed_answer / gold_unreadable."""
     if item["choices"] is not None and item["answer"] not in "ABCD" and not EVAL_READS_ALL_LETTERS:
         return None, "gold_unreadable"
-    pred, correct = score_output(_eval_item(item), text, "generative")
+    pred, correct = score_output(_eval_item(item, lang), text, "generative")
     if correct:
         return pred, None
     return pred, "wrong_answer" if pred is not None else "no_boxed_answer"
@@ -273,7 +275,7 @@ def check_translation(item, src, out, lang, *, min_ratio=0.15, max_ratio=3.0, mi
         return "options_lost"
     if extract_boxed(out[1]) is None:
         return "boxed_answer_missing"
-    if not score_output(_eval_item(item), out[1], "generative")[1]:
+    if not score_output(_eval_item(item, lang), out[1], "generative")[1]:
         return "boxed_answer_changed"
     if lang in SCRIPTS and any(script_fraction(t, lang) < min_script for t in out):
         return "wrong_script"
@@ -405,7 +407,7 @@ def run_stage1(items, respond, translate, out, *, langs, source_lang="en", batch
         texts = respond([it["prompt"] for it in chunk], 0)
         recs = []
         for it, text in zip(chunk, texts):
-            pred, reason = judge_answer(it, text)
+            pred, reason = judge_answer(it, text, source_lang)
             recs.append(dict(group=it["group"], source=it["source"], prompt=it["prompt"], response=text,
                              gold=it["answer"], pred=pred, status=reason or "kept"))
         answers.append(recs)
@@ -519,7 +521,8 @@ def _builtin_responders(args):
 
     def make(max_new_tokens):
         def build():
-            from eval import load_tok, make_generative_responder
+            from eval import load_tok
+            from evaluation.generate import make_generative_responder
             if not loaded:
                 loaded.append((_load_model(args), load_tok(args.checkpoint, args.tokenizer)))
             model, tok = loaded[0]

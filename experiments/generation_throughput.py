@@ -1,5 +1,5 @@
 """
-Decoding throughput of the built-in generator (eval.generate_batch: one model.generate call, KV cache,
+Decoding throughput of the built-in generator (evaluation/generate.py's generate_batch: one model.generate call, KV cache,
 left padding) at several batch sizes: how long stage 1 and `eval.py bench` take before a serving engine
 pays off (docs/stage1.md has the numbers and the switch-over advice).
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from eval import generate_batch  # noqa: E402
+from evaluation.generate import generate_batch  # noqa: E402
 from model import MoEConfig, MoETransformer, qwen3_30b_a3b_config  # noqa: E402
 
 

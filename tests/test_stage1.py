@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import eval as E
+from evaluation.benchmarks import TEMPLATES, build_prompt
 import stage1 as S
 from data.parallel import load_parallel_jsonl, split_train_val, tokenize_samples
 from fake_engine import FakeEngine
@@ -55,8 +55,8 @@ def test_question_formats(tmp_path, questions):
     assert "(A, B, C, D or E)" in items[1]["prompt"] and "\nE. 8" in items[1]["prompt"]
     # four options: exactly the prompt the evaluation sends for Global-MMLU; math: eval's MGSM prompt
     ev = dict(question=items[0]["question"], passage=None, choices=items[0]["choices"])
-    assert items[0]["prompt"] == E.build_prompt(ev, E.TEMPLATES["global_mmlu"])
-    assert items[2]["prompt"] == E.TEMPLATES["mgsm"].replace("{question}", items[2]["question"])
+    assert items[0]["prompt"] == build_prompt(ev, TEMPLATES["global_mmlu"])
+    assert items[2]["prompt"] == TEMPLATES["mgsm"].replace("{question}", items[2]["question"])
     # CSV with option_0..option_9 and answer_index only; a JSON list in an `options` cell
     (tmp_path / "prox.csv").write_text(
         "question_id,question,option_0,option_1,option_2,answer_index\n9,Pick one,x,y,z,2\n", encoding="utf-8")
