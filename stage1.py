@@ -394,6 +394,12 @@ def _batches(seq, n):
         yield seq[i:i + n]
 
 
+def _same_length(outs, ins, what):
+    if len(outs) != len(ins):  # zip would silently pair answers with the wrong questions
+        raise RuntimeError(f"{what} returned {len(outs)} outputs for {len(ins)} inputs")
+    return outs
+
+
 def run_stage1(items, respond, translate, out, *, langs, source_lang="en", batch_size=16,
                checks=None, progress=True):
     """items from load_questions; respond(prompts, run) -> answers (built-in or engine responder), called
@@ -404,7 +410,7 @@ def run_stage1(items, respond, translate, out, *, langs, source_lang="en", batch
     todo = [it for it in items if it["group"] not in answers]
     bar = tqdm(total=len(items), initial=len(items) - len(todo), desc="answer", unit="item", disable=not progress)
     for chunk in _batches(todo, batch_size):
-        texts = respond([it["prompt"] for it in chunk], 0)
+        texts = _same_length(respond([it["prompt"] for it in chunk], 0), chunk, "respond")
         recs = []
         for it, text in zip(chunk, texts):
             pred, reason = judge_answer(it, text, source_lang)
@@ -419,9 +425,9 @@ def run_stage1(items, respond, translate, out, *, langs, source_lang="en", batch
     jobs = [(it, (it["prompt"], answers.records[it["group"]]["response"]), lang)
             for it in kept for lang in langs if (it["group"], lang) not in trans]
     bar = tqdm(total=len(kept) * len(langs), initial=len(kept) * len(langs) - len(jobs), desc="translate",
-               unit="text", disable=not progress)
+               unit="translation", disable=not progress)
     for chunk in _batches(jobs, batch_size):
-        outs = translate(chunk)
+        outs = _same_length(translate(chunk), chunk, "translate")
         recs = []
         for (it, src, lang), o in zip(chunk, outs):
             reason = check_translation(it, src, o, lang, **(checks or {}))

@@ -327,6 +327,10 @@ def test_crash_and_resume_without_duplicates(tmp_path, questions):
         assert (out / name).read_text() == (ref / name).read_text()
     # a resume with everything done asks for nothing
     assert run(out, questions, respond=None) == want
+    # a responder that loses an output is an error, not a silent shift of answers against questions
+    (tmp_path / "short").mkdir()
+    with pytest.raises(RuntimeError, match="respond returned 0 outputs for 1 inputs"):
+        run(tmp_path / "short", questions, lambda p, r: [])
 
 
 def test_kill_and_torn_line(tmp_path, questions):
