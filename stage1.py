@@ -504,47 +504,39 @@ def parse_langs(spec, source_lang):
     return names
 
 
-def _lazy(make):
-    """A responder built on first use: no model is loaded when the journals already hold the work."""
-    box = []
-
-    def respond(prompts, run):
-        if not box:
-            box.append(make())
-        return box[0](prompts, run)
-    return respond
-
-
-def _load_model(args):
-    import torch
-    from checkpoint import load_model
-    return load_model(args.checkpoint, getattr(torch, args.dtype) if args.dtype else None, args.device)
-
-
-def _builtin_responders(args):
-    """-> make(max_new_tokens) -> a lazy built-in responder; all of them share one model, loaded once."""
+def _responders(args):
+    """-> make(max_new_tokens, url=None, name=None): a responder (an engine's if url is given, else the built-in
+    generator's), built on first use, so no model is loaded when the journals already hold the work. The
+    built-in ones share one model, loaded once."""
     loaded = []
 
-    def make(max_new_tokens):
-        def build():
-            from eval import load_tok
-            from evaluation.generate import make_generative_responder
-            if not loaded:
-                loaded.append((_load_model(args), load_tok(args.checkpoint, args.tokenizer)))
-            model, tok = loaded[0]
-            return make_generative_responder(model, tok, max_new_tokens=max_new_tokens, temperature=args.temperature,
-                                             top_p=args.top_p, batch_size=args.batch_size, seed=args.seed,
-                                             system=args.system)
-        return _lazy(build)
+    def build(max_new_tokens, url, name):
+        if url:
+            from engine import make_engine_responder
+            return make_engine_responder(url, name, max_new_tokens=max_new_tokens, temperature=args.temperature,
+                                         top_p=args.top_p, seed=args.seed, concurrency=args.concurrency,
+                                         timeout=args.timeout, retries=args.retries, system=args.system,
+                                         api_key=os.environ.get("OPENAI_API_KEY"))
+        import torch
+        from checkpoint import load_model
+        from eval import load_tok
+        from evaluation.generate import make_generative_responder
+        if not loaded:
+            loaded.append((load_model(args.checkpoint, getattr(torch, args.dtype) if args.dtype else None, args.device),
+                           load_tok(args.checkpoint, args.tokenizer)))
+        return make_generative_responder(*loaded[0], max_new_tokens=max_new_tokens, temperature=args.temperature,
+                                         top_p=args.top_p, batch_size=args.batch_size, seed=args.seed,
+                                         system=args.system)
+
+    def make(max_new_tokens, url=None, name=None):
+        box = []
+
+        def respond(prompts, run):
+            if not box:
+                box.append(build(max_new_tokens, url, name))
+            return box[0](prompts, run)
+        return respond
     return make
-
-
-def _engine_responder(args, url, model, max_new_tokens):
-    from engine import make_engine_responder
-    return make_engine_responder(url, model, max_new_tokens=max_new_tokens, temperature=args.temperature,
-                                 top_p=args.top_p, seed=args.seed, concurrency=args.concurrency,
-                                 timeout=args.timeout, retries=args.retries, system=args.system,
-                                 api_key=os.environ.get("OPENAI_API_KEY"))
 
 
 def cmd_build(args):
@@ -590,19 +582,15 @@ def cmd_build(args):
     # --- the work
     with locked(out):
         pin_settings(out, settings)
-        if args.checkpoint:
-            make = _builtin_responders(args)
-        else:
-            make = lambda n: _lazy(lambda: _engine_responder(args, args.engine_url, args.engine_model, n))
-        respond = make(args.max_new_tokens)
+        make = _responders(args)
+        respond = make(args.max_new_tokens, args.engine_url, args.engine_model)
         names = {args.source_lang: LANG_NAMES.get(args.source_lang, args.source_lang), **langs}
         if args.translator == "file":
             translate = file_translator(table)
-        elif args.translator == "engine":
-            translate = responder_translator(_lazy(lambda: _engine_responder(
-                args, args.translate_url, args.translate_model, args.translate_max_new_tokens)), args.source_lang, names)
-        else:  # the answering model itself, with the translation output budget
-            translate = responder_translator(make(args.translate_max_new_tokens), args.source_lang, names)
+        else:  # a second model's server, or the answering model itself, with the translation output budget
+            url, name = ((args.translate_url, args.translate_model) if args.translator == "engine"
+                         else (args.engine_url, args.engine_model))
+            translate = responder_translator(make(args.translate_max_new_tokens, url, name), args.source_lang, names)
         if not EVAL_READS_ALL_LETTERS and any(it["choices"] and it["answer"] not in "ABCD" for it in items):
             print("note: the evaluation's normalize_choice reads A-D only; items whose gold is E-J are rejected "
                   "as gold_unreadable", file=sys.stderr)
@@ -632,7 +620,7 @@ def build_parser():
     q.add_argument("--translate-model", default=None)
     q.add_argument("--translations", default=None, help="translation file for --translator file")
     q.add_argument("--batch-size", type=int, default=16, help="items per generation call and journal write")
-    q.add_argument("--concurrency", type=int, default=16, help="requests in flight (engine)")
+    q.add_argument("--concurrency", "--engine-concurrency", type=int, default=16, help="requests in flight (engine)")
     q.add_argument("--timeout", type=float, default=600.0, help="seconds per request (engine)")
     q.add_argument("--retries", type=int, default=3, help="retries per request (engine)")
     q.add_argument("--max-new-tokens", type=int, default=1024)
