@@ -24,6 +24,7 @@ that is not a chat completion. Connection failures, timeouts and statuses 408/42
 bodies fail at once (retrying would give the same answer). The first failure stops the whole call:
 no partial list is ever returned.
 """
+import http.client
 import json
 import socket
 import time
@@ -82,7 +83,7 @@ def _with_retries(url, call, *, retries, backoff, timeout):
             elif attempt == retries:
                 raise EngineError(f"{url}: unreachable ({e.reason}) after {retries + 1} attempts; is the "
                                   "server running and the URL right (it ends in /v1)?") from e
-        except ConnectionError as e:  # reset / refused while reading the body
+        except (ConnectionError, http.client.HTTPException) as e:  # reset, or a body cut short
             if attempt == retries:
                 raise EngineError(f"{url}: connection failed ({e}) after {retries + 1} attempts") from e
         time.sleep(backoff * 2 ** attempt)

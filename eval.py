@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import load_model
-from evaluation.accuracy import (compare_conditions, format_table, load_predictions, load_results,
+from evaluation.accuracy import (compare_conditions, format_comparison, format_correlation, format_table, load_predictions, load_results,
                                  pair_conditions, run_benchmark, summarize, write_bench_outputs)
 from evaluation.benchmarks import BENCH_TITLES, BENCHMARKS, load_benchmarks, load_templates
 from evaluation.figures import FIGURES_SKIPPED, plot_routing
@@ -53,28 +53,45 @@ def _say(msg):
     print(msg, file=sys.stderr, flush=True)
 
 
-def cmd_bench(args):
+def check_bench_args(args):
     if args.protocol == "loglik" and args.benchmark == "mgsm":
         raise SystemExit("the loglik protocol is for multiple choice (global_mmlu, belebele); use generative for mgsm")
+    if args.engine_url and (args.protocol == "loglik" or not args.engine_model):
+        raise SystemExit("--engine-url needs --engine-model (the served model's name) and serves the generative "
+                         "protocol only (chat completions give no option log-likelihoods)")
+    if not args.checkpoint and not args.engine_url:
+        raise SystemExit("bench needs --checkpoint, or --engine-url and --engine-model")
+
+
+def make_responder(args):
+    """respond(prompts, run): an OpenAI-compatible server (engine.py), or the checkpoint run here."""
+    if args.engine_url:  # same call signature as make_generative_responder
+        from engine import make_engine_responder
+        return make_engine_responder(args.engine_url, args.engine_model, max_new_tokens=args.max_new_tokens,
+                                     temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                                     concurrency=args.engine_concurrency, system=args.system)
+    model = load_model(args.checkpoint, _dtype(args.dtype), args.device)
+    tok = load_tok(args.checkpoint, args.tokenizer)
+    if args.protocol == "loglik":
+        return make_loglik_responder(model, tok, batch_size=args.batch_size, system=args.system)
+    return make_generative_responder(model, tok, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                     top_p=args.top_p, batch_size=args.batch_size, seed=args.seed, system=args.system)
+
+
+def cmd_bench(args):
+    check_bench_args(args)
     langs = args.langs.split(",")
     items = load_benchmarks(args.benchmark, args.data, langs, args.limit, progress=_say)
     templates = load_templates(args.templates, args.benchmark)
     runs = 1 if args.protocol == "loglik" else args.runs
-    model = load_model(args.checkpoint, _dtype(args.dtype), args.device)
-    tok = load_tok(args.checkpoint, args.tokenizer)
-    if args.protocol == "loglik":
-        respond = make_loglik_responder(model, tok, batch_size=args.batch_size, system=args.system)
-    else:
-        respond = make_generative_responder(model, tok, max_new_tokens=args.max_new_tokens,
-                                            temperature=args.temperature, top_p=args.top_p,
-                                            batch_size=args.batch_size, seed=args.seed, system=args.system)
-    records = run_benchmark(items, respond, benchmark=args.benchmark, protocol=args.protocol, runs=runs,
+    records = run_benchmark(items, make_responder(args), benchmark=args.benchmark, protocol=args.protocol, runs=runs,
                             templates=templates, progress=_say)
     summary = summarize(records)
-    label = args.label or _label(args.checkpoint)
-    meta = dict(benchmark=args.benchmark, protocol=args.protocol, checkpoint=str(args.checkpoint), label=label,
-                runs=runs, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                seed=args.seed, templates=args.templates, system=args.system)
+    label = args.label or _label(args.checkpoint or args.engine_model)
+    meta = dict(benchmark=args.benchmark, protocol=args.protocol, checkpoint=args.checkpoint, label=label,
+                engine_url=args.engine_url, engine_model=args.engine_model, runs=runs, temperature=args.temperature,
+                top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed, templates=args.templates,
+                system=args.system)
     out = args.out or f"results/{args.benchmark}-{args.protocol}-{label.replace('/', '-')}"
     write_bench_outputs(out, records, summary, meta)
     proto = (f"generative, {runs} run(s), T={args.temperature}, top-p {args.top_p}" if args.protocol == "generative"
@@ -92,7 +109,8 @@ def cmd_table(args):
         langs += [l for l in res["langs"] if l not in langs]
         titles.add(f"{BENCH_TITLES.get(res['benchmark'], res['benchmark'])} ({res['protocol']}, "
                    f"{len(res['average']['runs'])} run(s))")
-    print(format_table(rows, langs, "accuracy (%): " + ", ".join(sorted(titles))))
+    print(format_table(rows, langs, "accuracy (%): " + ", ".join(sorted(titles))
+                       + "; ± = std over the generation runs of one checkpoint (sampling noise, not seeds)"))
 
 
 def cmd_routing(args):
@@ -146,44 +164,26 @@ def cmd_band(args):
 
 
 def cmd_compare(args):
+    if args.routing_csv and not args.band:  # before any work
+        raise SystemExit("--routing-csv needs --band START,END (decoder layers, inclusive; see `eval.py band`)")
     pairs = pair_conditions([load_predictions(p) for p in args.a], [load_predictions(p) for p in args.b],
                             args.common_only)
     for note in pairs["notes"]:
         _say("warning: " + note)
     res = compare_conditions(pairs, resamples=args.resamples, seed=args.seed)
-    boot = res["bootstrap"]
-    print(f"paired bootstrap over items ({args.resamples} resamples, seed {args.seed}): Δ = b - a, percentage "
-          f"points, 95% CI; p_holm: Holm-adjusted over the {len(pairs['units'])} languages")
-    print(f"{'lang':<14}{'n':>7}{'acc a':>9}{'acc b':>9}{'Δ':>8}   {'95% CI':<18}{'p':>7}{'p_holm':>8}")
-    for unit, s in boot.items():
-        print(f"{unit:<14}{s['n']:>7}{s['acc_a']:9.2f}{s['acc_b']:9.2f}{s['delta']:+8.2f}   "
-              f"[{s['lo']:+6.2f}, {s['hi']:+6.2f}]  {s['p']:7.4f}" + (f"{s['p_holm']:8.4f}" if "p_holm" in s else ""))
-    print(f"overall: unweighted mean over languages; resampled {boot['overall']['resampling']}")
-    for unit, t in res.get("seed_level", {}).items():
-        print(f"seed level {unit:<10} Δ per seed {', '.join(f'{d:+.2f}' for d in t['deltas'])}: "
-              f"mean {t['mean']:+.2f} [{t['lo']:+.2f}, {t['hi']:+.2f}] (t, df {t['df']}), p = {t['p']:.4f}")
-    print("note: " + res["note"])
+    print(format_comparison(res, len(pairs["units"]), args.resamples, args.seed))
     result = dict(a=list(map(str, args.a)), b=list(map(str, args.b)), resamples=args.resamples, seed=args.seed,
                   warnings=pairs["notes"], **res)
     if args.routing_csv:
-        if not args.band:
-            raise SystemExit("--routing-csv needs --band START,END (decoder layers, inclusive; see `eval.py band`)")
         band = tuple(int(x) for x in args.band.split(","))
         rows = [r for p in args.routing_csv for r in read_routing_csv(p)]
         models = models_in(rows)
         if len(models) != 2:
             raise SystemExit(f"the routing table(s) must hold exactly two models (a, b); found {models}")
         ddiv = band_divergence_change(rows, band, models[0], models[1], args.metric)
-        corr = correlate(ddiv, {u: s["delta"] for u, s in boot.items() if u != "overall"})
+        corr = correlate(ddiv, {u: s["delta"] for u, s in res["bootstrap"].items() if u != "overall"})
         result["correlation"] = dict(band=band, metric=args.metric, models=models, **corr)
-        print(f"\nΔ{args.metric} over layers {band[0]}..{band[1]} ({models[1]} - {models[0]}) vs Δaccuracy, "
-              f"across {corr['n']} languages: " + ", ".join(f"{l} ({x:+.4f}, {y:+.2f})" for l, x, y in
-                                                             zip(corr["langs"], corr["delta_div"], corr["delta_acc"])))
-        if "note" in corr:
-            print(corr["note"])
-        else:
-            print(f"Pearson r = {corr['pearson']:+.3f} (permutation p = {corr['pearson_p']:.3f}), "
-                  f"Spearman rho = {corr['spearman']:+.3f} (p = {corr['spearman_p']:.3f})")
+        print(format_correlation(result["correlation"]))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1), encoding="utf-8")
@@ -196,8 +196,8 @@ def build_parser():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
-    def model_args(q):
-        q.add_argument("--checkpoint", required=True, help="Hugging Face checkpoint dir, or train.py's base.pt")
+    def model_args(q, required=True):
+        q.add_argument("--checkpoint", required=required, help="Hugging Face checkpoint dir, or train.py's base.pt")
         q.add_argument("--tokenizer", default=None, help="tokenizer path (default: the checkpoint dir)")
         q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         q.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
@@ -206,7 +206,11 @@ def build_parser():
         q.add_argument("--system", default=None, help="optional system message")
 
     q = sub.add_parser("bench", help="Global-MMLU / BELEBELE / MGSM accuracy per language")
-    model_args(q)
+    model_args(q, required=False)  # required unless --engine-url
+    q.add_argument("--engine-url", "--engine_url", default=None,
+                   help="generate with an OpenAI-compatible server (e.g. http://localhost:8000/v1; engine.py)")
+    q.add_argument("--engine-model", "--engine_model", default=None, help="the served model's name")
+    q.add_argument("--engine-concurrency", type=int, default=16, help="requests in flight at once")
     q.add_argument("--benchmark", required=True, choices=BENCHMARKS)
     q.add_argument("--data", required=True, help="file, directory, or pattern with {lang}")
     q.add_argument("--langs", required=True, help="comma-separated, e.g. sw,hi,bn,te,ne")

@@ -8,9 +8,8 @@ target language; every translation is checked. The output is the JSONL train.py 
         --checkpoint Qwen3-30B-A3B --langs sw,hi,bn,te,ne --out data/stage1        # built-in generator
     python stage1.py build ... --engine-url http://localhost:8000/v1 --engine-model sara   # serving engine
         [--translator model|engine|file] [--translate-url URL --translate-model NAME] [--translations FILE]
-    python stage1.py throughput [--checkpoint DIR] [--batch-sizes 1,16,64]   # built-in decoding tokens/s
 
-Question files (.jsonl/.json, .csv/.tsv, .parquet, read by eval's read_rows); the kind is told by the columns:
+Question files (.jsonl/.json, .csv/.tsv, .parquet, read by the evaluation's read_rows); the kind is told by the columns:
   multiple choice  MMLU-Pro / MMLU-ProX rows: question, options (a list of up to 10 strings, or a JSON list
                    in a CSV cell; trailing "N/A" padding is dropped) or option_0..option_9, and the gold as
                    answer (a letter A-J) and/or answer_index (0-9; both must agree); id from question_id.
@@ -20,10 +19,10 @@ Question files (.jsonl/.json, .csv/.tsv, .parquet, read by eval's read_rows); th
 prefixes the ids. A bad row stops the run before any model is loaded, naming the file and line (row for
 CSV/Parquet). All validation (files, languages, translation file, servers, output directory) comes first.
 
-Prompts: math uses eval's MGSM template; multiple choice uses the Global-MMLU wording with the letter list
-of the item (A..D for four options: the very prompt eval sends, so training and evaluation ask alike).
-Filter: eval's score_output (extract_boxed: last complete \\boxed{}; normalize_choice / parse_number), the
-SAME normalisation as the evaluation. Reasons: wrong_answer, no_boxed_answer (no box, or unreadable),
+Prompts: math uses the evaluation's MGSM template; multiple choice the Global-MMLU wording with the item's
+letter list (for four options the very prompt the evaluation sends: training and evaluation ask alike).
+Filter: evaluation/scoring.py's score_output (the last complete \\boxed{}; normalize_choice / parse_number),
+the SAME normalisation as the evaluation. Reasons: wrong_answer, no_boxed_answer (no box, or unreadable),
 gold_unreadable (a gold letter the evaluation's normaliser cannot read, e.g. E-J while it reads A-D).
 
 Translators (--translator): "model" = the answering model (built-in or --engine-url) prompted with
@@ -33,7 +32,8 @@ id, lang, prompt, response; id = "<group>-<lang>" as in the output; a parallel J
 Checks, in order, each a rejection reason: no_translation (file has none), empty, untranslated (a text
 returned unchanged), length_ratio (len(out)+32 outside [min_ratio, max_ratio] x (len(src)+32), in
 characters: runaway repetition or a dropped half; the +32 keeps short strings from tripping it),
-boxed_answer_missing / boxed_answer_changed (scored against the gold with eval's scoring), wrong_script
+options_lost (a multiple-choice prompt no longer lists its options as lines "A." .. in order),
+boxed_answer_missing / boxed_answer_changed (scored against the gold with the evaluation's scoring), wrong_script
 (for languages in SCRIPTS: in the prompt or in the response, under --min-script-fraction of the letters
 outside \\boxed{} and LaTeX commands are in the language's Unicode blocks).
 
@@ -49,18 +49,18 @@ set can differ slightly from an uninterrupted run's; every kept row is still ver
 import argparse
 import ast
 import contextlib
+import hashlib
 import json
 import os
 import re
 import sys
-import time
 import unicodedata
 from pathlib import Path
 
 from tqdm import tqdm
 
-from data.parallel import load_parallel_jsonl, tokenize_samples
-from eval import TEMPLATES, build_prompt, extract_boxed, parse_number, read_rows, score_output
+from evaluation.benchmarks import TEMPLATES, build_prompt, read_rows
+from evaluation.scoring import extract_boxed, parse_number, score_output
 
 LETTERS = "ABCDEFGHIJ"
 LANG_NAMES = {"en": "English", "zh": "Chinese", "sw": "Swahili", "hi": "Hindi", "bn": "Bengali", "te": "Telugu",
@@ -83,6 +83,7 @@ TRANSLATE_PROMPT = ("Translate the following text from {source} into {target}. K
 # question files -> items {"group", "source", "question", "choices" (list) or None, "answer", "prompt"}
 
 def _options(row, where):
+    """The row's options as strings, padding not yet removed (the gold decides how much may go)."""
     if "options" in row:
         opts = row["options"]
         if isinstance(opts, str):  # a CSV cell: a JSON list, or a Python list literal
@@ -93,13 +94,22 @@ def _options(row, where):
                     opts = ast.literal_eval(opts)
                 except (ValueError, SyntaxError):
                     raise ValueError(f"{where}: 'options' is not a list: {opts[:80]!r}") from None
-        opts = list(opts) if not isinstance(opts, (str, dict)) and hasattr(opts, "__iter__") else None
-        if opts is None:
-            raise ValueError(f"{where}: 'options' must be a list of strings")
-    else:
-        opts = [row[f"option_{i}"] for i in range(10) if row.get(f"option_{i}") not in (None, "")]
-    opts = [str(o) for o in opts]
-    while opts and opts[-1].strip() == "N/A":  # MMLU-Pro v1.1 pads to 10 with "N/A"
+        if not isinstance(opts, (list, tuple)):
+            raise ValueError(f"{where}: 'options' must be a list of strings, got {type(opts).__name__}")
+        return [str(o) for o in opts]
+    cells = [row.get(f"option_{i}") for i in range(len(LETTERS))]
+    while cells and cells[-1] in (None, ""):
+        cells.pop()
+    gaps = [f"option_{i}" for i, c in enumerate(cells) if c in (None, "")]
+    if gaps:  # skipping it would shift every later letter
+        raise ValueError(f"{where}: {gaps[0]} is empty but later options are not")
+    return [str(c) for c in cells]
+
+
+def _trim_padding(opts, gold, where):
+    """MMLU-Pro v1.1 pads to 10 options with "N/A": drop trailing ones, never the gold."""
+    opts = list(opts)
+    while len(opts) > LETTERS.index(gold) + 1 and opts[-1].strip() == "N/A":
         opts.pop()
     if not 2 <= len(opts) <= len(LETTERS):
         raise ValueError(f"{where}: {len(opts)} options; expected 2 to {len(LETTERS)}")
@@ -137,12 +147,12 @@ def _math_gold(row, where):
 
 
 def mc_prompt(question, choices):
-    """The Global-MMLU instruction with this item's letters; for 4 options exactly eval's prompt."""
+    """The Global-MMLU instruction with this item's letters; for 4 options exactly the evaluation's."""
     letters = LETTERS[:len(choices)]
     listing = ", ".join(letters[:-1]) + " or " + letters[-1]
     head = TEMPLATES["global_mmlu"].split("\n\n")[0]
     if "(A, B, C or D)" not in head:
-        raise RuntimeError("eval's global_mmlu template changed: update stage1.mc_prompt")
+        raise RuntimeError("evaluation's global_mmlu template changed: update stage1.mc_prompt")
     head = head.replace("(A, B, C or D)", f"({listing})")
     return head + "\n\n" + question + "\n\n" + "\n".join(f"{l}. {c}" for l, c in zip(letters, choices))
 
@@ -151,8 +161,11 @@ def row_to_item(row, kind, source, index, where):
     if not isinstance(row, dict) or not str(row.get("question") or "").strip():
         raise ValueError(f"{where}: no 'question'")
     if kind == "mc":
-        choices = _options(row, where)
-        answer = _mc_gold(row, len(choices), where)
+        opts = _options(row, where)
+        if len(opts) < 2:
+            raise ValueError(f"{where}: {len(opts)} options; expected 2 to {len(LETTERS)}")
+        answer = _mc_gold(row, min(len(opts), len(LETTERS)), where)
+        choices = _trim_padding(opts, answer, where)
         item_id = str(row.get("question_id") if row.get("question_id") not in (None, "") else index)
         prompt = mc_prompt(row["question"], choices)
     else:
@@ -205,20 +218,21 @@ def load_questions(spec):
 # -----------------------------------------------------------------------------
 # the filter and the translation checks
 
-def _eval_item(item):
-    return dict(choices=item["choices"], answer=item["answer"])
+def _eval_item(item, lang):
+    """The fields the evaluation's score_output reads (lang: how a number's digit grouping is read)."""
+    return dict(choices=item["choices"], answer=item["answer"], lang=lang)
 
 
-# Whether the evaluation's normaliser reads letters past D (probed, not assumed: it is eval's to decide)
+# Whether the evaluation's normaliser reads letters past D (probed, not assumed: it is the evaluation's call)
 _PROBE = dict(choices=list("0123456789"), answer="J")
 EVAL_READS_ALL_LETTERS = score_output(_PROBE, "\\boxed{J}", "generative")[1]
 
 
-def judge_answer(item, text):
+def judge_answer(item, text, lang="en"):
     """-> (pred, reason): reason None = keep; else wrong_answer / no_boxed_answer / gold_unreadable."""
     if item["choices"] is not None and item["answer"] not in "ABCD" and not EVAL_READS_ALL_LETTERS:
         return None, "gold_unreadable"
-    pred, correct = score_output(_eval_item(item), text, "generative")
+    pred, correct = score_output(_eval_item(item, lang), text, "generative")
     if correct:
         return pred, None
     return pred, "wrong_answer" if pred is not None else "no_boxed_answer"
@@ -239,6 +253,11 @@ def script_fraction(text, lang):
     return inside / len(letters)
 
 
+def _option_letters(prompt):
+    """The option labels of a multiple-choice prompt, in order: lines starting "A." / "A)" / "(A)"."""
+    return re.findall(r"^\s*\(?([A-J])[.)]", prompt, flags=re.M)
+
+
 def check_translation(item, src, out, lang, *, min_ratio=0.15, max_ratio=3.0, min_script=0.5):
     """src, out: (prompt, response) in the source and the target language. -> None if the translation is
     accepted, else the reason (see the module docstring)."""
@@ -252,9 +271,11 @@ def check_translation(item, src, out, lang, *, min_ratio=0.15, max_ratio=3.0, mi
     for s, t in zip(src, out):
         if not min_ratio * (len(s) + 32) <= len(t) + 32 <= max_ratio * (len(s) + 32):
             return "length_ratio"
+    if item["choices"] is not None and _option_letters(out[0]) != list(LETTERS[:len(item["choices"])]):
+        return "options_lost"
     if extract_boxed(out[1]) is None:
         return "boxed_answer_missing"
-    if not score_output(_eval_item(item), out[1], "generative")[1]:
+    if not score_output(_eval_item(item, lang), out[1], "generative")[1]:
         return "boxed_answer_changed"
     if lang in SCRIPTS and any(script_fraction(t, lang) < min_script for t in out):
         return "wrong_script"
@@ -373,6 +394,12 @@ def _batches(seq, n):
         yield seq[i:i + n]
 
 
+def _same_length(outs, ins, what):
+    if len(outs) != len(ins):  # zip would silently pair answers with the wrong questions
+        raise RuntimeError(f"{what} returned {len(outs)} outputs for {len(ins)} inputs")
+    return outs
+
+
 def run_stage1(items, respond, translate, out, *, langs, source_lang="en", batch_size=16,
                checks=None, progress=True):
     """items from load_questions; respond(prompts, run) -> answers (built-in or engine responder), called
@@ -383,10 +410,10 @@ def run_stage1(items, respond, translate, out, *, langs, source_lang="en", batch
     todo = [it for it in items if it["group"] not in answers]
     bar = tqdm(total=len(items), initial=len(items) - len(todo), desc="answer", unit="item", disable=not progress)
     for chunk in _batches(todo, batch_size):
-        texts = respond([it["prompt"] for it in chunk], 0)
+        texts = _same_length(respond([it["prompt"] for it in chunk], 0), chunk, "respond")
         recs = []
         for it, text in zip(chunk, texts):
-            pred, reason = judge_answer(it, text)
+            pred, reason = judge_answer(it, text, source_lang)
             recs.append(dict(group=it["group"], source=it["source"], prompt=it["prompt"], response=text,
                              gold=it["answer"], pred=pred, status=reason or "kept"))
         answers.append(recs)
@@ -398,9 +425,9 @@ def run_stage1(items, respond, translate, out, *, langs, source_lang="en", batch
     jobs = [(it, (it["prompt"], answers.records[it["group"]]["response"]), lang)
             for it in kept for lang in langs if (it["group"], lang) not in trans]
     bar = tqdm(total=len(kept) * len(langs), initial=len(kept) * len(langs) - len(jobs), desc="translate",
-               unit="text", disable=not progress)
+               unit="translation", disable=not progress)
     for chunk in _batches(jobs, batch_size):
-        outs = translate(chunk)
+        outs = _same_length(translate(chunk), chunk, "translate")
         recs = []
         for (it, src, lang), o in zip(chunk, outs):
             reason = check_translation(it, src, o, lang, **(checks or {}))
@@ -477,41 +504,39 @@ def parse_langs(spec, source_lang):
     return names
 
 
-def _lazy(make):
-    """A responder built on first use: no model is loaded when the journals already hold the work."""
-    box = []
-
-    def respond(prompts, run):
-        if not box:
-            box.append(make())
-        return box[0](prompts, run)
-    return respond
-
-
-def _builtin_responders(args):
-    """-> make(max_new_tokens) -> a lazy built-in responder; all of them share one model, loaded once."""
+def _responders(args):
+    """-> make(max_new_tokens, url=None, name=None): a responder (an engine's if url is given, else the built-in
+    generator's), built on first use, so no model is loaded when the journals already hold the work. The
+    built-in ones share one model, loaded once."""
     loaded = []
 
-    def make(max_new_tokens):
-        def build():
-            from eval import load_model, load_tok, make_generative_responder  # TODO: checkpoint.load_model
-            if not loaded:
-                loaded.append((load_model(args.checkpoint, args.dtype, args.device),
-                               load_tok(args.checkpoint, args.tokenizer)))
-            model, tok = loaded[0]
-            return make_generative_responder(model, tok, max_new_tokens=max_new_tokens, temperature=args.temperature,
-                                             top_p=args.top_p, batch_size=args.batch_size, seed=args.seed,
-                                             system=args.system)
-        return _lazy(build)
+    def build(max_new_tokens, url, name):
+        if url:
+            from engine import make_engine_responder
+            return make_engine_responder(url, name, max_new_tokens=max_new_tokens, temperature=args.temperature,
+                                         top_p=args.top_p, seed=args.seed, concurrency=args.concurrency,
+                                         timeout=args.timeout, retries=args.retries, system=args.system,
+                                         api_key=os.environ.get("OPENAI_API_KEY"))
+        import torch
+        from checkpoint import load_model
+        from eval import load_tok
+        from evaluation.generate import make_generative_responder
+        if not loaded:
+            loaded.append((load_model(args.checkpoint, getattr(torch, args.dtype) if args.dtype else None, args.device),
+                           load_tok(args.checkpoint, args.tokenizer)))
+        return make_generative_responder(*loaded[0], max_new_tokens=max_new_tokens, temperature=args.temperature,
+                                         top_p=args.top_p, batch_size=args.batch_size, seed=args.seed,
+                                         system=args.system)
+
+    def make(max_new_tokens, url=None, name=None):
+        box = []
+
+        def respond(prompts, run):
+            if not box:
+                box.append(build(max_new_tokens, url, name))
+            return box[0](prompts, run)
+        return respond
     return make
-
-
-def _engine_responder(args, url, model, max_new_tokens):
-    from engine import make_engine_responder
-    return make_engine_responder(url, model, max_new_tokens=max_new_tokens, temperature=args.temperature,
-                                 top_p=args.top_p, seed=args.seed, concurrency=args.concurrency,
-                                 timeout=args.timeout, retries=args.retries, system=args.system,
-                                 api_key=os.environ.get("OPENAI_API_KEY"))
 
 
 def cmd_build(args):
@@ -550,23 +575,22 @@ def cmd_build(args):
     settings = dict(source_lang=args.source_lang, answer_model=answer_model, temperature=args.temperature,
                     top_p=args.top_p, seed=args.seed, system=args.system, max_new_tokens=args.max_new_tokens,
                     translator=args.translator, translate_by=translate_by,
-                    translate_max_new_tokens=args.translate_max_new_tokens, **checks)
+                    translate_max_new_tokens=args.translate_max_new_tokens, **checks,
+                    prompts=hashlib.sha256((TEMPLATES["global_mmlu"] + TEMPLATES["mgsm"] + TRANSLATE_PROMPT)
+                                           .encode()).hexdigest()[:16],
+                    eval_reads_all_letters=EVAL_READS_ALL_LETTERS)
     # --- the work
     with locked(out):
         pin_settings(out, settings)
-        if args.checkpoint:
-            make = _builtin_responders(args)
-        else:
-            make = lambda n: _lazy(lambda: _engine_responder(args, args.engine_url, args.engine_model, n))
-        respond = make(args.max_new_tokens)
+        make = _responders(args)
+        respond = make(args.max_new_tokens, args.engine_url, args.engine_model)
         names = {args.source_lang: LANG_NAMES.get(args.source_lang, args.source_lang), **langs}
         if args.translator == "file":
             translate = file_translator(table)
-        elif args.translator == "engine":
-            translate = responder_translator(_lazy(lambda: _engine_responder(
-                args, args.translate_url, args.translate_model, args.translate_max_new_tokens)), args.source_lang, names)
-        else:  # the answering model itself, with the translation output budget
-            translate = responder_translator(make(args.translate_max_new_tokens), args.source_lang, names)
+        else:  # a second model's server, or the answering model itself, with the translation output budget
+            url, name = ((args.translate_url, args.translate_model) if args.translator == "engine"
+                         else (args.engine_url, args.engine_model))
+            translate = responder_translator(make(args.translate_max_new_tokens, url, name), args.source_lang, names)
         if not EVAL_READS_ALL_LETTERS and any(it["choices"] and it["answer"] not in "ABCD" for it in items):
             print("note: the evaluation's normalize_choice reads A-D only; items whose gold is E-J are rejected "
                   "as gold_unreadable", file=sys.stderr)
@@ -575,43 +599,6 @@ def cmd_build(args):
     print(format_summary(summary))
     n = sum(1 for _ in open(out / "parallel.jsonl", encoding="utf-8"))
     print(f"wrote {out / 'parallel.jsonl'} ({n} rows); summary in {out / 'summary.json'}")
-
-
-def cmd_throughput(args):
-    """Decoding tokens/s of the built-in generator (eval.generate_batch: KV cache, left padding)."""
-    import torch
-    from eval import generate_batch, load_model
-    from model import MoEConfig, MoETransformer, qwen3_30b_a3b_config
-    torch.manual_seed(0)
-    if args.checkpoint:
-        model = load_model(args.checkpoint, args.dtype, args.device)
-    else:
-        if args.shape == "toy":  # train.py's toy model_config
-            cfg = MoEConfig(vocab_size=4096, hidden_size=128, n_layers=4, n_heads=4, n_kv_heads=2,
-                            intermediate_size=256, n_experts=8, top_k=2, moe_intermediate_size=128, qk_norm=True,
-                            norm_topk_prob=True, max_position_embeddings=512)
-        else:  # Qwen3-30B-A3B's dimensions with fewer layers
-            cfg = qwen3_30b_a3b_config(n_layers=args.n_layers)
-        dtype = getattr(torch, args.dtype or "float32")
-        model = MoETransformer(cfg).to(device=args.device, dtype=dtype).eval()
-    vocab = model.config.vocab_size
-    print(f"model: {args.checkpoint or args.shape}, {model.config.n_layers} layers, device {args.device}, "
-          f"dtype {next(model.parameters()).dtype}, threads {torch.get_num_threads()}; prompt {args.prompt_len} "
-          f"tokens, {args.new_tokens} new tokens per row (no early stop), temperature {args.temperature}")
-    print(f"{'batch':>6} {'seconds':>8} {'new tok/s':>10} {'ms/step':>8}")
-    for bs in [int(b) for b in args.batch_sizes.split(",")]:
-        prompts = torch.randint(0, vocab, (bs, args.prompt_len)).tolist()
-        gen = torch.Generator(args.device).manual_seed(0)
-        generate_batch(model, prompts, 2, args.temperature, 1.0, (), gen)  # warm-up
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        rows = generate_batch(model, prompts, args.new_tokens, args.temperature, 1.0, (), gen)
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-        n = sum(len(r) for r in rows)
-        print(f"{bs:>6} {dt:>8.2f} {n / dt:>10.1f} {1000 * dt / args.new_tokens:>8.1f}")
 
 
 def build_parser():
@@ -633,7 +620,7 @@ def build_parser():
     q.add_argument("--translate-model", default=None)
     q.add_argument("--translations", default=None, help="translation file for --translator file")
     q.add_argument("--batch-size", type=int, default=16, help="items per generation call and journal write")
-    q.add_argument("--concurrency", type=int, default=16, help="requests in flight (engine)")
+    q.add_argument("--concurrency", "--engine-concurrency", type=int, default=16, help="requests in flight (engine)")
     q.add_argument("--timeout", type=float, default=600.0, help="seconds per request (engine)")
     q.add_argument("--retries", type=int, default=3, help="retries per request (engine)")
     q.add_argument("--max-new-tokens", type=int, default=1024)
@@ -646,16 +633,6 @@ def build_parser():
     q.add_argument("--min-ratio", type=float, default=0.15)
     q.add_argument("--max-ratio", type=float, default=3.0)
     q.add_argument("--min-script-fraction", type=float, default=0.5)
-    t = sub.add_parser("throughput", help="tokens/s of the built-in generator at several batch sizes")
-    t.add_argument("--checkpoint", default=None, help="default: a random-init model of --shape")
-    t.add_argument("--shape", choices=("toy", "qwen3"), default="toy")
-    t.add_argument("--n-layers", type=int, default=4, help="decoder layers for --shape qwen3")
-    t.add_argument("--batch-sizes", default="1,16,64")
-    t.add_argument("--prompt-len", type=int, default=64)
-    t.add_argument("--new-tokens", type=int, default=64)
-    t.add_argument("--temperature", type=float, default=0.1)
-    t.add_argument("--dtype", default=None)
-    t.add_argument("--device", default="cuda" if _cuda() else "cpu")
     return p
 
 
@@ -666,7 +643,7 @@ def _cuda():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    {"build": cmd_build, "throughput": cmd_throughput}[args.cmd](args)
+    cmd_build(args)
 
 
 if __name__ == "__main__":

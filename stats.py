@@ -14,6 +14,8 @@ API (every interval is a two-sided `ci` interval, default 95%):
                                            the two-sided p of mean = 0 (a seed-level paired comparison:
                                            x = per-seed differences)
   t_cdf(t, df), t_ppf(q, df), betainc(a, b, x)   Student t and the regularized incomplete beta
+  min_detectable_effect(sd, n)          -> the smallest true mean difference a paired t test over n seeds
+                                           detects with the given power (ci 0.95, power 0.8 by default)
   holm(pvalues)                         -> Holm-adjusted p-values, in the input order
   rankdata, pearson, spearman, permutation_p(x, y, stat), correlate(delta_div, delta_acc)
 
@@ -34,8 +36,9 @@ every language. If a method's effect on an item is correlated across its K trans
 rho), the per-language differences are not independent, and resampling each language on its own gives an
 interval for the mean over languages that is too narrow by about sqrt(1 + (K - 1) rho). Resampling item
 ids jointly (one draw picks an item in every language at once) keeps that correlation. Measured in
-tests/test_stats.py on a simulation with K = 5, rho = 0.25: the joint interval matches the direct
-(plug-in) standard error within a few percent, the independent one is ~sqrt(2) too narrow.
+tests/test_stats.py on a simulation with K = 5 languages, 400 items, rho = 0.25 (10,000 resamples): joint
+interval 0.647 points wide, direct computation (item means' plug-in standard error x 2 x 1.96) 0.637,
+independent per language 0.445, too narrow by 1.45 (sqrt(1 + 4 x 0.25) = 1.41).
 
 Student t without scipy: the CDF is the regularized incomplete beta, I_x(df/2, 1/2) with
 x = df / (df + t^2), evaluated by its continued fraction (modified Lentz); the quantile inverts the CDF by
@@ -255,6 +258,16 @@ def t_interval(x, ci=0.95):
         return dict(mean=mean, lo=mean, hi=mean, p=float(mean == 0), se=0.0, df=df, n=n)
     half = t_ppf(1 - (1 - ci) / 2, df) * se
     return dict(mean=mean, lo=mean - half, hi=mean + half, p=t_sf2(mean / se, df), se=se, df=df, n=n)
+
+
+def min_detectable_effect(sd, n, ci=0.95, power=0.8):
+    """The true mean difference that a two-sided paired t test over n seeds (level 1 - ci) detects with
+    probability `power`, given the per-seed differences' std sd: (t_{1-a/2, n-1} + t_{power, n-1}) sd / sqrt(n).
+    The usual approximation of the noncentral t: the achieved power is 0.766 for n = 3, 0.791 for n = 5,
+    0.799 for n = 10 (nominal 0.8; scipy.stats.nct, tests/test_stats.py)."""
+    if n < 2:
+        raise ValueError(f"min_detectable_effect needs n >= 2 seeds; got {n}")
+    return (t_ppf(1 - (1 - ci) / 2, n - 1) + t_ppf(power, n - 1)) * sd / math.sqrt(n)
 
 
 def holm(pvalues):

@@ -220,3 +220,34 @@ def compare_conditions(pairs, *, resamples=10000, seed=0):
     result["note"] = (f"{S} seeds per condition: the t interval (df {S - 1}) measures training-seed noise on "
                       "this test set; the bootstrap (seed-averaged items) measures test-item noise")
     return result
+
+
+def format_comparison(res, n_units, resamples, seed):
+    """compare_conditions output -> the printed report."""
+    boot = res["bootstrap"]
+    lines = [f"paired bootstrap over items ({resamples} resamples, seed {seed}): Δ = b - a, percentage points, "
+             f"95% CI; p_holm: Holm-adjusted over the {n_units} languages",
+             f"{'lang':<14}{'n':>7}{'acc a':>9}{'acc b':>9}{'Δ':>8}   {'95% CI':<18}{'p':>7}{'p_holm':>8}"]
+    for unit, s in boot.items():
+        lines.append(f"{unit:<14}{s['n']:>7}{s['acc_a']:9.2f}{s['acc_b']:9.2f}{s['delta']:+8.2f}   "
+                     f"[{s['lo']:+6.2f}, {s['hi']:+6.2f}]  {s['p']:7.4f}"
+                     + (f"{s['p_holm']:8.4f}" if "p_holm" in s else ""))
+    lines.append(f"overall: unweighted mean over languages; resampled {boot['overall']['resampling']}")
+    for unit, t in res.get("seed_level", {}).items():
+        lines.append(f"seed level {unit:<10} Δ per seed {', '.join(f'{d:+.2f}' for d in t['deltas'])}: mean "
+                     f"{t['mean']:+.2f} [{t['lo']:+.2f}, {t['hi']:+.2f}] (t, df {t['df']}), p = {t['p']:.4f}")
+    lines.append("note: " + res["note"])
+    return "\n".join(lines)
+
+
+def format_correlation(c):
+    """The correlation entry of compare (band divergence change vs accuracy change) -> printed lines."""
+    lines = [f"\nΔ{c['metric']} over layers {c['band'][0]}..{c['band'][1]} ({c['models'][1]} - {c['models'][0]}) vs "
+             f"Δaccuracy, across {c['n']} languages: " + ", ".join(
+                 f"{l} ({x:+.4f}, {y:+.2f})" for l, x, y in zip(c["langs"], c["delta_div"], c["delta_acc"]))]
+    if "note" in c:
+        lines.append(c["note"])
+    else:
+        lines.append(f"Pearson r = {c['pearson']:+.3f} (permutation p = {c['pearson_p']:.3f}), "
+                     f"Spearman rho = {c['spearman']:+.3f} (p = {c['spearman_p']:.3f})")
+    return "\n".join(lines)

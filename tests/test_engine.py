@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import eval as E
+from evaluation.accuracy import run_benchmark
+from evaluation.benchmarks import TEMPLATES, build_prompt, load_benchmark
+from evaluation.generate import make_generative_responder
 from engine import EngineError, check_engine, make_engine_responder, served_models
 from fake_engine import FakeEngine
 from model import MoEConfig, MoETransformer
@@ -112,14 +114,46 @@ def test_same_records_as_builtin_generator():
     model = MoETransformer(MoEConfig(vocab_size=tok.vocab_size, hidden_size=32, n_layers=2, n_heads=2,
                                      n_kv_heads=1, intermediate_size=64, n_experts=4, top_k=2,
                                      moe_intermediate_size=32, max_position_embeddings=512)).eval()
-    items, _ = E.load_benchmark("global_mmlu", ROOT / "tests" / "fixtures" / "global_mmlu", "sw")
-    builtin = E.make_generative_responder(model, tok, max_new_tokens=6, temperature=0.1, seed=0)
+    items, _ = load_benchmark("global_mmlu", ROOT / "tests" / "fixtures" / "global_mmlu", "sw")
+    builtin = make_generative_responder(model, tok, max_new_tokens=6, temperature=0.1, seed=0)
     kw = dict(benchmark="global_mmlu", protocol="generative", runs=2)
-    want = E.run_benchmark({"sw": items}, builtin, **kw)
-    prompts = [E.build_prompt(it, E.TEMPLATES["global_mmlu"]) for it in items]
+    want = run_benchmark({"sw": items}, builtin, **kw)
+    prompts = [build_prompt(it, TEMPLATES["global_mmlu"]) for it in items]
     table = {(p, run): builtin(prompts, run)[i] for run in range(2) for i, p in enumerate(prompts)}
     with FakeEngine(lambda payload: table[(user_text(payload), payload["seed"])]) as fake:
         engine = make_engine_responder(fake.url, "m", max_new_tokens=6, seed=0, concurrency=4)
-        got = E.run_benchmark({"sw": items}, engine, **kw)
+        got = run_benchmark({"sw": items}, engine, **kw)
     assert json.dumps(got) == json.dumps(want)
     assert len({r["output"] for r in got}) > 1  # real, varied completions, not one constant
+
+
+def test_eval_bench_cli_same_outputs_through_an_engine(tmp_path):
+    """`eval.py bench` end to end: on a tiny checkpoint, then with --engine-url against a server that returns
+    the checkpoint's own completions. predictions.jsonl and table.csv are byte-identical."""
+    import shutil
+    import eval as E
+    from checkpoint import save_hf
+    tok_path = ROOT / "data" / "udhr" / "bpe.tiktoken"
+    torch.manual_seed(0)
+    model = MoETransformer(MoEConfig(vocab_size=4096, hidden_size=32, n_layers=2, n_heads=2, n_kv_heads=1,
+                                     intermediate_size=64, n_experts=4, top_k=2, moe_intermediate_size=32,
+                                     qk_norm=True, max_position_embeddings=512))
+    save_hf(model, tmp_path / "hf")
+    shutil.copy(tok_path, tmp_path / "hf")
+    data = ROOT / "tests" / "fixtures" / "global_mmlu"
+    common = ["bench", "--benchmark", "global_mmlu", "--data", str(data), "--langs", "sw,hi", "--runs", "2",
+              "--max-new-tokens", "6"]
+    E.main(common + ["--checkpoint", str(tmp_path / "hf"), "--out", str(tmp_path / "a")])
+    by_prompt = {}
+    for lang in ("sw", "hi"):
+        items, _ = load_benchmark("global_mmlu", data, lang)
+        for it in items:
+            by_prompt[build_prompt(it, TEMPLATES["global_mmlu"])] = (lang, it["id"])
+    outputs = {}
+    for line in (tmp_path / "a" / "predictions.jsonl").read_text(encoding="utf-8").splitlines():
+        r = json.loads(line)
+        outputs[(r["lang"], r["id"], r["run"])] = r["output"]
+    with FakeEngine(lambda p: outputs[(*by_prompt[user_text(p)], p["seed"])], models=["tiny"]) as fake:
+        E.main(common + ["--engine-url", fake.url, "--engine-model", "tiny", "--out", str(tmp_path / "b")])
+    for name in ("predictions.jsonl", "table.csv"):
+        assert (tmp_path / "b" / name).read_bytes() == (tmp_path / "a" / name).read_bytes()

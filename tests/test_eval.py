@@ -149,3 +149,29 @@ def test_cli_inputs_that_would_mislead(tmp_path, capsys):
     res = E.main(["compare", "--a", *map(str, seeds_a), "--b", *map(str, seeds_b), "--resamples", "300"])
     assert res["seed_level"]["overall"]["deltas"] == pytest.approx([25, 50, 0]) and res["seeds"] == 3
     assert "seed level overall" in capsys.readouterr().out
+
+
+def test_cli_bench_with_an_engine_responder(tmp_path, monkeypatch, capsys):
+    """--engine-url hands generation to engine.make_engine_responder (same call as the built-in responder);
+    a stand-in module records the arguments and answers every MGSM item with its gold number."""
+    import types
+    calls = {}
+
+    def make_engine_responder(base_url, model, **kw):
+        calls.update(base_url=base_url, model=model, **kw)
+        gold = {"sw": ["8", "8", "180"]}["sw"]
+        return lambda prompts, run: [f"so \\boxed{{{g}}}" for g in gold[:len(prompts)]]
+
+    monkeypatch.setitem(sys.modules, "engine", types.SimpleNamespace(make_engine_responder=make_engine_responder))
+    s = E.main(["bench", "--engine-url", "http://localhost:8000/v1", "--engine-model", "sara", "--benchmark", "mgsm",
+                "--data", str(FIX / "mgsm"), "--langs", "sw", "--runs", "2", "--max-new-tokens", "64",
+                "--out", str(tmp_path / "e")])
+    assert calls == dict(base_url="http://localhost:8000/v1", model="sara", max_new_tokens=64, temperature=0.1,
+                         top_p=1.0, seed=0, concurrency=16, system=None)
+    assert s["langs"]["sw"]["runs"] == [100.0, 100.0]
+    assert json.loads((tmp_path / "e" / "results.json").read_text())["engine_model"] == "sara"
+    with pytest.raises(SystemExit, match="needs --engine-model"):
+        E.main(["bench", "--engine-url", "http://x/v1", "--benchmark", "mgsm", "--data", str(FIX / "mgsm"),
+                "--langs", "sw"])
+    with pytest.raises(SystemExit, match="needs --checkpoint"):
+        E.main(["bench", "--benchmark", "mgsm", "--data", str(FIX / "mgsm"), "--langs", "sw"])

@@ -3,7 +3,6 @@ translation checks on hand-made cases, a tiny model answering local items end to
 data/parallel.py and train.py's tokenize path accept, the engine path, crash (exception and kill -9) and
 resume without duplicates, and validation before any model is loaded."""
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -12,10 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import eval as E
+from evaluation.benchmarks import TEMPLATES, build_prompt
 import stage1 as S
 from data.parallel import load_parallel_jsonl, split_train_val, tokenize_samples
 from fake_engine import FakeEngine
+from checkpoint import save_hf
 from model import MoEConfig, MoETransformer
 from tokenizer import load_tokenizer
 
@@ -55,8 +55,8 @@ def test_question_formats(tmp_path, questions):
     assert "(A, B, C, D or E)" in items[1]["prompt"] and "\nE. 8" in items[1]["prompt"]
     # four options: exactly the prompt the evaluation sends for Global-MMLU; math: eval's MGSM prompt
     ev = dict(question=items[0]["question"], passage=None, choices=items[0]["choices"])
-    assert items[0]["prompt"] == E.build_prompt(ev, E.TEMPLATES["global_mmlu"])
-    assert items[2]["prompt"] == E.TEMPLATES["mgsm"].replace("{question}", items[2]["question"])
+    assert items[0]["prompt"] == build_prompt(ev, TEMPLATES["global_mmlu"])
+    assert items[2]["prompt"] == TEMPLATES["mgsm"].replace("{question}", items[2]["question"])
     # CSV with option_0..option_9 and answer_index only; a JSON list in an `options` cell
     (tmp_path / "prox.csv").write_text(
         "question_id,question,option_0,option_1,option_2,answer_index\n9,Pick one,x,y,z,2\n", encoding="utf-8")
@@ -64,6 +64,10 @@ def test_question_formats(tmp_path, questions):
     a, b = S.load_questions(f"{tmp_path / 'prox.csv'},{tmp_path / 'pro.csv'}")
     assert (a["group"], a["choices"], a["answer"]) == ("prox-9", ["x", "y", "z"], "C")
     assert (b["group"], b["choices"], b["answer"]) == ("pro-1", ["a", "b"], "B")
+    # "N/A" padding goes, but never the gold option itself
+    na = write_jsonl(tmp_path / "na.jsonl", [dict(question="Which is not a number?", answer="C",
+                                                  options=["1", "2", "N/A", "N/A"])])
+    assert S.load_questions(str(na))[0]["choices"] == ["1", "2", "N/A"]
 
 
 @pytest.mark.parametrize("row, message", [
@@ -72,6 +76,8 @@ def test_question_formats(tmp_path, questions):
     (dict(question="q", options=["a"], answer="A"), "1 options; expected 2 to 10"),
     (dict(question="q", options=["a", "b"]), "no gold answer"),
     (dict(question="", options=["a", "b"], answer="A"), "no 'question'"),
+    (dict(question="q", option_0="a", option_1="", option_2="c", answer="A"), "option_1 is empty but later options are not"),
+    (dict(question="q", options="a, b", answer="A"), "'options' is not a list"),
 ])
 def test_bad_mc_rows_are_named(tmp_path, row, message):
     good = dict(question="ok", options=["a", "b"], answer="A")
@@ -154,6 +160,17 @@ def test_translation_checks(out, lang, want):
     assert S.check_translation(ITEM, SRC, out, lang) == want
 
 
+def test_options_must_survive_translation():
+    item = dict(choices=["Oxygen", "Carbon dioxide", "Helium", "Neon"], answer="B")
+    src = (S.mc_prompt("Which gas do plants take in?", item["choices"]), "Plants take in CO2: \\boxed{B}.")
+    ok = "Mimea huchukua gesi gani?\n\nA. Oksijeni\nB. Kaboni dioksidi\nC. Heliamu\nD. Neon"
+    resp = "Mimea huchukua CO2: \\boxed{B}."
+    assert S.check_translation(item, src, (ok, resp), "sw") is None
+    assert S.check_translation(item, src, (ok.replace("B. ", "(B) ").replace("C. ", "C) "), resp), "sw") is None
+    assert S.check_translation(item, src, (ok.replace("\nC. ", " C. "), resp), "sw") == "options_lost"
+    assert S.check_translation(item, src, (ok.replace("B. ", "Б. "), resp), "sw") == "options_lost"
+
+
 def test_length_ratio_catches_a_dropped_half():
     long_src = (SRC[0], "Step. " * 80 + "The answer is \\boxed{7}.")
     assert S.check_translation(ITEM, long_src, (SW[0], "Jibu ni \\boxed{7}."), "sw") == "length_ratio"
@@ -200,34 +217,49 @@ def tok():
 @pytest.fixture(scope="module")
 def checkpoint(tok, tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "hf"
-    chain_model(tok).save_pretrained(path)
+    save_hf(chain_model(tok), path)
     shutil.copy(TOK_PATH, path)
     return path
 
 
 def test_end_to_end_builtin_generator(tmp_path, questions, checkpoint, tok, capsys):
-    """The tiny model answers "\\boxed{B}" to everything (and "translates" everything into that too): the MMLU
-    item with gold B is kept, the others are rejected for the right reasons; its Swahili "translation" passes
-    the cheap checks, its Hindi one is rejected for its script. The JSONL loads and tokenizes as train.py does."""
+    """The tiny model answers "\\boxed{B}" to everything: the MMLU item with gold B is kept, the others are
+    rejected for the right reasons. Translations come from a file (one good, one that lost its box); the
+    JSONL loads and tokenizes as train.py does. Then the model itself as translator: what it returns is no
+    translation of a multiple-choice prompt, and the checks say so."""
     out = tmp_path / "out"
-    S.main(["build", "--questions", questions, "--checkpoint", str(checkpoint), "--langs", "sw,hi", "--out", str(out),
-            "--max-new-tokens", "24", "--translate-max-new-tokens", "24", "--temperature", "0", "--batch-size", "3"])
+    trans = write_jsonl(tmp_path / "t.jsonl", [
+        dict(id="mmlu-70-sw", lang="sw", prompt="Mimea huchukua gesi gani?\n\nA. Oksijeni\nB. Kaboni dioksidi\n"
+             "C. Heliamu\nD. Neon", response="Jibu ni \\boxed{B}."),
+        dict(id="mmlu-70-hi", lang="hi", prompt="पौधे कौन सी गैस लेते हैं?\n\nA. ऑक्सीजन\nB. कार्बन डाइऑक्साइड\n"
+             "C. हीलियम\nD. नियॉन", response="उत्तर है।"),
+    ])
+    common = ["--questions", questions, "--checkpoint", str(checkpoint), "--langs", "sw,hi", "--max-new-tokens", "24",
+              "--translate-max-new-tokens", "24", "--temperature", "0", "--batch-size", "3"]
+    S.main(["build", *common, "--out", str(out), "--translator", "file", "--translations", str(trans)])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["answer"]["mmlu"] == dict(items=2, kept=1, rejected={"wrong_answer": 1})
     assert summary["answer"]["gsm8k"] == dict(items=2, kept=0, rejected={"no_boxed_answer": 2})
     assert summary["translate"] == {"sw": dict(items=1, kept=1, rejected={}),
-                                    "hi": dict(items=1, kept=0, rejected={"wrong_script": 1})}
+                                    "hi": dict(items=1, kept=0, rejected={"boxed_answer_missing": 1})}
     assert "translate hi" in capsys.readouterr().out
     rows = load_parallel_jsonl(out / "parallel.jsonl")
     assert [(r["id"], r["lang"]) for r in rows] == [("mmlu-70-en", "en"), ("mmlu-70-sw", "sw")]
     en, sw = rows
     assert en["response"] == ANSWER and en["prompt"].startswith("Answer the following multiple choice question.")
     assert sw["anchor_prompt"] == en["prompt"] and sw["anchor_response"] == en["response"]
-    assert sw["anchor_lang"] == "en" and sw["prompt"] == ANSWER  # what the toy model "translated" to
+    assert sw["anchor_lang"] == "en" and sw["response"] == "Jibu ni \\boxed{B}."
     examples, stats = tokenize_samples(tok, rows, max_len=256)
     assert stats["kept"] == 2 and all(e["has_anchor"] for e in examples)
     train, val = split_train_val(rows, 0.5)
     assert len(train) + len(val) == 2 and len(val) in (0, 2)  # one group: both languages on one side
+
+    S.main(["build", *common, "--out", str(tmp_path / "self"), "--limit", "1"])
+    summary = json.loads((tmp_path / "self" / "summary.json").read_text())
+    assert summary["translate"] == {"sw": dict(items=1, kept=0, rejected={"options_lost": 1}),
+                                    "hi": dict(items=1, kept=0, rejected={"options_lost": 1})}
+    got = [json.loads(l) for l in (tmp_path / "self" / "translations.jsonl").read_text().splitlines()]
+    assert [(t["prompt"], t["response"]) for t in got] == [(ANSWER, ANSWER)] * 2  # what the model "translated" to
 
 
 def fake_answers(prompts, run):
@@ -295,6 +327,10 @@ def test_crash_and_resume_without_duplicates(tmp_path, questions):
         assert (out / name).read_text() == (ref / name).read_text()
     # a resume with everything done asks for nothing
     assert run(out, questions, respond=None) == want
+    # a responder that loses an output is an error, not a silent shift of answers against questions
+    (tmp_path / "short").mkdir()
+    with pytest.raises(RuntimeError, match="respond returned 0 outputs for 1 inputs"):
+        run(tmp_path / "short", questions, lambda p, r: [])
 
 
 def test_kill_and_torn_line(tmp_path, questions):
@@ -365,7 +401,8 @@ def test_translation_file(tmp_path, questions):
     """--translator file: rows joined by id; a missing one is rejected as no_translation."""
     items = S.load_questions(questions)
     trans = write_jsonl(tmp_path / "t.jsonl", [
-        dict(id="mmlu-70-sw", lang="sw", prompt="Mimea huchukua gesi gani?", response="Mimea huchukua CO2. \\boxed{B}"),
+        dict(id="mmlu-70-sw", lang="sw", prompt="Mimea huchukua gesi gani?\nA. O2\nB. CO2\nC. He\nD. Ne",
+             response="Mimea huchukua CO2. \\boxed{B}"),
         dict(id="gsm8k-1-sw", lang="sw", prompt="Tom ana tufaha 3.", response="Jibu ni \\boxed{8}."),
     ])
     summary = S.run_stage1(items, fake_answers, S.file_translator(S.load_translation_file(trans)), tmp_path,

@@ -157,3 +157,15 @@ def test_paired_bootstrap():
     assert S.paired_bootstrap(a, b, resamples=2000, seed=0) == res  # fixed seed: reproducible
     with pytest.raises(ValueError, match="same non-zero length"):
         S.paired_bootstrap({"sw": [1, 0]}, {"sw": [1]})
+
+
+def test_min_detectable_effect_by_formula_and_noncentral_t():
+    for n in (3, 5, 10, 30):
+        mde = S.min_detectable_effect(2.0, n)
+        want = (scipy.stats.t.ppf(0.975, n - 1) + scipy.stats.t.ppf(0.8, n - 1)) * 2.0 / math.sqrt(n)
+        assert mde == pytest.approx(want, rel=1e-9)
+        nc, tc = mde / 2.0 * math.sqrt(n), scipy.stats.t.ppf(0.975, n - 1)
+        power = 1 - scipy.stats.nct.cdf(tc, n - 1, nc) + scipy.stats.nct.cdf(-tc, n - 1, nc)
+        assert 0.76 < power < 0.81  # the approximation is close to the nominal 0.8
+    with pytest.raises(ValueError):
+        S.min_detectable_effect(1.0, 1)
