@@ -9,7 +9,7 @@ target language; every translation is checked. The output is the JSONL train.py 
     python stage1.py build ... --engine-url http://localhost:8000/v1 --engine-model sara   # serving engine
         [--translator model|engine|file] [--translate-url URL --translate-model NAME] [--translations FILE]
 
-Question files (.jsonl/.json, .csv/.tsv, .parquet, read by the evaluation's read_rows); the kind is told by the columns:
+Question files (.jsonl/.json, .csv/.tsv, .parquet; read by data/questions.py); the kind is told by the columns:
   multiple choice  MMLU-Pro / MMLU-ProX rows: question, options (a list of up to 10 strings, or a JSON list
                    in a CSV cell; trailing "N/A" padding is dropped) or option_0..option_9, and the gold as
                    answer (a letter A-J) and/or answer_index (0-9; both must agree); id from question_id.
@@ -47,7 +47,6 @@ NOTE: a resumed run samples its remaining batches afresh (seed per batch), so wi
 set can differ slightly from an uninterrupted run's; every kept row is still verified.
 """
 import argparse
-import ast
 import contextlib
 import hashlib
 import json
@@ -59,10 +58,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from evaluation.benchmarks import TEMPLATES, build_prompt, read_rows
-from evaluation.scoring import extract_boxed, parse_number, score_output
+from evaluation.benchmarks import TEMPLATES, read_rows
+from evaluation.scoring import extract_boxed, score_output
+from data.questions import LETTERS, load_questions, mc_prompt, row_places  # noqa: F401 (mc_prompt: re-exported)
 
-LETTERS = "ABCDEFGHIJ"
 LANG_NAMES = {"en": "English", "zh": "Chinese", "sw": "Swahili", "hi": "Hindi", "bn": "Bengali", "te": "Telugu",
               "ne": "Nepali", "am": "Amharic", "yo": "Yoruba", "ha": "Hausa", "zu": "Zulu", "xh": "Xhosa",
               "ig": "Igbo", "so": "Somali", "ny": "Chichewa", "fr": "French", "es": "Spanish", "de": "German",
@@ -77,142 +76,6 @@ SCRIPTS = {"hi": [(0x0900, 0x097F)], "ne": [(0x0900, 0x097F)], "mr": [(0x0900, 0
 TRANSLATE_PROMPT = ("Translate the following text from {source} into {target}. Keep every number, formula, "
                     "LaTeX command and \\boxed{{...}} exactly as it is, keep option letters and line breaks, and "
                     "reply with the translation only.\n\n{text}")
-
-
-# -----------------------------------------------------------------------------
-# question files -> items {"group", "source", "question", "choices" (list) or None, "answer", "prompt"}
-
-def _options(row, where):
-    """The row's options as strings, padding not yet removed (the gold decides how much may go)."""
-    if "options" in row:
-        opts = row["options"]
-        if isinstance(opts, str):  # a CSV cell: a JSON list, or a Python list literal
-            try:
-                opts = json.loads(opts)
-            except json.JSONDecodeError:
-                try:
-                    opts = ast.literal_eval(opts)
-                except (ValueError, SyntaxError):
-                    raise ValueError(f"{where}: 'options' is not a list: {opts[:80]!r}") from None
-        if not isinstance(opts, (list, tuple)):
-            raise ValueError(f"{where}: 'options' must be a list of strings, got {type(opts).__name__}")
-        return [str(o) for o in opts]
-    cells = [row.get(f"option_{i}") for i in range(len(LETTERS))]
-    while cells and cells[-1] in (None, ""):
-        cells.pop()
-    gaps = [f"option_{i}" for i, c in enumerate(cells) if c in (None, "")]
-    if gaps:  # skipping it would shift every later letter
-        raise ValueError(f"{where}: {gaps[0]} is empty but later options are not")
-    return [str(c) for c in cells]
-
-
-def _trim_padding(opts, gold, where):
-    """MMLU-Pro v1.1 pads to 10 options with "N/A": drop trailing ones, never the gold."""
-    opts = list(opts)
-    while len(opts) > LETTERS.index(gold) + 1 and opts[-1].strip() == "N/A":
-        opts.pop()
-    if not 2 <= len(opts) <= len(LETTERS):
-        raise ValueError(f"{where}: {len(opts)} options; expected 2 to {len(LETTERS)}")
-    return opts
-
-
-def _mc_gold(row, n, where):
-    letter = index = None
-    if row.get("answer") not in (None, ""):
-        letter = str(row["answer"]).strip().strip("()").rstrip(".").upper()
-        if len(letter) != 1 or letter not in LETTERS[:n]:
-            raise ValueError(f"{where}: answer {row['answer']!r} is not one of {LETTERS[0]}-{LETTERS[n - 1]}")
-    if row.get("answer_index") not in (None, ""):
-        try:
-            index = int(row["answer_index"])
-        except (TypeError, ValueError):
-            index = -1
-        if not 0 <= index < n:
-            raise ValueError(f"{where}: answer_index {row['answer_index']!r} is not in 0-{n - 1}")
-    if letter is None and index is None:
-        raise ValueError(f"{where}: no gold answer (answer or answer_index)")
-    if letter is not None and index is not None and LETTERS[index] != letter:
-        raise ValueError(f"{where}: answer {letter!r} and answer_index {index} disagree")
-    return letter or LETTERS[index]
-
-
-def _math_gold(row, where):
-    text = str(row["answer"])
-    if "####" not in text:
-        raise ValueError(f"{where}: answer has no '#### <number>' (GSM8K format)")
-    gold = text.rsplit("####", 1)[1].strip()
-    if parse_number(gold) is None:
-        raise ValueError(f"{where}: the answer after '####' is not a number: {gold!r}")
-    return gold
-
-
-def mc_prompt(question, choices):
-    """The Global-MMLU instruction with this item's letters; for 4 options exactly the evaluation's."""
-    letters = LETTERS[:len(choices)]
-    listing = ", ".join(letters[:-1]) + " or " + letters[-1]
-    head = TEMPLATES["global_mmlu"].split("\n\n")[0]
-    if "(A, B, C or D)" not in head:
-        raise RuntimeError("evaluation's global_mmlu template changed: update stage1.mc_prompt")
-    head = head.replace("(A, B, C or D)", f"({listing})")
-    return head + "\n\n" + question + "\n\n" + "\n".join(f"{l}. {c}" for l, c in zip(letters, choices))
-
-
-def row_to_item(row, kind, source, index, where):
-    if not isinstance(row, dict) or not str(row.get("question") or "").strip():
-        raise ValueError(f"{where}: no 'question'")
-    if kind == "mc":
-        opts = _options(row, where)
-        if len(opts) < 2:
-            raise ValueError(f"{where}: {len(opts)} options; expected 2 to {len(LETTERS)}")
-        answer = _mc_gold(row, min(len(opts), len(LETTERS)), where)
-        choices = _trim_padding(opts, answer, where)
-        item_id = str(row.get("question_id") if row.get("question_id") not in (None, "") else index)
-        prompt = mc_prompt(row["question"], choices)
-    else:
-        choices, answer, item_id = None, _math_gold(row, where), str(index)
-        prompt = build_prompt(dict(question=row["question"], passage=None, choices=None), TEMPLATES["mgsm"])
-    return dict(group=f"{source}-{item_id}", source=source, question=row["question"], choices=choices,
-                answer=answer, prompt=prompt)
-
-
-def _row_places(path, n):
-    """Where each row of a file is, for error messages: JSONL lines skip blanks as read_rows does."""
-    if path.suffix.lower() in (".jsonl", ".json"):
-        text = path.read_text(encoding="utf-8")
-        if not text.lstrip().startswith("["):
-            lines = [i for i, l in enumerate(text.splitlines(), 1) if l.strip()]
-            return [f"{path}:{i}" for i in lines]
-    return [f"{path} row {i}" for i in range(1, n + 1)]
-
-
-def load_questions(spec):
-    """--questions "name=path,path2" -> items of every file, in file order. Raises ValueError naming
-    the file and line of the first bad row, or the columns found when a file's kind is unknown."""
-    items, seen = [], {}
-    for part in [p for p in spec.split(",") if p.strip()]:
-        name, path = part.split("=", 1) if "=" in part else (Path(part).stem, part)
-        path, name = Path(path.strip()), re.sub(r"[^\w.]+", "_", name.strip())
-        if not path.is_file():
-            raise ValueError(f"--questions: {path}: no such file")
-        rows = read_rows(path)
-        if not rows:
-            raise ValueError(f"{path}: no rows")
-        cols = set(rows[0]) if isinstance(rows[0], dict) else set()
-        if "options" in cols or "option_0" in cols:
-            kind = "mc"
-        elif {"question", "answer"} <= cols:
-            kind = "math"
-        else:
-            raise ValueError(f"{path}: unknown question format, columns {sorted(cols)}; expected MMLU-Pro "
-                             "(question, options or option_0..9, answer/answer_index) or GSM8K (question, answer)")
-        places = _row_places(path, len(rows))
-        for i, row in enumerate(rows):
-            it = row_to_item(row, kind, name, i + 1, places[i])
-            if it["group"] in seen:
-                raise ValueError(f"{places[i]}: duplicate id {it['group']!r} (first at {seen[it['group']]})")
-            seen[it["group"]] = places[i]
-            items.append(it)
-    return items
 
 
 # -----------------------------------------------------------------------------
@@ -303,7 +166,7 @@ def load_translation_file(path):
     if not path.is_file():
         raise ValueError(f"--translations {path}: no such file")
     rows = read_rows(path)
-    places, table = _row_places(path, len(rows)), {}
+    places, table = row_places(path, len(rows)), {}
     for row, where in zip(rows, places):
         missing = [k for k in ("id", "lang", "prompt", "response") if not isinstance(row, dict) or k not in row]
         if missing:
