@@ -15,8 +15,22 @@ from evaluation.scoring import parse_number
 
 LETTERS = "ABCDEFGHIJ"
 
+def _text(value, what, where):
+    """A cell that must be text: a number is written out (a numeric option), anything else is an error,
+    never str(None) or a list's repr in a prompt."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    kind = "None" if value is None else type(value).__name__
+    raise ValueError(f"{where}: {what} is {kind}; options must be text")
+
+
 def _options(row, where):
     """The row's options as strings, padding not yet removed (the gold decides how much may go)."""
+    if "options" not in row and "option_0" not in row:  # a file's kind comes from its first row
+        raise ValueError(f"{where}: no 'options' (nor option_0..option_9); the file's first row is multiple "
+                         "choice, so every row must be (one kind per file)")
     if "options" in row:
         opts = row["options"]
         if isinstance(opts, str):  # a CSV cell: a JSON list, or a Python list literal
@@ -29,14 +43,14 @@ def _options(row, where):
                     raise ValueError(f"{where}: 'options' is not a list: {opts[:80]!r}") from None
         if not isinstance(opts, (list, tuple)):
             raise ValueError(f"{where}: 'options' must be a list of strings, got {type(opts).__name__}")
-        return [str(o) for o in opts]
+        return [_text(o, f"option {i}", where) for i, o in enumerate(opts, 1)]
     cells = [row.get(f"option_{i}") for i in range(len(LETTERS))]
     while cells and cells[-1] in (None, ""):
         cells.pop()
     gaps = [f"option_{i}" for i, c in enumerate(cells) if c in (None, "")]
     if gaps:  # skipping it would shift every later letter
         raise ValueError(f"{where}: {gaps[0]} is empty but later options are not")
-    return [str(c) for c in cells]
+    return [_text(c, f"option_{i}", where) for i, c in enumerate(cells)]
 
 
 def _trim_padding(opts, gold, where):
@@ -56,10 +70,11 @@ def _mc_gold(row, n, where):
         if len(letter) != 1 or letter not in LETTERS[:n]:
             raise ValueError(f"{where}: answer {row['answer']!r} is not one of {LETTERS[0]}-{LETTERS[n - 1]}")
     if row.get("answer_index") not in (None, ""):
-        try:
-            index = int(row["answer_index"])
-        except (TypeError, ValueError):
-            index = -1
+        value = row["answer_index"]  # an int, or its digits (CSV); never 1.5 rounded down, nor True as 1
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        ok = (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, str) and value.strip().isdigit())
+        index = int(value) if ok else -1
         if not 0 <= index < n:
             raise ValueError(f"{where}: answer_index {row['answer_index']!r} is not in 0-{n - 1}")
     if letter is None and index is None:
@@ -91,7 +106,11 @@ def mc_prompt(question, choices):
 
 
 def row_to_item(row, kind, source, index, where):
-    if not isinstance(row, dict) or not str(row.get("question") or "").strip():
+    if not isinstance(row, dict) or row.get("question") in (None, ""):
+        raise ValueError(f"{where}: no 'question'")
+    if not isinstance(row["question"], str):
+        raise ValueError(f"{where}: 'question' must be text, got {type(row['question']).__name__}")
+    if not row["question"].strip():
         raise ValueError(f"{where}: no 'question'")
     if kind == "mc":
         opts = _options(row, where)
@@ -118,6 +137,19 @@ def row_places(path, n):
     return [f"{path} row {i}" for i in range(1, n + 1)]
 
 
+def check_utf8(path):
+    """A text file that is not UTF-8 -> ValueError naming the line (the readers would name no file)."""
+    if path.suffix.lower() == ".parquet":
+        return
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                         "save the file as UTF-8") from None
+
+
 def load_questions(spec):
     """--questions "name=path,path2" -> items of every file, in file order. Raises ValueError naming
     the file and line of the first bad row, or the columns found when a file's kind is unknown."""
@@ -127,6 +159,7 @@ def load_questions(spec):
         path, name = Path(path.strip()), re.sub(r"[^\w.]+", "_", name.strip())
         if not path.is_file():
             raise ValueError(f"--questions: {path}: no such file")
+        check_utf8(path)
         rows = read_rows(path)
         if not rows:
             raise ValueError(f"{path}: no rows")
@@ -142,7 +175,9 @@ def load_questions(spec):
         for i, row in enumerate(rows):
             it = row_to_item(row, kind, name, i + 1, places[i])
             if it["group"] in seen:
-                raise ValueError(f"{places[i]}: duplicate id {it['group']!r} (first at {seen[it['group']]})")
+                other = not seen[it["group"]].startswith(f"{path}:") and not seen[it["group"]].startswith(f"{path} ")
+                hint = "; two files share a name: give the files names (--questions a=PATH,b=PATH)" if other else ""
+                raise ValueError(f"{places[i]}: duplicate id {it['group']!r} (first at {seen[it['group']]}){hint}")
             seen[it["group"]] = places[i]
             items.append(it)
     return items

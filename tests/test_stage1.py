@@ -78,6 +78,13 @@ def test_question_formats(tmp_path, questions):
     (dict(question="", options=["a", "b"], answer="A"), "no 'question'"),
     (dict(question="q", option_0="a", option_1="", option_2="c", answer="A"), "option_1 is empty but later options are not"),
     (dict(question="q", options="a, b", answer="A"), "'options' is not a list"),
+    # wrong types are errors, not text such as "None" or "['q']" in a prompt, nor an index rounded down
+    (dict(question=["q"], options=["a", "b"], answer="A"), "'question' must be text, got list"),
+    (dict(question="q", options=["a", None, "c"], answer="A"), r"option 2 is None; options must be text"),
+    (dict(question="q", options=["a", ["b"]], answer="A"), r"option 2 is list; options must be text"),
+    (dict(question="q", options=["a", "b", "c"], answer_index=1.5), "answer_index 1.5 is not in 0-2"),
+    (dict(question="q", options=["a", "b", "c"], answer_index=True), "answer_index True is not in 0-2"),
+    (dict(question="q", answer="#### 5"), r"no 'options' \(nor option_0\.\.option_9\); the file's first row"),
 ])
 def test_bad_mc_rows_are_named(tmp_path, row, message):
     good = dict(question="ok", options=["a", "b"], answer="A")
@@ -97,6 +104,16 @@ def test_bad_files_are_named(tmp_path):
     other = write_jsonl(tmp_path / "o.jsonl", [dict(prompt="p", completion="c")])
     with pytest.raises(ValueError, match=r"o.jsonl: unknown question format, columns \['completion', 'prompt'\]"):
         S.load_questions(str(other))
+    bad = tmp_path / "latin1.csv"
+    bad.write_bytes("question,answer\nq,#### 5\ncaf\u00e9 au lait,#### 6\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.csv:3: not UTF-8 \(byte 0xe9 at offset 28\)"):
+        S.load_questions(str(bad))
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    one = [dict(question="q", answer="#### 5")]
+    two = f"{write_jsonl(tmp_path / 'a' / 'train.jsonl', one)},{write_jsonl(tmp_path / 'b' / 'train.jsonl', one)}"
+    with pytest.raises(ValueError, match=r"b/train.jsonl:1: duplicate id 'train-1' .*give the files names"):
+        S.load_questions(two)
+    assert [it["group"] for it in S.load_questions(f"a={tmp_path / 'a' / 'train.jsonl'},b={tmp_path / 'b' / 'train.jsonl'}")] == ["a-1", "b-1"]
     dup = write_jsonl(tmp_path / "d.jsonl", [dict(question_id=1, question="q", options=["a", "b"], answer="A")] * 2)
     with pytest.raises(ValueError, match=r"d.jsonl:2: duplicate id 'd-1' \(first at .*d.jsonl:1\)"):
         S.load_questions(str(dup))
