@@ -188,9 +188,24 @@ def file_translator(table):
 # -----------------------------------------------------------------------------
 # append-only journals
 
+class InputError(ValueError):
+    """An output directory whose contents do not fit this run (damaged journal, changed questions)."""
+
+
+def write_atomic(path, text):
+    """Write a whole file or nothing (a crash leaves the old one): a temporary file, fsync, rename."""
+    tmp = Path(str(path) + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 class Journal:
     """A JSONL file of records, one per key, appended and fsync'd batch by batch. Opening it cuts a torn
-    last line (a crash mid-write) and keeps the first record of a key (nothing counts twice)."""
+    last line (a crash mid-write) and keeps the first record of a key (nothing counts twice). A batch is
+    appended whole or not at all: a failed write (a full disk) is cut back before the error goes up."""
 
     def __init__(self, path, key):
         self.path, self.key, self.records = Path(path), key, {}
@@ -204,21 +219,32 @@ class Journal:
             for lineno, line in enumerate(data[:cut].decode("utf-8").splitlines(), 1):
                 try:
                     rec = json.loads(line)
-                except json.JSONDecodeError:
-                    raise ValueError(f"{self.path}:{lineno}: not JSON; the journal is damaged "
+                    k = key(rec)
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise InputError(f"{self.path}:{lineno}: not a journal record; the journal is damaged "
                                      "(not by a crash, which only tears the last line)") from None
-                self.records.setdefault(key(rec), rec)
+                self.records.setdefault(k, rec)
 
     def __contains__(self, k):
         return k in self.records
 
     def append(self, records):
         new = [r for r in records if self.key(r) not in self.records]
-        with open(self.path, "a", encoding="utf-8") as f:
-            for r in new:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in new).encode("utf-8")
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            start = os.fstat(fd).st_size
+            try:
+                view = memoryview(data)
+                while view:  # os.write may write part of it
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            except OSError as e:  # e.g. a full disk: leave no half batch behind
+                os.ftruncate(fd, start)
+                raise OSError(e.errno, f"{self.path}: could not append {len(new)} records ({e.strerror}); "
+                                       "they are not kept: fix the cause and rerun to resume") from e
+        finally:
+            os.close(fd)
         for r in new:
             self.records[self.key(r)] = r
 
@@ -239,14 +265,18 @@ def pin_settings(out, settings):
     """run.json holds the settings that decide what the journals mean; a resume must match them."""
     path = out / "run.json"
     if path.exists():
-        old = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise SystemExit(f"{path}: damaged (not JSON); it pins the settings of the journals in {out}: "
+                             "restore it, or use another --out") from None
         diff = [f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in sorted(set(old) | set(settings))
                 if old.get(k) != settings.get(k)]
         if diff:
             raise SystemExit(f"{out} was made with other settings ({'; '.join(diff)}); "
                              "use another --out, or the same settings")
     else:
-        path.write_text(json.dumps(settings, indent=1, ensure_ascii=False), encoding="utf-8")
+        write_atomic(path, json.dumps(settings, indent=1, ensure_ascii=False))
 
 
 # -----------------------------------------------------------------------------
@@ -264,12 +294,20 @@ def _same_length(outs, ins, what):
 
 
 def run_stage1(items, respond, translate, out, *, langs, source_lang="en", batch_size=16,
-               checks=None, progress=True):
+               checks=None, progress=True, redo_translations=False):
     """items from load_questions; respond(prompts, run) -> answers (built-in or engine responder), called
     lazily (None is fine when the journal already holds every answer); translate(jobs) -> translations.
-    Writes the journals, parallel.jsonl and summary.json in out; -> the summary dict."""
+    redo_translations: translate everything afresh instead of resuming (a translation file: a lookup,
+    and rows added to the file since the last run must count). Writes the journals, parallel.jsonl and
+    summary.json in out; -> the summary dict. InputError if the journal answered other questions."""
     out = Path(out)
     answers = Journal(out / "answers.jsonl", key=lambda r: r["group"])
+    for it in items:  # an edited question file must not keep answers (and verdicts) to the old question
+        a = answers.records.get(it["group"])
+        if a is not None and (a["prompt"], a["gold"]) != (it["prompt"], it["answer"]):
+            what = "gold answer" if a["prompt"] == it["prompt"] else "question or options"
+            raise InputError(f"{out / 'answers.jsonl'}: item {it['group']} was answered with another {what} "
+                             "than the question files now give; use another --out (or restore the file)")
     todo = [it for it in items if it["group"] not in answers]
     bar = tqdm(total=len(items), initial=len(items) - len(todo), desc="answer", unit="item", disable=not progress)
     for chunk in _batches(todo, batch_size):
@@ -284,6 +322,8 @@ def run_stage1(items, respond, translate, out, *, langs, source_lang="en", batch
     bar.close()
 
     kept = [it for it in items if answers.records[it["group"]]["status"] == "kept"]
+    if redo_translations:
+        (out / "translations.jsonl").unlink(missing_ok=True)
     trans = Journal(out / "translations.jsonl", key=lambda r: (r["group"], r["lang"]))
     jobs = [(it, (it["prompt"], answers.records[it["group"]]["response"]), lang)
             for it in kept for lang in langs if (it["group"], lang) not in trans]
@@ -311,14 +351,9 @@ def run_stage1(items, respond, translate, out, *, langs, source_lang="en", batch
             if t["status"] == "kept":
                 rows.append(dict(id=f"{it['group']}-{lang}", lang=lang, prompt=t["prompt"], response=t["response"],
                                  **anchor))
-    tmp = out / "parallel.jsonl.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out / "parallel.jsonl")
+    write_atomic(out / "parallel.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     summary = summarize(items, answers.records, trans.records, langs)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    write_atomic(out / "summary.json", json.dumps(summary, indent=1, ensure_ascii=False))
     return summary
 
 
@@ -351,17 +386,26 @@ def format_summary(summary):
 # -----------------------------------------------------------------------------
 # command line
 
+def parse_lang(part, flag):
+    """"sw" or "kin=Kinyarwanda" -> (code, name); a code outside LANG_NAMES needs its name (the translation
+    prompt names the languages)."""
+    code, _, name = (x.strip() for x in part.partition("="))
+    if not code or not re.fullmatch(r"[\w-]+", code):
+        raise SystemExit(f"{flag}: {part!r} is not a language code (e.g. sw, or kin=Kinyarwanda)")
+    if not name and code not in LANG_NAMES:
+        raise SystemExit(f"{flag}: unknown language {code!r}; give its name as {code}=Name "
+                         f"(known: {','.join(LANG_NAMES)})")
+    return code, name or LANG_NAMES[code]
+
+
 def parse_langs(spec, source_lang):
-    """"sw,hi,kin=Kinyarwanda" -> {code: name}; a code outside LANG_NAMES needs its name."""
+    """"sw,hi,kin=Kinyarwanda" -> {code: name}."""
     names = {}
     for part in [p.strip() for p in spec.split(",") if p.strip()]:
-        code, _, name = part.partition("=")
-        if not name and code not in LANG_NAMES:
-            raise SystemExit(f"--langs: unknown language {code!r}; give its name as {code}=Name "
-                             f"(known: {','.join(LANG_NAMES)})")
+        code, name = parse_lang(part, "--langs")
         if code == source_lang:
             raise SystemExit(f"--langs: {code} is the source language (--source-lang)")
-        names[code] = name or LANG_NAMES[code]
+        names[code] = name
     if not names:
         raise SystemExit("--langs: no target language")
     return names
@@ -402,9 +446,39 @@ def _responders(args):
     return make
 
 
+def check_flags(args):
+    """Numbers and paths that would fail late (after the model is loaded) or silently change the run."""
+    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--concurrency", args.concurrency, 1),
+                             ("--retries", args.retries, 0), ("--max-new-tokens", args.max_new_tokens, 1),
+                             ("--translate-max-new-tokens", args.translate_max_new_tokens, 1),
+                             ("--limit", 1 if args.limit is None else args.limit, 1)):
+        if value < low:
+            raise SystemExit(f"{flag} must be >= {low}, got {value}")
+    if not args.timeout > 0:
+        raise SystemExit(f"--timeout must be > 0 seconds, got {args.timeout}")
+    if not 0 <= args.min_ratio < args.max_ratio:
+        raise SystemExit(f"--min-ratio {args.min_ratio} / --max-ratio {args.max_ratio}: need 0 <= min < max")
+    if not 0 <= args.min_script_fraction <= 1:
+        raise SystemExit(f"--min-script-fraction must be in [0, 1], got {args.min_script_fraction}")
+    if args.dtype:
+        import torch
+        if not isinstance(getattr(torch, args.dtype, None), torch.dtype):
+            raise SystemExit(f"--dtype {args.dtype}: not a torch dtype (e.g. bfloat16, float16, float32)")
+    if args.tokenizer and not Path(args.tokenizer).exists():
+        raise SystemExit(f"--tokenizer {args.tokenizer}: no such file or directory")
+    out = Path(args.out)
+    for p in (out, *out.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise SystemExit(f"--out {out}: {p} is a file, not a directory")
+            break
+
+
 def cmd_build(args):
     # --- every check first: no model is loaded before the inputs are known to be good
-    langs = parse_langs(args.langs, args.source_lang)
+    source_lang, source_name = parse_lang(args.source_lang, "--source-lang")
+    langs = parse_langs(args.langs, source_lang)
+    check_flags(args)
     if (args.checkpoint is None) == (args.engine_url is None):
         raise SystemExit("pass exactly one of --checkpoint (built-in generator) or --engine-url (serving engine)")
     if args.engine_url and not args.engine_model:
@@ -415,6 +489,8 @@ def cmd_build(args):
         raise SystemExit("--translator engine needs --translate-url and --translate-model")
     if args.translator == "file" and not args.translations:
         raise SystemExit("--translator file needs --translations FILE")
+    if args.translations and args.translator != "file":
+        raise SystemExit("--translations is read by --translator file only")
     try:
         items = load_questions(args.questions)
         table = load_translation_file(args.translations) if args.translator == "file" else None
@@ -431,13 +507,16 @@ def cmd_build(args):
         raise SystemExit(str(e)) from None
     checks = dict(min_ratio=args.min_ratio, max_ratio=args.max_ratio, min_script=args.min_script_fraction)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"--out {out}: cannot create the directory ({e.strerror})") from None
     answer_model = args.checkpoint or f"{args.engine_url} {args.engine_model}"
     translate_by = dict(model=answer_model, engine=f"{args.translate_url} {args.translate_model}",
-                        file=str(args.translations))[args.translator]
-    settings = dict(source_lang=args.source_lang, answer_model=answer_model, temperature=args.temperature,
-                    top_p=args.top_p, seed=args.seed, system=args.system, max_new_tokens=args.max_new_tokens,
-                    translator=args.translator, translate_by=translate_by,
+                        file="file")[args.translator]  # a file is re-read by every run: not pinned
+    settings = dict(source_lang=source_lang, answer_model=answer_model, dtype=args.dtype, tokenizer=args.tokenizer,
+                    temperature=args.temperature, top_p=args.top_p, seed=args.seed, system=args.system,
+                    max_new_tokens=args.max_new_tokens, translator=args.translator, translate_by=translate_by,
                     translate_max_new_tokens=args.translate_max_new_tokens, **checks,
                     prompts=hashlib.sha256((TEMPLATES["global_mmlu"] + TEMPLATES["mgsm"] + TRANSLATE_PROMPT)
                                            .encode()).hexdigest()[:16],
@@ -447,18 +526,22 @@ def cmd_build(args):
         pin_settings(out, settings)
         make = _responders(args)
         respond = make(args.max_new_tokens, args.engine_url, args.engine_model)
-        names = {args.source_lang: LANG_NAMES.get(args.source_lang, args.source_lang), **langs}
+        names = {source_lang: source_name, **langs}
         if args.translator == "file":
             translate = file_translator(table)
         else:  # a second model's server, or the answering model itself, with the translation output budget
             url, name = ((args.translate_url, args.translate_model) if args.translator == "engine"
                          else (args.engine_url, args.engine_model))
-            translate = responder_translator(make(args.translate_max_new_tokens, url, name), args.source_lang, names)
+            translate = responder_translator(make(args.translate_max_new_tokens, url, name), source_lang, names)
         if not EVAL_READS_ALL_LETTERS and any(it["choices"] and it["answer"] not in "ABCD" for it in items):
             print("note: the evaluation's normalize_choice reads A-D only; items whose gold is E-J are rejected "
                   "as gold_unreadable", file=sys.stderr)
-        summary = run_stage1(items, respond, translate, out, langs=list(langs), source_lang=args.source_lang,
-                             batch_size=args.batch_size, checks=checks)
+        try:
+            summary = run_stage1(items, respond, translate, out, langs=list(langs), source_lang=source_lang,
+                                 batch_size=args.batch_size, checks=checks, progress=not args.quiet,
+                                 redo_translations=args.translator == "file")
+        except InputError as e:
+            raise SystemExit(str(e)) from None
     print(format_summary(summary))
     n = sum(1 for _ in open(out / "parallel.jsonl", encoding="utf-8"))
     print(f"wrote {out / 'parallel.jsonl'} ({n} rows); summary in {out / 'summary.json'}")
@@ -496,6 +579,7 @@ def build_parser():
     q.add_argument("--min-ratio", type=float, default=0.15)
     q.add_argument("--max-ratio", type=float, default=3.0)
     q.add_argument("--min-script-fraction", type=float, default=0.5)
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
 

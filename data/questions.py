@@ -73,8 +73,8 @@ def _mc_gold(row, n, where):
         value = row["answer_index"]  # an int, or its digits (CSV); never 1.5 rounded down, nor True as 1
         if isinstance(value, float) and value.is_integer():
             value = int(value)
-        ok = (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, str) and value.strip().isdigit())
-        index = int(value) if ok else -1
+        is_int = isinstance(value, int) and not isinstance(value, bool)
+        index = int(value) if is_int or (isinstance(value, str) and value.strip().isdigit()) else -1
         if not 0 <= index < n:
             raise ValueError(f"{where}: answer_index {row['answer_index']!r} is not in 0-{n - 1}")
     if letter is None and index is None:

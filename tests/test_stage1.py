@@ -2,7 +2,9 @@
 translation checks on hand-made cases, a tiny model answering local items end to end into a JSONL that
 data/parallel.py and train.py's tokenize path accept, the engine path, crash (exception and kill -9) and
 resume without duplicates, and validation before any model is loaded."""
+import errno
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -350,34 +352,89 @@ def test_crash_and_resume_without_duplicates(tmp_path, questions):
         run(tmp_path / "short", questions, lambda p, r: [])
 
 
-def test_kill_and_torn_line(tmp_path, questions):
-    """kill -9 in the middle of the answers, then a torn last line: the rerun redoes exactly what is missing."""
-    out = tmp_path / "out"
-    out.mkdir()
-    script = f"""
+KILLER = """
 import os, signal, sys
-sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]
+sys.path[:0] = [{root!r}, {tests!r}]
 import test_stage1 as T
-n = []
+n, translating = [], []
+real_fsync = os.fsync
+def fsync(fd):  # phase "fsync": killed after the journal write, before its fsync
+    if {phase!r} == "fsync" and len(translating) >= 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_fsync(fd)
+os.fsync = fsync
 def dying(prompts, r):
     n.append(1)
-    if len(n) == 3:
+    translating.extend(p for p in prompts[:1] if p.startswith("Translate"))
+    if {phase!r} == "answer" and len(n) == 3:
         os.kill(os.getpid(), signal.SIGKILL)
     return T.fake_answers(prompts, r)
-T.run({str(out)!r}, {questions!r}, dying)
+T.run({out!r}, {questions!r}, dying)
 """
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == -9, proc.stderr
+
+
+def test_kill_and_torn_line(tmp_path, questions):
+    """kill -9 in the middle of the answers, then a torn last line, then kill -9 while translating, between a
+    journal write and its fsync: each rerun redoes exactly what is missing, nothing twice."""
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def killed(phase):
+        script = KILLER.format(root=str(ROOT), tests=str(ROOT / "tests"), phase=phase, out=str(out),
+                               questions=questions)
+        proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == -9, proc.stderr
+    killed("answer")
     assert len(lines(out / "answers.jsonl")) == 2
     with open(out / "answers.jsonl", "a", encoding="utf-8") as f:
         f.write('{"group": "gsm8k-1", "source": "gsm8k", "prompt": "Tom h')  # a write cut short
-    calls = []
-    run(out, questions, lambda p, r: calls.append(p) or fake_answers(p, r))
+    killed("fsync")  # answers the 2 missing items, then dies in the 3rd translation's fsync
     answers = lines(out / "answers.jsonl")
     assert [a["group"] for a in answers] == ["mmlu-70", "mmlu-71", "gsm8k-1", "gsm8k-2"]
-    assert sum(not p[0].startswith("Translate") for p in calls) == 2
+    assert len(lines(out / "translations.jsonl")) == 3  # written, not fsync'd: a killed process loses nothing
+    calls = []
+    run(out, questions, lambda p, r: calls.append(p) or fake_answers(p, r))
+    assert len(calls) == 4 * 2 - 3 and all(p[0].startswith("Translate") for p in calls)
+    assert len(lines(out / "answers.jsonl")) == 4 and len(lines(out / "translations.jsonl")) == 8
     rows = load_parallel_jsonl(out / "parallel.jsonl")  # raises on a duplicate id
     assert len(rows) == 4 * 3
+
+
+def test_full_disk_leaves_no_half_batch(tmp_path, questions, monkeypatch):
+    """A write that fails half way (ENOSPC) is cut back, named, and the rerun finishes as if nothing happened."""
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    ref.mkdir(), out.mkdir()
+    run(ref, questions)
+    real_write, n = os.write, []
+
+    def full(fd, data):
+        n.append(1)
+        if len(n) == 2:  # the second batch: half of it reaches the disk, then the disk is full
+            real_write(fd, bytes(data[:len(data) // 2]))
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(OSError, match=r"answers.jsonl: could not append 1 records \(No space left on device\)"):
+        run(out, questions)
+    monkeypatch.setattr(os, "write", real_write)
+    assert [a["group"] for a in lines(out / "answers.jsonl")] == ["mmlu-70"]  # no torn second record
+    run(out, questions)
+    for name in ("answers.jsonl", "translations.jsonl", "parallel.jsonl", "summary.json"):
+        assert (out / name).read_text() == (ref / name).read_text()
+
+
+def test_edited_question_file_is_refused(tmp_path, questions):
+    """Answers (and their verdicts) belong to the question they answered: a changed gold or question in the
+    file is an error on resume, not a silently stale row."""
+    run(tmp_path, questions)
+    mc = tmp_path / "mmlu.jsonl"
+    rows = lines(mc)
+    write_jsonl(mc, [dict(rows[0], answer="A", answer_index=0), rows[1]])
+    with pytest.raises(S.InputError, match=r"answers.jsonl: item mmlu-70 was answered with another gold answer"):
+        run(tmp_path, questions)
+    write_jsonl(mc, [dict(rows[0], question="Which gas do plants give off?"), rows[1]])
+    with pytest.raises(S.InputError, match=r"item mmlu-70 was answered with another question or options"):
+        run(tmp_path, questions)
 
 
 def test_resume_refuses_other_settings_and_a_second_process(tmp_path):
@@ -390,8 +447,14 @@ def test_resume_refuses_other_settings_and_a_second_process(tmp_path):
             with S.locked(tmp_path):
                 pass
     (tmp_path / "answers.jsonl").write_text('{"group": "a"}\nnot json\n{"group": "b"}\n')
-    with pytest.raises(ValueError, match=r"answers.jsonl:2: not JSON; the journal is damaged"):
+    with pytest.raises(ValueError, match=r"answers.jsonl:2: not a journal record; the journal is damaged"):
         S.Journal(tmp_path / "answers.jsonl", key=lambda r: r["group"])
+    (tmp_path / "answers.jsonl").write_text('{"group": "a"}\n{"id": "b"}\n')
+    with pytest.raises(ValueError, match=r"answers.jsonl:2: not a journal record"):
+        S.Journal(tmp_path / "answers.jsonl", key=lambda r: r["group"])
+    (tmp_path / "run.json").write_text('{"temperature": 0.')  # e.g. edited by hand
+    with pytest.raises(SystemExit, match=r"run.json: damaged \(not JSON\)"):
+        S.pin_settings(tmp_path, dict(temperature=0.1, answer_model="a"))
 
 
 # -----------------------------------------------------------------------------
@@ -412,6 +475,64 @@ def test_validation_before_model_loading(tmp_path, questions):
     with pytest.raises(SystemExit, match="exactly one of --checkpoint"):
         S.main(["build", "--questions", questions, "--langs", "sw", "--out", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()  # nothing written before the checks pass
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--limit", "0"], "--limit must be >= 1, got 0"),  # 0 used to mean "no limit"
+    (["--concurrency", "0"], "--concurrency must be >= 1"),
+    (["--retries", "-1"], "--retries must be >= 0"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    (["--timeout", "0"], "--timeout must be > 0"),
+    (["--min-ratio", "3", "--max-ratio", "1"], "need 0 <= min < max"),
+    (["--min-script-fraction", "1.5"], r"--min-script-fraction must be in \[0, 1\]"),
+    (["--dtype", "bf16"], "--dtype bf16: not a torch dtype"),
+    (["--tokenizer", "/nonexistent/tok"], "--tokenizer /nonexistent/tok: no such file"),
+    (["--langs", "sw,=Foo"], "--langs: '=Foo' is not a language code"),
+    (["--source-lang", "xx"], "--source-lang: unknown language 'xx'; give its name as xx=Name"),
+    (["--langs", "sw,en"], "--langs: en is the source language"),
+    (["--translations", "t.jsonl"], "--translations is read by --translator file only"),
+])
+def test_bad_flags_stop_before_any_work(tmp_path, questions, flags, message):
+    ckpt = tmp_path / "empty_dir"  # loading it would fail: the flag errors must come first
+    ckpt.mkdir()
+    argv = ["build", "--questions", questions, "--checkpoint", str(ckpt), "--out", str(tmp_path / "o"),
+            "--langs", "sw"]
+    with pytest.raises(SystemExit, match=message):
+        S.main(argv + flags)
+    assert not (tmp_path / "o").exists()
+
+
+def test_out_is_a_file(tmp_path, questions):
+    (tmp_path / "f").write_text("x")
+    for out in (tmp_path / "f", tmp_path / "f" / "sub"):
+        with pytest.raises(SystemExit, match=rf"--out {out}: {tmp_path / 'f'} is a file, not a directory"):
+            S.main(["build", "--questions", questions, "--checkpoint", str(tmp_path), "--out", str(out),
+                    "--langs", "sw"])
+
+
+def test_translation_file_completed_later(tmp_path, questions):
+    """--translator file re-reads the file on every run: rows added after a first run (no_translation then)
+    count on the rerun, which asks the model nothing new."""
+    trans = tmp_path / "t.jsonl"
+    sw = dict(id="gsm8k-1-sw", lang="sw", prompt="Tom ana tufaha 3 na ananunua 4 zaidi. Ana tufaha ngapi?",
+              response="3 + 4 = 7. \\boxed{7}")
+    write_jsonl(trans, [sw])
+    with FakeEngine(lambda payload: fake_answers([payload["messages"][-1]["content"]], 0)[0]) as fake:
+        argv = ["build", "--questions", questions, "--engine-url", fake.url, "--engine-model", "m", "--langs", "sw",
+                "--out", str(tmp_path / "out"), "--translator", "file", "--translations", str(trans), "--quiet"]
+        S.main(argv)
+        summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+        assert summary["translate"]["sw"] == dict(items=4, kept=1, rejected={"no_translation": 3})
+        write_jsonl(trans, [sw, dict(sw, id="gsm8k-2-sw", prompt="Gari linagharimu dola 1,200; magari mawili?",
+                                     response="2 * 1200 = \\boxed{2400}")])
+        n = len(fake.requests)
+        S.main(argv)
+        assert len(fake.requests) == n  # the answers came from the journal
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["translate"]["sw"] == dict(items=4, kept=2, rejected={"no_translation": 2})
+    assert [r["id"] for r in load_parallel_jsonl(tmp_path / "out" / "parallel.jsonl") if r["lang"] == "sw"] == \
+        ["gsm8k-1-sw", "gsm8k-2-sw"]
 
 
 def test_translation_file(tmp_path, questions):
