@@ -422,8 +422,7 @@ def _responders(args):
             from engine import make_engine_responder
             return make_engine_responder(url, name, max_new_tokens=max_new_tokens, temperature=args.temperature,
                                          top_p=args.top_p, seed=args.seed, concurrency=args.concurrency,
-                                         timeout=args.timeout, retries=args.retries, system=args.system,
-                                         api_key=os.environ.get("OPENAI_API_KEY"))
+                                         timeout=args.timeout, retries=args.retries, system=args.system)
         import torch
         from checkpoint import load_model
         from eval import load_tok

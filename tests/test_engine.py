@@ -1,8 +1,12 @@
 """Tests for engine.py against a stand-in server on 127.0.0.1 (tests/fake_engine.py): the request it sends,
 order under concurrency, retries, each failure's message, and the same benchmark records as the built-in
 generator when the server returns the built-in generator's own completions."""
+import email.utils
+import itertools
 import json
 import socket
+import struct
+import threading
 import time
 from pathlib import Path
 
@@ -12,6 +16,7 @@ import torch
 from evaluation.accuracy import run_benchmark
 from evaluation.benchmarks import TEMPLATES, build_prompt, load_benchmark
 from evaluation.generate import make_generative_responder
+import engine
 from engine import EngineError, check_engine, make_engine_responder, served_models
 from fake_engine import FakeEngine
 from model import MoEConfig, MoETransformer
@@ -55,6 +60,48 @@ def test_retries_then_success():
         assert len(fake.requests) == 3
 
 
+def test_retry_after_is_honoured():
+    """A 429/503 with Retry-After waits what the server asks (not the short backoff), capped at MAX_RETRY_AFTER."""
+    with FakeEngine(lambda p: "ok") as fake:
+        fake.script = [(429, {"error": "slow down"}, {"Retry-After": "1"})]
+        t0 = time.perf_counter()
+        assert make_engine_responder(fake.url, "m", concurrency=1, **FAST)(["q"], 0) == ["ok"]
+        assert time.perf_counter() - t0 >= 0.95
+    assert engine._retry_after("7") == 7 and engine._retry_after("junk") is None
+    assert engine._retry_after("100000") == engine.MAX_RETRY_AFTER
+    assert 0 <= engine._retry_after(email.utils.formatdate(time.time() + 5, usegmt=True)) <= 5
+
+
+def raw_server(handle):
+    """A bare TCP server on 127.0.0.1 whose handle(conn, n) plays the n-th connection (n = 0, 1, ...)."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+
+    def loop():
+        for n in itertools.count():
+            conn, _ = srv.accept()
+            conn.recv(65536)
+            handle(conn, n)
+            conn.close()
+    threading.Thread(target=loop, daemon=True).start()
+    return f"http://127.0.0.1:{srv.getsockname()[1]}/v1"
+
+
+def test_body_cut_short_and_reset():
+    body = json.dumps({"choices": [{"message": {"role": "assistant", "content": "whole"}}]}).encode()
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+
+    def cut_once(conn, n):  # the first answer stops after 10 bytes of body, the second is whole
+        conn.sendall(head + (body[:10] if n == 0 else body))
+    assert make_engine_responder(raw_server(cut_once), "m", concurrency=1, **FAST)(["q"], 0) == ["whole"]
+
+    def reset(conn, n):  # the server was reached: the message must not send the user looking for it
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    with pytest.raises(EngineError, match=r"/v1/chat/completions: connection failed \(.*reset.*\) after 3 attempts"):
+        make_engine_responder(raw_server(reset), "m", concurrency=1, **FAST)(["q"], 0)
+
+
 def test_error_status_names_url_and_status():
     with FakeEngine(lambda p: "ok") as fake:
         fake.script = [(400, {"error": {"message": "max_tokens is too large"}})]
@@ -87,7 +134,17 @@ def test_malformed_bodies():
         fake.script = [(200, {"choices": [{"message": {"role": "assistant", "content": None}}]})]
         with pytest.raises(EngineError, match="reasoning-parser"):
             respond(["q"], 0)
-        assert len(fake.requests) == 3  # none retried
+        # an error body under status 200 (some proxies): the server's message, not "malformed"
+        fake.script = [(200, {"object": "error", "message": "maximum context length is 4096 tokens", "code": 400})]
+        with pytest.raises(EngineError, match=r"completions: the server answered with an error: maximum context"):
+            respond(["q"], 0)
+        fake.script = [(200, {"error": {"message": "model overloaded", "type": "server_error"}})]
+        with pytest.raises(EngineError, match=r"answered with an error: model overloaded"):
+            respond(["q"], 0)
+        assert len(fake.requests) == 5  # none retried
+        # a lone surrogate (valid JSON, not valid text) becomes U+FFFD instead of failing every later write
+        fake.script = [(200, b'{"choices": [{"message": {"content": "ok \\ud800 \\ud83d\\ude00"}}]}')]
+        assert respond(["q"], 0) == ["ok \ufffd \U0001F600"]
 
 
 def test_unreachable_and_model_check():
@@ -99,11 +156,25 @@ def test_unreachable_and_model_check():
         make_engine_responder(url, "m", max_new_tokens=8, retries=1, backoff=0.01)(["q"], 0)
     with pytest.raises(EngineError, match="unreachable"):
         check_engine(url, "m")
+    with pytest.raises(ValueError, match="retries must be >= 0"):
+        make_engine_responder(url, "m", max_new_tokens=8, retries=-1)
     with FakeEngine(lambda p: "ok", models=["sara-sw"]) as fake:
+        with pytest.raises(EngineError, match=r"/models: HTTP 404 Not Found.*does the URL end in /v1\?"):
+            check_engine(fake.url[:-len("/v1")], "sara-sw")
         assert served_models(fake.url) == ["sara-sw"]
         check_engine(fake.url, "sara-sw")
         with pytest.raises(EngineError, match=r"model 'qwen' is not served; the server lists \['sara-sw'\]"):
             check_engine(fake.url, "qwen")
+
+
+def test_api_key_from_the_environment(monkeypatch):
+    """A server started with --api-key: OPENAI_API_KEY is sent by every call, check_engine included."""
+    with FakeEngine(lambda p: "ok", api_key="sk-test") as fake:
+        with pytest.raises(EngineError, match="HTTP 401"):
+            check_engine(fake.url, "m")
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+        check_engine(fake.url, "m")
+        assert make_engine_responder(fake.url, "m", **FAST)(["q"], 0) == ["ok"]
 
 
 def test_same_records_as_builtin_generator():
