@@ -32,7 +32,8 @@ id, lang, prompt, response; id = "<group>-<lang>" as in the output; a parallel J
 Checks, in order, each a rejection reason: no_translation (file has none), empty, untranslated (a text
 returned unchanged), length_ratio (len(out)+32 outside [min_ratio, max_ratio] x (len(src)+32), in
 characters: runaway repetition or a dropped half; the +32 keeps short strings from tripping it),
-options_lost (a multiple-choice prompt no longer lists its options as lines "A." .. in order),
+options_lost (a multiple-choice prompt's labelled lines "A." .. in order, the question's own "I." lines
+included, are not those of the source),
 boxed_answer_missing / boxed_answer_changed (scored against the gold with the evaluation's scoring), wrong_script
 (for languages in SCRIPTS: in the prompt or in the response, under --min-script-fraction of the letters
 outside \\boxed{} and LaTeX commands are in the language's Unicode blocks).
@@ -134,7 +135,8 @@ def check_translation(item, src, out, lang, *, min_ratio=0.15, max_ratio=3.0, mi
     for s, t in zip(src, out):
         if not min_ratio * (len(s) + 32) <= len(t) + 32 <= max_ratio * (len(s) + 32):
             return "length_ratio"
-    if item["choices"] is not None and _option_letters(out[0]) != list(LETTERS[:len(item["choices"])]):
+    # the labelled lines of the source (its options, and any "I." / "A." lines of the question itself) in order
+    if item["choices"] is not None and _option_letters(out[0]) != _option_letters(src[0]):
         return "options_lost"
     if extract_boxed(out[1]) is None:
         return "boxed_answer_missing"

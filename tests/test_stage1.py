@@ -188,6 +188,14 @@ def test_options_must_survive_translation():
     assert S.check_translation(item, src, (ok.replace("B. ", "(B) ").replace("C. ", "C) "), resp), "sw") is None
     assert S.check_translation(item, src, (ok.replace("\nC. ", " C. "), resp), "sw") == "options_lost"
     assert S.check_translation(item, src, (ok.replace("B. ", "Б. "), resp), "sw") == "options_lost"
+    # a question with its own "I." / "II." statement lines (common in MMLU-Pro) keeps them: not options_lost
+    q = "Which statements are true?\nI. The sky is blue.\nII. Grass is green."
+    item = dict(choices=["I only", "II only", "I and II", "neither"], answer="C")
+    src = (S.mc_prompt(q, item["choices"]), "Both hold: \\boxed{C}.")
+    sw = src[0].replace("Which statements are true?", "Taarifa zipi ni za kweli?").replace("The sky", "Anga")
+    assert S.check_translation(item, src, (sw, "Zote mbili ni kweli: \\boxed{C}."), "sw") is None
+    assert S.check_translation(item, src, (sw.replace("\nI. ", " I. "), "Zote ni kweli: \\boxed{C}."), "sw") \
+        == "options_lost"  # the statement line merged away: the structure changed
 
 
 def test_length_ratio_catches_a_dropped_half():
