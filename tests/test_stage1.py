@@ -543,6 +543,28 @@ def test_translation_file_completed_later(tmp_path, questions):
         ["gsm8k-1-sw", "gsm8k-2-sw"]
 
 
+def test_bad_translation_files(tmp_path, questions, capsys):
+    t = tmp_path / "t.jsonl"
+    write_jsonl(t, [dict(id="mmlu-70-sw", lang="sw", prompt=["Mimea?"], response="\\boxed{B}")])
+    with pytest.raises(ValueError, match=r"t.jsonl:1: 'prompt' is list, not text"):
+        S.load_translation_file(t)
+    write_jsonl(t, [dict(id=70, lang="sw", prompt="p", response="r")])
+    with pytest.raises(ValueError, match=r"t.jsonl:1: 'id' is int, not text"):
+        S.load_translation_file(t)
+    t.write_bytes(b'{"id": "mmlu-70-sw", "lang": "sw", "prompt": "Mimea", "response": "Jibu \xe9"}\n')
+    with pytest.raises(ValueError, match=r"t.jsonl:1: not UTF-8"):
+        S.load_translation_file(t)
+    # rows that match nothing are announced before the run (every item would be no_translation)
+    write_jsonl(t, [dict(id="prox-70-sw", lang="sw", prompt="p", response="r"),
+                    dict(id="mmlu-70-swa", lang="swa", prompt="p", response="r")])
+    with pytest.raises(SystemExit, match="unreachable"):  # no server: stops right after the notes
+        S.main(["build", "--questions", questions, "--langs", "sw", "--out", str(tmp_path / "o"), "--translator",
+                "file", "--translations", str(t), "--engine-url", "http://127.0.0.1:1/v1", "--engine-model", "m"])
+    err = capsys.readouterr().err
+    assert "has rows in languages not in --langs: swa" in err
+    assert "1 rows of" in err and "match no item of --questions" in err and "e.g. 'mmlu-70-sw'" in err
+
+
 def test_translation_file(tmp_path, questions):
     """--translator file: rows joined by id; a missing one is rejected as no_translation."""
     items = S.load_questions(questions)
