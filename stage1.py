@@ -59,9 +59,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from evaluation.benchmarks import TEMPLATES, read_rows
+from evaluation.benchmarks import TEMPLATES
 from evaluation.scoring import extract_boxed, score_output
-from data.questions import LETTERS, check_utf8, load_questions, mc_prompt, row_places  # noqa: F401 (mc_prompt)
+from data.questions import load_questions, load_translation_file, mc_prompt, translation_notes  # noqa: F401
 
 LANG_NAMES = {"en": "English", "zh": "Chinese", "sw": "Swahili", "hi": "Hindi", "bn": "Bengali", "te": "Telugu",
               "ne": "Nepali", "am": "Amharic", "yo": "Yoruba", "ha": "Hausa", "zu": "Zulu", "xh": "Xhosa",
@@ -160,32 +160,6 @@ def responder_translator(respond, source_lang, lang_names, run=0):
         texts = respond(prompts, run)
         return [(texts[2 * j].strip(), texts[2 * j + 1].strip()) for j in range(len(jobs))]
     return translate
-
-
-def load_translation_file(path):
-    """A JSONL/CSV/Parquet file with id ("<group>-<lang>"), lang, prompt, response -> {(group, lang): (p, r)}."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"--translations {path}: no such file")
-    check_utf8(path)
-    rows = read_rows(path)
-    places, table = row_places(path, len(rows)), {}
-    for row, where in zip(rows, places):
-        missing = [k for k in ("id", "lang", "prompt", "response") if not isinstance(row, dict) or k not in row]
-        if missing:
-            raise ValueError(f"{where}: missing {missing}; a translation row needs id, lang, prompt, response")
-        wrong = [k for k in ("id", "lang", "prompt", "response")
-                 if not isinstance(row[k], str) and not (k in ("prompt", "response") and row[k] is None)]
-        if wrong:  # str() would put "['...']" or "None" into the training data
-            raise ValueError(f"{where}: {wrong[0]!r} is {type(row[wrong[0]]).__name__}, not text")
-        rid, lang = row["id"], row["lang"]
-        if not rid.endswith("-" + lang) or rid == "-" + lang:
-            raise ValueError(f"{where}: id {rid!r} does not end with '-{lang}' (ids are '<group>-<lang>')")
-        key = (rid[:-len(lang) - 1], lang)
-        if key in table:
-            raise ValueError(f"{where}: duplicate translation {rid!r}")
-        table[key] = (row["prompt"] or "", row["response"] or "")
-    return table
 
 
 def file_translator(table):
@@ -503,15 +477,8 @@ def cmd_build(args):
     except ValueError as e:
         raise SystemExit(str(e)) from None
     items = items[:args.limit] if args.limit else items
-    if table is not None:  # ids that match nothing are no_translation for every item: say why up front
-        groups = {it["group"] for it in items}
-        stray = sorted({lang for g, lang in table if lang not in langs})
-        unmatched = sum(g not in groups for g, lang in table if lang in langs)
-        if stray:
-            print(f"note: {args.translations} has rows in languages not in --langs: {','.join(stray)}", file=sys.stderr)
-        if unmatched:
-            print(f"note: {unmatched} rows of {args.translations} match no item of --questions (ids are "
-                  f"'<name>-<item id>-<lang>', e.g. '{items[0]['group']}-{next(iter(langs))}')", file=sys.stderr)
+    for note in translation_notes(table or {}, items, langs, args.translations):
+        print("note:", note, file=sys.stderr)
     from engine import EngineError, check_engine
     try:
         if args.engine_url:

@@ -1,9 +1,9 @@
 """
-Question files for stage 1 (stage1.py): MMLU-Pro / MMLU-ProX multiple choice and GSM8K math rows,
+Input files of stage 1 (stage1.py). Question files: MMLU-Pro / MMLU-ProX multiple choice and GSM8K math rows,
 read with the evaluation's reader (evaluation/benchmarks.py read_rows) and turned into items
 {"group", "source", "question", "choices" (list) or None, "answer", "prompt"}. A bad row is a
-ValueError naming the file and line (row for CSV / Parquet). The accepted formats are listed in
-stage1.py's docstring.
+ValueError naming the file and line (row for CSV / Parquet). Translation files (--translator file): rows
+id, lang, prompt, response. The accepted formats are listed in stage1.py's docstring.
 """
 import ast
 import json
@@ -181,3 +181,42 @@ def load_questions(spec):
             seen[it["group"]] = places[i]
             items.append(it)
     return items
+
+
+def load_translation_file(path):
+    """A JSONL/CSV/Parquet file with id ("<group>-<lang>"), lang, prompt, response -> {(group, lang): (p, r)}."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--translations {path}: no such file")
+    check_utf8(path)
+    rows = read_rows(path)
+    places, table = row_places(path, len(rows)), {}
+    for row, where in zip(rows, places):
+        missing = [k for k in ("id", "lang", "prompt", "response") if not isinstance(row, dict) or k not in row]
+        if missing:
+            raise ValueError(f"{where}: missing {missing}; a translation row needs id, lang, prompt, response")
+        wrong = [k for k in ("id", "lang", "prompt", "response")
+                 if not isinstance(row[k], str) and not (k in ("prompt", "response") and row[k] is None)]
+        if wrong:  # str() would put "['...']" or "None" into the training data
+            raise ValueError(f"{where}: {wrong[0]!r} is {type(row[wrong[0]]).__name__}, not text")
+        rid, lang = row["id"], row["lang"]
+        if not rid.endswith("-" + lang) or rid == "-" + lang:
+            raise ValueError(f"{where}: id {rid!r} does not end with '-{lang}' (ids are '<group>-<lang>')")
+        key = (rid[:-len(lang) - 1], lang)
+        if key in table:
+            raise ValueError(f"{where}: duplicate translation {rid!r}")
+        table[key] = (row["prompt"] or "", row["response"] or "")
+    return table
+
+
+def translation_notes(table, items, langs, path):
+    """What in a translation file matches nothing (each such item would be no_translation): said up front."""
+    groups, notes = {it["group"] for it in items}, []
+    stray = sorted({lang for _, lang in table if lang not in langs})
+    unmatched = sum(g not in groups for g, lang in table if lang in langs)
+    if stray:
+        notes.append(f"{path} has rows in languages not in --langs: {','.join(stray)}")
+    if unmatched:
+        notes.append(f"{unmatched} rows of {path} match no item of --questions (ids are "
+                     f"'<name>-<item id>-<lang>', e.g. '{items[0]['group']}-{next(iter(langs))}')")
+    return notes
