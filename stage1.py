@@ -30,7 +30,7 @@ TRANSLATE_PROMPT; "engine" = any OpenAI-compatible server (--translate-url/--tra
 stronger model under vLLM); "file" = an existing translation file (--translations, JSONL/CSV/Parquet with
 id, lang, prompt, response; id = "<group>-<lang>" as in the output; a parallel JSONL works as is).
 Checks, in order, each a rejection reason: no_translation (file has none), empty, untranslated (a text
-returned unchanged), length_ratio (len(out)+32 outside [min_ratio, max_ratio] x (len(src)+32), in
+returned unchanged, or inside a reply), length_ratio (len(out)+32 outside [min_ratio, max_ratio] x (len(src)+32), in
 characters: runaway repetition or a dropped half; the +32 keeps short strings from tripping it),
 options_lost (a multiple-choice prompt's labelled lines "A." .. in order, the question's own "I." lines
 included, are not those of the source),
@@ -130,7 +130,7 @@ def check_translation(item, src, out, lang, *, min_ratio=0.15, max_ratio=3.0, mi
     if not out[1].strip() or (src[0].strip() and not out[0].strip()):
         return "empty"
     for s, t in zip(src, out):
-        if sum(c.isalpha() for c in s) >= 20 and s.strip() == t.strip():
+        if sum(c.isalpha() for c in s) >= 20 and s.strip() in t:  # also "Here is the translation:\n<source>"
             return "untranslated"
     for s, t in zip(src, out):
         if not min_ratio * (len(s) + 32) <= len(t) + 32 <= max_ratio * (len(s) + 32):

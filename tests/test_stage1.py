@@ -169,6 +169,7 @@ ITEM = dict(choices=None, answer="7")
     (("", SW[1]), "sw", "empty"),
     ((SW[0], "  "), "sw", "empty"),
     ((SRC[0], SW[1]), "sw", "untranslated"),
+    (("Here is the translation:\n\n" + SRC[0], SW[1]), "sw", "untranslated"),  # the source, wrapped
     ((SW[0], SW[1] + " Jibu ni 7." * 40), "sw", "length_ratio"),  # runaway repetition
     ((SW[0], "Ana tufaha 3 + 4 = 7. Jibu ni saba, tufaha saba kwa jumla."), "sw", "boxed_answer_missing"),
     ((SW[0], "Ana tufaha 3 + 4 = 7. Jibu ni \\boxed{8}."), "sw", "boxed_answer_changed"),
@@ -295,7 +296,7 @@ def fake_answers(prompts, run):
     for p in prompts:
         if p.startswith("Translate"):
             text = p.split("\n\n", 1)[1]
-            outs.append("[sw] " + text)
+            outs.append("[sw] " + text.replace("a", "á"))  # changed, with boxes and option labels kept
         elif "Carbon dioxide" in p:
             outs.append("Plants take in CO2. \\boxed{B}")
         elif "2 + 3" in p:
@@ -316,7 +317,7 @@ def test_engine_path(tmp_path, questions):
         assert {r["max_tokens"] for r in fake.requests} == {1024, 2048}  # answers, translations
     rows = load_parallel_jsonl(tmp_path / "out" / "parallel.jsonl")
     assert len(rows) == 8 and sorted({r["lang"] for r in rows}) == ["en", "sw"]
-    assert rows[1]["response"] == "[sw] Plants take in CO2. \\boxed{B}"
+    assert rows[1]["response"] == "[sw] Plánts táke in CO2. \\boxed{B}"
 
 
 # -----------------------------------------------------------------------------
