@@ -22,19 +22,20 @@ wrong: unreachable, an HTTP error status (with the start of the server's message
 that is not a chat completion, an error body sent with status 200. Connection failures, timeouts and
 statuses 408/429/5xx are retried `retries` times with exponential backoff (backoff * 2**attempt seconds,
 or the server's Retry-After when it sends one, capped at MAX_RETRY_AFTER); other statuses and malformed
-bodies fail at once (retrying would give the same answer). The first failure stops the whole call:
-no partial list is ever returned. The API key (a server started with --api-key) defaults to the
+bodies fail at once (retrying would give the same answer). The first failure stops the whole call at
+once (no new request starts; those in flight are not waited for): no partial list is ever returned. The API key (a server started with --api-key) defaults to the
 OPENAI_API_KEY environment variable, as in OpenAI's own client.
 """
 import email.utils
 import http.client
 import json
 import os
+import queue
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 
 DEFAULT_EXTRA_BODY = {"top_k": -1, "chat_template_kwargs": {"enable_thinking": False}}
 RETRY_STATUSES = (408, 429, 500, 502, 503, 504)
@@ -185,10 +186,33 @@ def make_engine_responder(base_url, model, *, max_new_tokens, temperature=0.1, t
                                api_key=api_key)
 
     def respond(prompts, run):
-        pool = ThreadPoolExecutor(max_workers=min(concurrency, max(1, len(prompts))))
-        try:
-            futures = [pool.submit(one, p, run) for p in prompts]
-            return [f.result() for f in futures]  # the first failure (in prompt order) propagates
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+        # daemon worker threads, not a ThreadPoolExecutor: its workers are joined at exit, so Ctrl-C or a
+        # failed request would wait for every request in flight (up to timeout x attempts each)
+        results, errors, left = [None] * len(prompts), [], [len(prompts)]
+        todo, lock, done = queue.SimpleQueue(), threading.Lock(), threading.Event()
+        for i in range(len(prompts)):
+            todo.put(i)
+
+        def work():
+            while not done.is_set():
+                try:
+                    i = todo.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    results[i] = one(prompts[i], run)
+                except Exception as e:  # the first failure ends the call; no new requests start
+                    errors.append(e)
+                    done.set()
+                with lock:
+                    left[0] -= 1
+                    if left[0] == 0:
+                        done.set()
+        if prompts:
+            for _ in range(min(concurrency, len(prompts))):
+                threading.Thread(target=work, daemon=True).start()
+            done.wait()
+        if errors:
+            raise errors[0]
+        return results
     return respond

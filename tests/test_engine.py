@@ -102,6 +102,21 @@ def test_body_cut_short_and_reset():
         make_engine_responder(raw_server(reset), "m", concurrency=1, **FAST)(["q"], 0)
 
 
+def test_first_failure_does_not_wait_for_slow_requests():
+    """A request that fails at once ends the call at once: not after the slow requests still in flight
+    (with the default timeout of 600 s and retries, Ctrl-C or an error could otherwise wait many minutes)."""
+    def reply(payload):
+        time.sleep(3.0)
+        return "slow"
+    with FakeEngine(reply) as fake:
+        fake.script = [(400, {"error": {"message": "bad request"}})]
+        t0 = time.perf_counter()
+        with pytest.raises(EngineError, match="HTTP 400"):
+            make_engine_responder(fake.url, "m", concurrency=4, **FAST)([f"q{i}" for i in range(8)], 0)
+        assert time.perf_counter() - t0 < 2.0
+        assert len(fake.requests) <= 4  # no new request after the failure
+
+
 def test_error_status_names_url_and_status():
     with FakeEngine(lambda p: "ok") as fake:
         fake.script = [(400, {"error": {"message": "max_tokens is too large"}})]
