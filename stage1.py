@@ -243,9 +243,13 @@ def locked(out):
 
 
 def pin_settings(out, settings):
-    """run.json holds the settings that decide what the journals mean; a resume must match them."""
+    """run.json holds the settings that decide what the journals mean; a resume must match them. Before
+    any record is journaled it is rewritten (a run that failed at the start, e.g. on a wrong checkpoint
+    path, must not lock its --out to that path)."""
     path = out / "run.json"
-    if path.exists():
+    journaled = any(b"\n" in p.read_bytes() for p in (out / "answers.jsonl", out / "translations.jsonl")
+                    if p.exists())
+    if path.exists() and journaled:
         try:
             old = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError):

@@ -447,7 +447,11 @@ def test_edited_question_file_is_refused(tmp_path, questions):
 
 
 def test_resume_refuses_other_settings_and_a_second_process(tmp_path):
-    S.pin_settings(tmp_path, dict(temperature=0.1, answer_model="a"))
+    S.pin_settings(tmp_path, dict(temperature=0.1, answer_model="typo"))
+    (tmp_path / "answers.jsonl").write_text('{"group": "a", "prom')  # a torn line only: nothing journaled
+    S.pin_settings(tmp_path, dict(temperature=0.1, answer_model="a"))  # nothing done yet: a fix is fine
+    assert json.loads((tmp_path / "run.json").read_text())["answer_model"] == "a"
+    (tmp_path / "answers.jsonl").write_text('{"group": "a"}\n')
     S.pin_settings(tmp_path, dict(temperature=0.1, answer_model="a"))
     with pytest.raises(SystemExit, match=r"other settings \(temperature: 0.1 -> 0.7\)"):
         S.pin_settings(tmp_path, dict(temperature=0.7, answer_model="a"))
