@@ -155,7 +155,8 @@ def load_questions(spec):
     the file and line of the first bad row, or the columns found when a file's kind is unknown."""
     items, seen = [], {}
     for part in [p for p in spec.split(",") if p.strip()]:
-        name, path = part.split("=", 1) if "=" in part else (Path(part).stem, part)
+        named = re.fullmatch(r"\s*([\w.-]+)=(.+)", part)  # "name=path"; a path may hold "=" itself
+        name, path = named.groups() if named else (Path(part.strip()).stem, part)
         path, name = Path(path.strip()), re.sub(r"[^\w.]+", "_", name.strip())
         if not path.is_file():
             raise ValueError(f"--questions: {path}: no such file")

@@ -116,6 +116,9 @@ def test_bad_files_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"b/train.jsonl:1: duplicate id 'train-1' .*give the files names"):
         S.load_questions(two)
     assert [it["group"] for it in S.load_questions(f"a={tmp_path / 'a' / 'train.jsonl'},b={tmp_path / 'b' / 'train.jsonl'}")] == ["a-1", "b-1"]
+    (tmp_path / "run=3").mkdir()  # an "=" in a directory name is part of the path, not a name=path
+    eq = write_jsonl(tmp_path / "run=3" / "gsm.jsonl", one)
+    assert [it["group"] for it in S.load_questions(f"{eq},x={eq}")] == ["gsm-1", "x-1"]
     dup = write_jsonl(tmp_path / "d.jsonl", [dict(question_id=1, question="q", options=["a", "b"], answer="A")] * 2)
     with pytest.raises(ValueError, match=r"d.jsonl:2: duplicate id 'd-1' \(first at .*d.jsonl:1\)"):
         S.load_questions(str(dup))
