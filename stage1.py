@@ -32,8 +32,8 @@ id, lang, prompt, response; id = "<group>-<lang>" as in the output; a parallel J
 Checks, in order, each a rejection reason: no_translation (file has none), empty, untranslated (a text
 returned unchanged, or inside a reply), length_ratio (len(out)+32 outside [min_ratio, max_ratio] x (len(src)+32), in
 characters: runaway repetition or a dropped half; the +32 keeps short strings from tripping it),
-options_lost (a multiple-choice prompt's labelled lines "A." .. in order, the question's own "I." lines
-included, are not those of the source),
+options_lost (the lines of a multiple-choice prompt starting with a label "A." / "A)" / "(A)", A-J, are not
+the source prompt's, in order; a question's own "I." line counts too),
 boxed_answer_missing / boxed_answer_changed (scored against the gold with the evaluation's scoring), wrong_script
 (for languages in SCRIPTS: in the prompt or in the response, under --min-script-fraction of the letters
 outside \\boxed{} and LaTeX commands are in the language's Unicode blocks).
