@@ -157,7 +157,7 @@ def responder_translator(respond, source_lang, lang_names, run=0):
 
     def translate(jobs):
         prompts = [fill(t, lang) for _, src, lang in jobs for t in src]
-        texts = respond(prompts, run)
+        texts = _same_length(respond(prompts, run), prompts, "respond (translating)")
         return [(texts[2 * j].strip(), texts[2 * j + 1].strip()) for j in range(len(jobs))]
     return translate
 

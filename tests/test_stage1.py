@@ -362,6 +362,8 @@ def test_crash_and_resume_without_duplicates(tmp_path, questions):
     (tmp_path / "short").mkdir()
     with pytest.raises(RuntimeError, match="respond returned 0 outputs for 1 inputs"):
         run(tmp_path / "short", questions, lambda p, r: [])
+    with pytest.raises(RuntimeError, match=r"respond \(translating\) returned 1 outputs for 2 inputs"):
+        run(tmp_path / "short", questions, lambda p, r: fake_answers(p, r)[:1])
 
 
 KILLER = """
