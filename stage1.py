@@ -528,13 +528,17 @@ def cmd_build(args):
                                  redo_translations=args.translator == "file")
         except InputError as e:
             raise SystemExit(str(e)) from None
+        except EngineError as e:  # a server that went away mid-run: say that nothing finished is lost
+            raise SystemExit(f"{e}\nThe finished batches are kept in {out}; rerun the same command to resume.") \
+                from None
     print(format_summary(summary))
     n = sum(1 for _ in open(out / "parallel.jsonl", encoding="utf-8"))
     print(f"wrote {out / 'parallel.jsonl'} ({n} rows); summary in {out / 'summary.json'}")
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     q = sub.add_parser("build", help="answer, filter, translate, check -> parallel.jsonl")
     q.add_argument("--questions", required=True, help="comma list of question files, each optionally name=path")

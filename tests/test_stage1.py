@@ -529,6 +529,19 @@ def test_out_is_a_file(tmp_path, questions):
                     "--langs", "sw"])
 
 
+def test_server_failing_mid_run(tmp_path, questions):
+    """The server answers two items, then errors: a clear stop that says the work is kept; the rerun resumes."""
+    with FakeEngine(lambda payload: fake_answers([payload["messages"][-1]["content"]], 0)[0]) as fake:
+        argv = ["build", "--questions", questions, "--engine-url", fake.url, "--engine-model", "m", "--langs", "sw",
+                "--out", str(tmp_path / "o"), "--batch-size", "1", "--concurrency", "1", "--retries", "0", "--quiet"]
+        fake.script = [("sleep", 0), ("sleep", 0), (500, {"error": "GPU lost"})]  # 2 answers, then an error
+        with pytest.raises(SystemExit, match=r"HTTP 500.*GPU lost.*\nThe finished batches are kept in .*; rerun the"):
+            S.main(argv)
+        assert len(lines(tmp_path / "o" / "answers.jsonl")) == 2
+        S.main(argv)
+    assert len(lines(tmp_path / "o" / "answers.jsonl")) == 4
+
+
 def test_translation_file_completed_later(tmp_path, questions):
     """--translator file re-reads the file on every run: rows added after a first run (no_translation then)
     count on the rerun, which asks the model nothing new."""
