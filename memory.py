@@ -3,9 +3,9 @@ Per-GPU memory of full fine-tuning on 8 GPUs (FSDP2), measured on a CPU, for Qwe
 Phi-3.5-MoE at full size. It prints numbers; it is not a test.
 
     python memory.py                       # both models, 8 ranks, 2048 tokens (about 5-8 min)
-    python memory.py --models qwen3 --real none --sim_layers 0   # fast: no CPU compute, no sim
+    python memory.py --models qwen3 --real none --sim_layers ""   # fast: no CPU compute, no sim
 
-What is measured, and how (nothing here is a formula; the formula is printed next to it as a check):
+What is measured, and how (the formula is printed next to the measurement as a check):
 1. Sharded states. The full model is built on the meta device and sharded as train.py does
    (fully_shard per block, then the root; bf16 compute, fp32 gradient reduction) over a fake
    process group (world 8, this process is rank 0; collectives do nothing). The shards are then
@@ -23,7 +23,8 @@ What is measured, and how (nothing here is a formula; the formula is printed nex
    the final norm + chunked loss to be measured on fake tensors only (a real 152k-vocabulary
    loss at 2048 tokens is minutes of CPU time).
 3. Sum of parts, per rank, in the steady state of a step (gradient shards present, a reduce-scatter
-   after every micro-batch):
+   after every micro-batch), the measured pieces above placed on FSDP2's schedule (the gathered
+   blocks and the reduce-scatter buffer are counted from the parameter count at 2 and 4 bytes):
      states + root params gathered in bf16 (embedding, final norm, lm_head: FSDP2 keeps the root's
      parameters unsharded from forward to backward) + L x block resident + the larger of
        loss phase:  the chunked loss's forward peak,
@@ -32,11 +33,25 @@ What is measured, and how (nothing here is a formula; the formula is printed nex
                     reduce-scatter input (one block's params in fp32, reduce_dtype).
 4. Whole step, simulated: torch's FSDPMemTracker follows every tensor (and FSDP2's storage
    resizes) through two steps of two micro-batches on fake tensors. 48 layers take minutes, so it
-   runs the model with 2 and 4 layers and extrapolates linearly in the layer count (everything
-   that grows with depth -- states, resident activations -- is linear in it).
+   runs the model with 4 and 6 layers and extrapolates linearly in the layer count. Measured: from
+   4 layers on, each extra layer adds exactly the same bytes (4 -> 6 -> 8 layers: +3.66, +3.66 GiB
+   for Phi-3.5, +1.76, +1.76 for Qwen3, bf16_sr with checkpointing); with 2 layers the peak
+   misses the prefetched next block, so 2 layers must not be used.
 Limits: the loss is measured on the eager CPU path; on CUDA train.py compiles the per-chunk
 cross-entropy, which keeps fewer fp32 (chunk, V) temporaries, so the loss phase here is an upper
 bound. CUDA context, NCCL buffers and allocator fragmentation are not seen: the verdict keeps 15%.
+
+Measured (`python memory.py`, torch 2.13 CPU, 2 cores, 4.6 min, 6 GB RAM), peak per GPU, rank 0
+of 8, 2048 tokens per micro-batch, sum of parts / simulated step, GiB:
+  Qwen3-30B-A3B  fp32    ckpt 65.1 / 65.7 (fits)   no ckpt 82.5 / 83.2 (no)
+                 bf16_sr ckpt 50.9 / 51.5 (fits)   no ckpt 68.3 / 68.9 (fits)
+  Phi-3.5-MoE    fp32    ckpt 91.5 / 91.5 (no)     no ckpt 102.7 / 102.3 (no)
+                 bf16_sr ckpt 72.0 / 72.0 (tight)  no ckpt 83.2 / 82.8 (no)
+Sharded states equal N x bytes / 8 exactly (every dim 0 divides by 8). The real CPU block and the
+fake-tensor block give identical bytes. With set_requires_gradient_sync(False) between
+micro-batches FSDP2 keeps every parameter's unsharded gradient in fp32 (reduce_dtype) until the
+last micro-batch: +N x 4 B per GPU (Qwen3 165.2 GiB, Phi-3.5 214.0 GiB simulated): with
+gradient accumulation under FSDP, reduce-scatter after every micro-batch.
 """
 import argparse
 import time
@@ -54,8 +69,9 @@ from model import (Block, MoETransformer, RotaryEmbedding, chunked_cross_entropy
 from optim import AdamWBF16
 
 GiB = 2 ** 30
-GPU_GIB = 79.6  # an "80 GB" H100/A100 reports 81,559 MiB
+GPU_GIB = 79.6  # an "80 GB" H100 reports 81,559 MiB
 HEADROOM = 1.15  # fits if peak * 1.15 <= 79.6 GiB: CUDA context, NCCL buffers, fragmentation
+# model -> (architecture, the optimizer_states its config in configs/ uses)
 MODELS = {"qwen3": (qwen3_30b_a3b_config, "fp32"), "phi35": (phi35_moe_config, "bf16_sr")}
 OPTIMIZER_STATES = ("fp32", "bf16_sr")  # train.py's optimizer_states options
 
@@ -238,7 +254,7 @@ def simulated_peak(cfg, optimizer_states, tokens, ckpt, world=8, sync_every_micr
         return tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
 
 
-def extrapolated_peak(cfg, optimizer_states, tokens, ckpt, layers=(2, 4), **kw):
+def extrapolated_peak(cfg, optimizer_states, tokens, ckpt, layers=(4, 6), **kw):
     """simulated_peak at two depths, extended linearly to cfg.n_layers."""
     a, b = (simulated_peak(type(cfg)(**{**cfg.to_dict(), "n_layers": n}), optimizer_states, tokens,
                            ckpt, **kw) for n in layers)
@@ -259,9 +275,10 @@ def main():
     ap.add_argument("--loss_chunk", type=int, default=4096, help="the configs' loss_chunk_size")
     ap.add_argument("--real", choices=("none", "nockpt", "all"), default="nockpt",
                     help="which block measurements also run for real on the CPU (slow: ~1 min each)")
-    ap.add_argument("--sim_layers", type=int, default=4, help="simulate the whole step at 2 and this "
-                    "many layers and extrapolate (0: skip)")
+    ap.add_argument("--sim_layers", default="4,6", help="simulate the whole step at these two depths "
+                    "and extrapolate linearly ('': skip)")
     args = ap.parse_args()
+    sim_layers = tuple(int(n) for n in args.sim_layers.split(",")) if args.sim_layers else None
     torch.set_num_threads(1)
     rows, t_start = [], time.time()
     for name in args.models.split(","):
@@ -296,6 +313,10 @@ def main():
         block_params = blocks[False]["params"]
         root_params = states["fp32"]["n_params"] - L * block_params  # embed, final norm, lm_head
         gather = 2 * root_params
+        print(f"root params gathered (bf16) {gather / GiB:.2f} GiB; block phase: lm_head grad "
+              f"{loss['lm_head_grad'] / GiB:.2f} + 2 gathered blocks {4 * block_params / GiB:.2f} + bwd extra "
+              f"{blocks[False]['bwd_extra'] / GiB:.2f} (ckpt {blocks[True]['bwd_extra'] / GiB:.2f}) + fp32 "
+              f"reduce-scatter input {4 * block_params / GiB:.2f} GiB")
         for opt_states in OPTIMIZER_STATES:
             s = states[opt_states]
             for ckpt in (False, True):
@@ -305,17 +326,17 @@ def main():
                 block_phase = loss["lm_head_grad"] + 2 * 2 * block_params + b["bwd_extra"] + 4 * block_params
                 peak = base + max(loss_phase, block_phase)
                 sim = None
-                if args.sim_layers:
+                if sim_layers:
                     t0 = time.time()
                     sim_cfg = type(cfg)(**{**cfg.to_dict(), "gradient_checkpointing": ckpt})
-                    sim = extrapolated_peak(sim_cfg, opt_states, args.tokens, ckpt, layers=(2, args.sim_layers))
+                    sim = extrapolated_peak(sim_cfg, opt_states, args.tokens, ckpt, layers=sim_layers)
                     print(f"simulated {name} {opt_states} ckpt={ckpt}: {sim / GiB:.1f} GiB ({time.time() - t0:.0f} s)")
                 rows.append((name, opt_states, ckpt, s, L * b["resident"], gather,
                              max(loss_phase, block_phase), peak, sim))
-        if args.sim_layers:  # train.py's gradient accumulation without a reduce-scatter per micro-batch
+        if sim_layers:  # train.py's gradient accumulation without a reduce-scatter per micro-batch
             sim_cfg = type(cfg)(**{**cfg.to_dict(), "gradient_checkpointing": True})
             nosync = extrapolated_peak(sim_cfg, MODELS[name][1], args.tokens, True,
-                                       layers=(2, args.sim_layers), sync_every_micro=False)
+                                       layers=sim_layers, sync_every_micro=False)
             print(f"simulated {name} {MODELS[name][1]} ckpt=on, set_requires_gradient_sync(False) between "
                   f"micro-batches: {nosync / GiB:.1f} GiB (unsharded fp32 gradients of all "
                   f"{states['fp32']['n_params'] / 1e9:.1f}B params: {4 * states['fp32']['n_params'] / GiB:.1f} GiB)")
