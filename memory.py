@@ -41,7 +41,7 @@ Limits: the loss is measured on the eager CPU path; on CUDA train.py compiles th
 cross-entropy, which keeps fewer fp32 (chunk, V) temporaries, so the loss phase here is an upper
 bound. CUDA context, NCCL buffers and allocator fragmentation are not seen: the verdict keeps 15%.
 
-Measured (`python memory.py`, torch 2.13 CPU, 2 cores, 4.6 min, 6 GB RAM), peak per GPU, rank 0
+Measured (`python memory.py`, torch 2.13 CPU, 2 shared cores, 4.6-7.3 min, 6 GB RAM), peak per GPU, rank 0
 of 8, 2048 tokens per micro-batch, sum of parts / simulated step, GiB:
   Qwen3-30B-A3B  fp32    ckpt 65.1 / 65.7 (fits)   no ckpt 82.5 / 83.2 (no)
                  bf16_sr ckpt 50.9 / 51.5 (fits)   no ckpt 68.3 / 68.9 (fits)
