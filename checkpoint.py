@@ -7,7 +7,7 @@ I/O; this file imports it, never the other way round.
     load_model(path, dtype=None, device="cpu", **overrides) -> MoETransformer   (eval mode)
         path: an HF directory, or a .pt file {"model": state_dict, "config": MoEConfig dict}
     save_hf(model, path, max_shard_size="5GB", copy_from=None)
-    save_base(model, path, **meta) / load_base(path) -> (model, meta)        the toy base.pt
+    save_base(path, state_dict, config, **meta) / load_base(path) -> (model, meta)   the toy base.pt
     config_from_hf(config.json dict) -> MoEConfig;   config_to_hf(MoEConfig) -> config.json dict
 
 On-disk names (docs/architectures.md) vs ours, layer i, expert e (I = moe_intermediate_size):
@@ -405,10 +405,10 @@ def load_model(path, dtype=None, device="cpu", check_finite=True, **overrides):
     return model
 
 
-def save_base(model, path, **meta):
-    """Write the toy base model as {"model": state_dict, "config": dict, **meta} (atomic rename);
-    meta: plain data (str, numbers, lists, dicts), e.g. train.py's run fingerprint."""
-    atomic_torch_save(dict(model=model.state_dict(), config=model.config.to_dict(), **meta), path)
+def save_base(path, state_dict, config, **meta):
+    """Write the toy base model as {"model": state_dict, "config": config.to_dict(), **meta} (atomic
+    rename); meta: plain data (str, numbers, lists, dicts), e.g. train.py's run fingerprint."""
+    atomic_torch_save(dict(model=state_dict, config=config.to_dict(), **meta), path)
 
 
 def load_base(path, **overrides):
@@ -597,3 +597,142 @@ def _link_or_copy(src, dst):
         os.link(src, dst, follow_symlinks=False)
     except OSError:
         shutil.copy2(src, dst, follow_symlinks=False)
+
+
+# -----------------------------------------------------------------------------
+# training state: save, crash-safe commit, recovery, resume
+#
+# A training checkpoint is a directory `path` holding the model and optimizer state (state.pt,
+# or a torch.distributed.checkpoint (DCP) directory layout when sharded), rng_rank{r}.pt per rank,
+# meta.json (plain data: the step and the run's fingerprint) and COMPLETE (the step, written last).
+# Commit: write everything to path.tmp; COMPLETE; rename path -> path.old; rename path.tmp -> path;
+# delete path.old. A crash at any point leaves either path complete, or path.tmp complete (and
+# newer), or path.old complete; recover_checkpoint() at start-up finishes or undoes the commit.
+
+def checkpoint_step(path):
+    """The step of a complete checkpoint directory, or None (absent, or no COMPLETE marker)."""
+    try:
+        return int(Path(path, "COMPLETE").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _crash_point(name, step):
+    """Tests only: SARA_TEST_CRASH_AT=<name>@<step> exits the process here, as a kill would."""
+    if os.environ.get("SARA_TEST_CRASH_AT") == f"{name}@{step}":
+        os._exit(137)
+
+
+def recover_checkpoint(path):
+    """Repair what a crash during a commit left behind (call on one process before any reads).
+    -> a list of sentences saying what was done (empty if nothing was to do)."""
+    path = str(path)
+    tmp, old = path + ".tmp", path + ".old"
+    cur, new, prev = checkpoint_step(path), checkpoint_step(tmp), checkpoint_step(old)
+    done = []
+    if os.path.exists(path) and cur is None:
+        raise CheckpointError(f"{path}: a checkpoint directory without a COMPLETE marker; it was not written "
+                              "by this code's commit. Move it away to continue.")
+    if new is not None and (cur is None or new > cur):  # the commit got past COMPLETE: finish it
+        if cur is not None:
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        done.append(f"finished an interrupted commit: {path} is now step {new} (was {cur})")
+        cur = new
+    elif os.path.exists(tmp):
+        shutil.rmtree(tmp)
+        done.append(f"removed an incomplete {tmp}")
+    if os.path.exists(old):
+        if cur is None and prev is not None:  # (cannot happen with the commit order above; be safe)
+            os.replace(old, path)
+            done.append(f"restored {path} (step {prev}) from {old}")
+        else:
+            shutil.rmtree(old)
+            done.append(f"removed the previous checkpoint {old} left by an interrupted commit")
+    return done
+
+
+def _rng_state():
+    return dict(torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def save_training_state(path, model, optimizer, step, meta, *, rank=0, world=1, sharded=False):
+    """Write the training state of `model` (plain, DDP or FSDP2) and `optimizer` at `step` and
+    commit it crash-safely (see above). A collective: every rank calls it. sharded: FSDP2, each
+    rank writes its shards (DCP); else rank 0 writes one state.pt. meta: plain data (JSON)."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    barrier = dist.barrier if world > 1 else (lambda: None)
+    path = str(path)
+    tmp, old = path + ".tmp", path + ".old"
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier()
+    if sharded:
+        import torch.distributed.checkpoint as dcp
+        dcp.save(dict(model=model_sd, optimizer=optim_sd), checkpoint_id=tmp)
+        torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
+    else:
+        rngs = [None] * world
+        if world > 1:
+            dist.all_gather_object(rngs, _rng_state())
+        else:
+            rngs = [_rng_state()]
+        if rank == 0:
+            atomic_torch_save(dict(model=model_sd, optimizer=optim_sd, step=step), os.path.join(tmp, "state.pt"))
+            for r, s in enumerate(rngs):
+                torch.save(s, os.path.join(tmp, f"rng_rank{r}.pt"))
+    barrier()
+    if rank == 0:
+        _write_json(Path(tmp, "meta.json"), dict(meta, step=step))
+        _crash_point("before_complete", step)
+        with open(os.path.join(tmp, "COMPLETE"), "w") as f:
+            f.write(str(step))
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        _crash_point("written", step)
+        shutil.rmtree(old, ignore_errors=True)  # a leftover of an earlier crash
+        if os.path.exists(path):
+            os.replace(path, old)
+        _crash_point("old_renamed", step)
+        os.replace(tmp, path)  # the commit point
+        _fsync_dir(os.path.dirname(os.path.abspath(path)))
+        _crash_point("committed", step)
+        if os.path.exists(old):
+            os.remove(os.path.join(old, "COMPLETE"))  # first: a half-deleted .old never looks complete
+            _crash_point("deleting_old", step)
+            shutil.rmtree(old)
+    barrier()
+
+
+def read_checkpoint_meta(path):
+    """meta.json of a complete checkpoint (plain data; no unpickling)."""
+    return _read_json(Path(path, "meta.json"))
+
+
+def load_training_state(path, model, optimizer, *, rank=0, sharded=False, device="cpu"):
+    """Load a checkpoint written by save_training_state into model and optimizer (and this rank's
+    RNG state). -> the step to continue from. Everything is read with weights_only (no code runs)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    path = str(path)
+    step = checkpoint_step(path)
+    if step is None:
+        raise CheckpointError(f"{path}: incomplete checkpoint (no COMPLETE marker)")
+    if sharded:
+        import torch.distributed.checkpoint as dcp
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = dict(model=model_sd, optimizer=optim_sd)
+        dcp.load(state, checkpoint_id=path)
+    else:
+        state = torch.load(os.path.join(path, "state.pt"), map_location=device, weights_only=True)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    rng = torch.load(os.path.join(path, f"rng_rank{rank}.pt"), weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return step

@@ -58,6 +58,9 @@ class MoEConfig:
     norm_topk_prob: bool = True  # renormalise the top-k weights to sum to 1 (topk router)
     router_jitter_eps: float = 0.01  # sparsemixer's relative masking threshold
     input_jitter: float = 0.0  # sparsemixer's multiplicative router-input noise in training
+    # sparsemixer with input_jitter, in training: return the logits of the un-jittered input (what
+    # the SARA term pools: softmax(h W_g) exactly), while routing still uses the jittered ones
+    router_clean_logits: bool = False
     mlp_only_layers: tuple = ()  # these layers get a dense SwiGLU instead of experts
     decoder_sparse_step: int = 1  # layer i is MoE iff (i + 1) % step == 0 (and not mlp-only)
     router_aux_loss_coef: float = 0.001  # lambda_LB; used by train.py, reported by the model
@@ -360,7 +363,7 @@ def experts_loop(x, expert_ids, weights, gate_up, down):
         token_idx, slot = torch.where(expert_ids == e)
         gate, up = F.linear(x[token_idx], gate_up[e]).chunk(2, dim=-1)
         y = F.linear(F.silu(gate) * up, down[e])  # (n_e, H)
-        out.index_add_(0, token_idx, y * weights[token_idx, slot, None])
+        out.index_add_(0, token_idx, y * weights[token_idx, slot, None])  # eq. 5: y = sum_k w_k E_k(h)
     return out
 
 
@@ -398,7 +401,8 @@ class MoE(nn.Module):
         self.cfg = cfg
         E, H, I = cfg.n_experts, cfg.hidden_size, cfg.moe_intermediate_size
         if cfg.router == "sparsemixer":
-            self.router = SparseMixerRouter(H, E, cfg.top_k, cfg.router_jitter_eps, cfg.input_jitter)
+            self.router = SparseMixerRouter(H, E, cfg.top_k, cfg.router_jitter_eps, cfg.input_jitter,
+                                            clean_logits=cfg.router_clean_logits)
         else:
             self.router = TopKRouter(H, E, cfg.top_k, cfg.norm_topk_prob)
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))  # [gate; up] rows per expert
@@ -406,14 +410,14 @@ class MoE(nn.Module):
 
     def forward(self, x):  # x: (B, T, H) -> (B, T, H), router logits (B, T, E)
         B, T, H = x.shape
+        weights, expert_ids, logits = self.router(x)  # (N, K), (N, K), (B, T, E) (not a view)
         x = x.reshape(B * T, H)
-        weights, expert_ids, logits = self.router(x)  # (N, K), (N, K), (N, E)
         impl = self.cfg.expert_impl
         if impl == "auto":
             impl = "grouped" if x.is_cuda and _grouped_mm is not None else "loop"
         dispatch = experts_grouped if impl == "grouped" else experts_loop
         y = dispatch(x, expert_ids, weights, self.gate_up_proj, self.down_proj)
-        return y.view(B, T, H), logits.view(B, T, -1)
+        return y.view(B, T, H), logits
 
 
 class Block(nn.Module):
@@ -624,7 +628,7 @@ class MoETransformer(nn.Module):
             logits = self.lm_head(self.norm(x))  # (B, T, V)
             out.logits = logits
             if labels is not None:
-                out.loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                out.loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),  # eq. 10: L_CE
                                            labels[:, 1:].reshape(-1), ignore_index=-100)
         if router_logits:
             token_mask = attention_mask[:, past:] if attention_mask is not None else None
