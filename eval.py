@@ -153,7 +153,7 @@ def _band_line(b, width):
     where = "any window" if b["edges"] else "middle windows (first and last MoE layer excluded)"
     return (f"band of {width} layers with the lowest mean {b['metric']} ({b['model']}, {where}): layers "
             f"{b['start']}..{b['end']} (inclusive), mean {b['mean']:.4f}  ->  "
-            f"python train.py --sara_layers=[{b['start']},{b['end']}]")
+            f"python train.py --sara_band=[{b['start']},{b['end']}]")
 
 
 def cmd_band(args):

@@ -67,7 +67,7 @@ def test_cli_routing_band_and_figures(checkpoint, tmp_path, capsys):
     table = R.read_routing_csv(out / "routing.csv")
     assert len(table) == 18 and R.models_in(table) == ["before", "after"]
     printed = capsys.readouterr().out
-    assert "--sara_layers=[" in printed
+    assert "--sara_band=[" in printed  # train.py's inclusive (start, end) band
     try:
         import matplotlib  # noqa: F401
     except ImportError:
