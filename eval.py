@@ -80,6 +80,9 @@ def make_responder(args):
 
 def cmd_bench(args):
     check_bench_args(args)
+    if args.engine_url:  # a wrong URL or model name fails now, not after the benchmarks are read
+        from engine import check_engine
+        check_engine(args.engine_url, args.engine_model)
     langs = args.langs.split(",")
     items = load_benchmarks(args.benchmark, args.data, langs, args.limit, progress=_say)
     templates = load_templates(args.templates, args.benchmark)
