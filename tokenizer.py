@@ -7,7 +7,7 @@ Two backends behind the same small class:
   tiktoken.Encoding built from that dict (nothing is downloaded, nothing registered globally);
 - a checkpoint's `tokenizer.json` (Qwen3, Phi-3.5), run by the `tokenizers` package.
 
-Chat formats (ARCHITECTURES.md, "Tokenizers and chat formats"); `|` marks the prompt/response split:
+Chat formats (docs/architectures.md, "Tokenizers and chat formats"); `|` marks the prompt/response split:
   qwen3  [<|im_start|>system\n{system}<|im_end|>\n]<|im_start|>user\n{prompt}<|im_end|>\n
          <|im_start|>assistant\n<think>\n\n</think>\n\n | {response}<|im_end|>      (thinking disabled)
   phi35  [<|system|>\n{system}<|end|>\n]<|user|>\n{prompt}<|end|>\n<|assistant|>\n | {response}<|end|>
@@ -29,18 +29,32 @@ How a turn is encoded (encode_chat):
   prompt's trailing markup text (e.g. a Qwen response starting with "\\n"), the full encoding does not
   start with prompt_ids and the response is encoded on its own instead.
 
-BOS: qwen3 and toy have none. For a tokenizer.json, a BOS is prepended once, at the start of the
-prompt, iff the file's post_processor is a TemplateProcessing whose single-sequence template starts
-with a special token (Llama/Phi style `<s> $A`); that is the token `encode(..., add_special_tokens=True)`
-would add. If a tokenizer_config.json next to it has an explicit boolean `add_bos_token`, that flag
-wins, because transformers' Llama fast tokenizer rebuilds the post_processor from it. `encode(text)`
-never adds BOS or any special token.
+BOS (the token encode_chat puts before the prompt). The chat template is the checkpoint's own
+statement of how a conversation is laid out, and Hugging Face's apply_chat_template and vLLM's chat
+endpoint tokenize its rendering with add_special_tokens=False: a BOS is in a chat iff the template
+writes `bos_token`. So, for a tokenizer.json whose directory has a chat template (tokenizer_config.json
+`chat_template`, or chat_template.jinja), BOS = the template's rendering starts with `bos_token`. The
+Phi-3.5 instruct template writes no BOS, so its chats have none, whatever `add_bos_token` or the
+tokenizer.json post_processor (`<s> $A`) say about plain encode calls. Without a template: BOS iff the file's post_processor is a TemplateProcessing
+whose single-sequence template starts with a special token (`<s> $A`), unless tokenizer_config.json
+has an explicit boolean `add_bos_token`. qwen3 and toy have none. `encode(text)` never adds BOS or
+any special token.
+
+Export (save_hf_tokenizer): a Hugging Face directory gets the files that make AutoTokenizer and
+generate() behave as this class does. The toy BPE is written as a `tokenizers` byte-level BPE
+(tokenizer.json) that encodes exactly as tiktoken does: every split of a token into two tokens is a
+merge ranked by the token's rank, so the pair with the lowest-ranked result merges first, as in
+tiktoken; `ignore_merges` takes a pre-token that is itself a token whole, as tiktoken does. With it:
+tokenizer_config.json (a chat template that renders encode_chat's layout, eos/pad tokens) and
+generation_config.json (the stop ids). A checkpoint tokenizer's own files are copied unchanged.
 """
 
 import base64
 import hashlib
 import json
 import re
+import shutil
+import warnings
 from pathlib import Path
 
 # GPT-4 (cl100k) style pre-tokenisation, with \p{M} (combining marks) counted as part of a word:
@@ -82,7 +96,7 @@ class Tokenizer:
     """encode/decode plain text and lay out chat turns. Build it with load_tokenizer()."""
 
     def __init__(self, *, encode_plain, decode, vocab_size, token_to_id, chat_format,
-                 bos_id=None, strip=None, source=b""):
+                 bos_id=None, strip=None, source=b"", path=None):
         fmt = CHAT_FORMATS[chat_format]
         self._encode_plain, self._decode, self._fmt = encode_plain, decode, fmt
         self._strip = strip or {}  # special string -> (lstrip, rstrip) flags of the added token
@@ -95,6 +109,7 @@ class Tokenizer:
         self.stop_ids = {self.special_ids[s] for s in fmt["stop"]}
         self.pad_id = self.special_ids[fmt["pad"]]
         self._source = source
+        self.path = path  # the file it was loaded from (.tiktoken or tokenizer.json)
 
     def encode(self, text):
         """Plain text -> ids. Special-token strings in `text` are ordinary text; no BOS."""
@@ -177,10 +192,12 @@ def load_tiktoken_ranks(path):
 
 def load_tokenizer(path, chat_format=None):
     """`.tiktoken` ranks file -> the toy tokenizer; a directory with tokenizer.json, or a
-    tokenizer.json file -> that tokenizer, chat format from the directory's config.json
-    `model_type` unless given."""
+    tokenizer.json file -> that tokenizer. A directory holding one .tiktoken file (a toy export)
+    loads that file: the original, not its tokenizer.json conversion. Chat format, unless given:
+    tokenizer_config.json `sara_chat_format` (written by save_hf_tokenizer), else config.json
+    `model_type`."""
     path = Path(path)
-    if path.is_dir() and not (path / "tokenizer.json").exists():
+    if path.is_dir():
         ranks = sorted(path.glob("*.tiktoken"))  # a toy checkpoint exported by train.py
         if len(ranks) == 1:
             path = ranks[0]
@@ -191,8 +208,19 @@ def load_tokenizer(path, chat_format=None):
         raise ValueError(f"tokenizer not found: {tok_file} (expected a .tiktoken file, a "
                          "tokenizer.json or a directory containing one)")
     if chat_format is None:
+        chat_format = _read_json_if_file(tok_file.parent / "tokenizer_config.json").get("sara_chat_format")
+    if chat_format is None:
         chat_format = _chat_format_from_config(tok_file.parent / "config.json")
     return _load_hf(tok_file, chat_format)
+
+
+def _read_json_if_file(file):
+    if not file.is_file():
+        return {}
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file}: not valid JSON ({err})") from None
 
 
 def _check_format(chat_format):
@@ -224,7 +252,7 @@ def _load_toy(path, chat_format):
                             mergeable_ranks=ranks, special_tokens=specials)
     return Tokenizer(encode_plain=enc.encode_ordinary, decode=enc.decode,
                      vocab_size=enc.n_vocab, token_to_id=specials, chat_format="toy",
-                     source=path.read_bytes())
+                     source=path.read_bytes(), path=path)
 
 
 def _load_hf(tok_file, chat_format):
@@ -247,11 +275,12 @@ def _load_hf(tok_file, chat_format):
         encode_plain=lambda text: plain.encode(text, add_special_tokens=False).ids,
         decode=lambda ids: full.decode(ids, skip_special_tokens=False),
         vocab_size=full.get_vocab_size(with_added_tokens=True), token_to_id=token_to_id,
-        chat_format=chat_format, bos_id=_bos_id(tok_file, data, full), strip=strip, source=raw)
+        chat_format=chat_format, bos_id=_bos_id(tok_file, data, full), strip=strip, source=raw,
+        path=tok_file)
 
 
 def _bos_id(tok_file, data, full):
-    """BOS = the leading special token of a TemplateProcessing post_processor (see docstring)."""
+    """The BOS encode_chat prepends, or None (rules in the module docstring)."""
     pp = data.get("post_processor") or {}
     procs = pp.get("processors", []) if pp.get("type") == "Sequence" else [pp]
     bos = None
@@ -259,17 +288,214 @@ def _bos_id(tok_file, data, full):
         if p.get("type") == "TemplateProcessing" and p["single"] and "SpecialToken" in p["single"][0]:
             bos = p["single"][0]["SpecialToken"]["id"]
     cfg_file = tok_file.parent / "tokenizer_config.json"
-    cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
-    if isinstance(cfg.get("add_bos_token"), bool):
+    cfg = _read_json_if_file(cfg_file)
+    named_bos = _token_string(cfg.get("bos_token"))
+    template = _chat_template(tok_file.parent, cfg)
+    if template is not None:
+        bos = named_bos or bos
+        if bos is None or not _template_writes_bos(template, bos, _token_string(cfg.get("eos_token")) or ""):
+            return None
+    elif isinstance(cfg.get("add_bos_token"), bool):
         if not cfg["add_bos_token"]:
             return None
+        bos = bos or named_bos
         if bos is None:
-            bos = cfg.get("bos_token")
-            bos = bos.get("content") if isinstance(bos, dict) else bos
-            if bos is None:
-                raise ValueError(f"{cfg_file}: add_bos_token is true but no bos_token is named")
+            raise ValueError(f"{cfg_file}: add_bos_token is true but no bos_token is named")
     if bos is None:
         return None
     if full.token_to_id(bos) is None:
         raise ValueError(f"{tok_file}: BOS token {bos!r} is not in the vocabulary")
     return full.token_to_id(bos)
+
+
+def _token_string(tok):
+    """tokenizer_config.json names a token as a string or as {"content": ...}."""
+    return tok.get("content") if isinstance(tok, dict) else tok
+
+
+def _chat_template(directory, cfg):
+    """The directory's default chat template: chat_template.jinja (transformers 5 writes it there),
+    else tokenizer_config.json `chat_template` (a string, or a list of named templates)."""
+    jinja_file = directory / "chat_template.jinja"
+    if jinja_file.is_file():
+        return jinja_file.read_text(encoding="utf-8")
+    template = cfg.get("chat_template")
+    if isinstance(template, list):
+        template = {t.get("name"): t.get("template") for t in template}.get("default")
+    return template if isinstance(template, str) else None
+
+
+def _template_writes_bos(template, bos, eos):
+    """Does the template's rendering of a one-turn chat start with the BOS string? Rendered as
+    transformers does (sandboxed jinja2, trim_blocks, lstrip_blocks); a template that needs
+    more than that to render is read instead: it writes BOS iff it mentions bos_token."""
+    import jinja2.sandbox  # a dependency of torch
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+    env.globals["raise_exception"] = raise_exception
+    try:
+        text = env.from_string(template).render(
+            messages=[{"role": "user", "content": "x"}], add_generation_prompt=True,
+            bos_token=bos, eos_token=eos)
+    except Exception:  # noqa: BLE001 (any failure to render: fall back to reading it)
+        return "bos_token" in template
+    return text.startswith(bos)
+
+
+# -----------------------------------------------------------------------------
+# export: the files that make a directory a Hugging Face tokenizer (see the module docstring)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt",
+                   "chat_template.jinja", "chat_template.json", "generation_config.json")
+
+
+def chat_template(chat_format, bos=False):
+    """A Jinja chat template (Hugging Face's format) that renders encode_chat's layout:
+    [system] + user + generation prompt == prompt_ids, and + an assistant turn == prompt + response.
+    Further turns follow the same pattern (assistant turns end with the separator, e.g. "\\n")."""
+    fmt = CHAT_FORMATS[chat_format]
+    sys_open, sys_close = fmt["system"].split("{system}")
+    user_open, rest = fmt["prompt"].split("{prompt}")
+    end = fmt["response"].split("{response}")[1]
+    # the layouts share one turn ending (sys_close); the generation prompt follows it
+    assert rest.startswith(sys_close) and sys_close.startswith(end), chat_format
+    gen, sep = rest[len(sys_close):], sys_close[len(end):]
+
+    def lit(s):  # a Jinja string literal
+        return "'" + s.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+    def turn(opening, closing):  # one message: opening + content + closing
+        return "{{- " + lit(opening) + " + message['content'] + " + lit(closing) + " -}}"
+    return "".join([
+        "{{- bos_token -}}" if bos else "",
+        "{%- for message in messages -%}",
+        "{%- if message['role'] == 'system' -%}", turn(sys_open, sys_close),
+        "{%- elif message['role'] == 'user' -%}", turn(user_open, sys_close),
+        "{%- elif message['role'] == 'assistant' -%}", turn(gen, end),
+        "{%- if not loop.last -%}{{- ", lit(sep), " -}}{%- endif -%}",
+        "{%- else -%}{{- raise_exception('roles: system, user, assistant; got ' + message['role']) -}}",
+        "{%- endif -%}{%- endfor -%}",
+        "{%- if add_generation_prompt -%}{{- ", lit(gen), " -}}{%- endif -%}",
+    ])
+
+
+def toy_to_hf(path):
+    """The toy tiktoken ranks file -> an equivalent `tokenizers.Tokenizer` (byte-level BPE)."""
+    from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+    ranks = load_tiktoken_ranks(path)
+    b2u = _bytes_to_unicode()
+    name = lambda b: "".join(b2u[x] for x in b)  # noqa: E731
+    vocab = {name(t): r for t, r in ranks.items()}
+    # every split of a token into two tokens, ranked by the token's rank (ties: left part's rank)
+    merges = sorted(((r, ranks[t[:i]], t[:i], t[i:]) for t, r in ranks.items() for i in range(1, len(t))
+                     if t[:i] in ranks and t[i:] in ranks), key=lambda m: m[:2])
+    tk = HFTokenizer(models.BPE(vocab=vocab, merges=[(name(a), name(b)) for _, _, a, b in merges],
+                                ignore_merges=True))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(TOY_PAT_STR), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in TOY_SPECIAL_TOKENS])
+    for i, s in enumerate(TOY_SPECIAL_TOKENS):
+        assert tk.token_to_id(s) == len(ranks) + i, s
+    return tk
+
+
+def _bytes_to_unicode():
+    """GPT-2's byte -> printable character map, used by the ByteLevel pre-tokenizer."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+PROBE = ("Everyone has the right to life, liberty and security of person. 1234567 \t\n\n"
+         "Kila mtu ana haki ya kuishi. 世界人权宣言 मानव अधिकारों ప్రతి ఒక్కరికీ ሰብአዊ 🙂 it's")
+
+
+def save_hf_tokenizer(tok, out_dir, model_max_length=None):
+    """
+    Make `out_dir` (e.g. a save_pretrained directory) a usable Hugging Face tokenizer directory for
+    `tok`: AutoTokenizer gives tok's ids, apply_chat_template gives encode_chat's ids, generate()
+    stops at tok.stop_ids. Files of a directory with tokenizer files of its own are kept.
+      toy: tokenizer.json (converted, checked against tok on a multilingual probe before writing),
+           tokenizer_config.json (chat template, eos/pad, `sara_chat_format`), generation_config.json,
+           and the .tiktoken file itself (load_tokenizer prefers it);
+      tokenizer.json tokenizers (Qwen3, Phi-3.5): their own files, copied unchanged; where they
+           lack a chat template or generation_config.json, ours is written, with a warning.
+    Returns the list of files written.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if tok.path is None:
+        raise ValueError("save_hf_tokenizer: this Tokenizer has no source file (build it with load_tokenizer)")
+    src = Path(tok.path)
+    model_vocab = _read_json_if_file(out_dir / "config.json").get("vocab_size")
+    if model_vocab is not None and model_vocab < tok.vocab_size:
+        raise ValueError(f"{out_dir / 'config.json'}: vocab_size {model_vocab} is smaller than the "
+                         f"tokenizer's {tok.vocab_size} ({src}): the ids would not fit the model")
+    written = []
+    gen = {"eos_token_id": [tok.eos_id] + sorted(tok.stop_ids - {tok.eos_id}), "pad_token_id": tok.pad_id}
+    if tok.bos_id is not None:
+        gen["bos_token_id"] = tok.bos_id
+    eos = _string_of(tok, tok.eos_id)
+    pad = _string_of(tok, tok.pad_id)
+    if src.suffix == ".tiktoken":
+        hf = toy_to_hf(src)
+        for text in (PROBE, PROBE.upper(), " ".join(PROBE.split()[::-1])):
+            got, want = hf.encode(text, add_special_tokens=False).ids, tok.encode(text)
+            if got != want:
+                raise ValueError(f"{src}: the tokenizer.json conversion encodes {text[:40]!r}... differently "
+                                 f"from tiktoken ({got[:12]} vs {want[:12]}); nothing written")
+        hf.save(str(out_dir / "tokenizer.json"))
+        cfg = dict(tokenizer_class="PreTrainedTokenizerFast", chat_template=chat_template(tok.chat_format),
+                   bos_token=None, eos_token=eos, pad_token=pad, unk_token=None, add_bos_token=False,
+                   add_eos_token=False, clean_up_tokenization_spaces=False, sara_chat_format=tok.chat_format)
+        if model_max_length:
+            cfg["model_max_length"] = model_max_length
+        _write_json(out_dir / "tokenizer_config.json", cfg)
+        _write_json(out_dir / "generation_config.json", gen)
+        if (out_dir / src.name).resolve() != src.resolve():
+            shutil.copyfile(src, out_dir / src.name)
+        return ["tokenizer.json", "tokenizer_config.json", "generation_config.json", src.name]
+    for f in TOKENIZER_FILES:  # a checkpoint's tokenizer: its own files, unchanged
+        if (src.parent / f).is_file() and (out_dir / f).resolve() != (src.parent / f).resolve():
+            shutil.copyfile(src.parent / f, out_dir / f)
+            written.append(f)
+    cfg = _read_json_if_file(out_dir / "tokenizer_config.json")
+    if _chat_template(out_dir, cfg) is None:
+        warnings.warn(f"{src.parent} has no chat template: writing one for chat format {tok.chat_format!r}")
+        bos = None if tok.bos_id is None else _string_of(tok, tok.bos_id)
+        cfg.update(chat_template=chat_template(tok.chat_format, bos=bos is not None), bos_token=bos,
+                   eos_token=cfg.get("eos_token") or eos, pad_token=cfg.get("pad_token") or pad)
+        cfg.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+        if bos is None:
+            cfg["add_bos_token"] = False  # (transformers would else take BOS from the post_processor)
+        _write_json(out_dir / "tokenizer_config.json", cfg)
+        written.append("tokenizer_config.json")
+    if not (out_dir / "generation_config.json").is_file():
+        warnings.warn(f"{src.parent} has no generation_config.json: writing the stop ids {gen['eos_token_id']}")
+        _write_json(out_dir / "generation_config.json", gen)
+        written.append("generation_config.json")
+    return sorted(set(written))
+
+
+def _string_of(tok, token_id):
+    """A token's string: the special's name, or (a BOS outside the chat specials) its decoding."""
+    names = {i: s for s, i in tok.special_ids.items()}
+    return names[token_id] if token_id in names else tok.decode([token_id])
+
+
+def _write_json(file, obj):
+    with open(file, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")

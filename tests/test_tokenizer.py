@@ -227,6 +227,40 @@ def test_phi35_layout_bos_and_rstrip(phi_dir):
     assert tok.decode(r).strip().startswith(RESPONSE)
 
 
+# The chat template of the released Phi-3.5 instruct checkpoints' tokenizer_config.json (no
+# bos_token in it; the file also says add_bos_token false), typed in as the oracle's input.
+PHI35_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' and message['content'] %}"
+    "{{'<|system|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'user' %}"
+    "{{'<|user|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'assistant' %}"
+    "{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}")
+
+
+@pytest.mark.parametrize("add_bos_token", [False, None, True])
+@pytest.mark.parametrize("template_bos", ["", "{{ bos_token }}"])
+def test_phi35_bos_follows_the_chat_template(tmp_path, add_bos_token, template_bos):
+    """transformers' apply_chat_template is the oracle: BOS iff the template writes it, whatever
+    add_bos_token and the post_processor say (they only affect plain encode calls)."""
+    from transformers import AutoTokenizer
+    d = _phi_like(tmp_path / "phi")  # its post_processor adds <s>
+    cfg = {"chat_template": template_bos + PHI35_TEMPLATE, "bos_token": "<s>", "eos_token": "<|endoftext|>",
+           "tokenizer_class": "PreTrainedTokenizerFast"}
+    if add_bos_token is not None:
+        cfg["add_bos_token"] = add_bos_token
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    tok, hf = load_tokenizer(d), AutoTokenizer.from_pretrained(d)
+    s = tok.special_ids
+    assert tok.bos_id == (hf.convert_tokens_to_ids("<s>") if template_bos else None)
+    msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": PROMPT}]
+    chat = lambda m, **kw: list(hf.apply_chat_template(m, tokenize=True, return_dict=False, **kw))  # noqa: E731
+    p, r = tok.encode_chat(PROMPT, RESPONSE, system=SYSTEM)
+    assert p == chat(msgs, add_generation_prompt=True)
+    # the released template ends a conversation with "<|end|>\n" + eos_token; "\n" is eaten by
+    # <|end|>'s rstrip; encode_chat's response ends at <|end|> (eos_id, where generation stops)
+    assert p + r + [s["<|endoftext|>"]] == chat(msgs + [{"role": "assistant", "content": RESPONSE}])
+
+
 def test_phi35_tokenizer_config_add_bos_token_false_wins(tmp_path):
     tok = load_tokenizer(_phi_like(tmp_path / "phi", add_bos_token=False))
     assert tok.bos_id is None and tok.encode_chat(PROMPT)[0][0] == tok.special_ids["<|user|>"]

@@ -1,0 +1,93 @@
+"""
+The model's side of the benchmarks: batched generation (the paper's generative protocol) and the
+log-likelihood of each answer option (the fast multiple-choice protocol). A responder is
+respond(prompts, run) -> one output per prompt: a generated text, or 4 log-likelihoods.
+
+- generative (the paper's): zero-shot, chat template, the model reasons and writes its answer in \\boxed{};
+  temperature 0.1, top-p 1, run r samples with torch.Generator seeded seed + r (temperature 0 = greedy).
+  Batched with left padding and the KV cache (model.generate); prompts run longest first.
+- loglik (multiple choice only): the assistant's reply is the letter; the prediction is the argmax over A-D
+  of log p(letter tokens | prompt) (end-of-turn excluded). Deterministic: one run.
+Any other engine (e.g. an OpenAI-compatible server) plugs in as a responder with the same signature.
+"""
+import torch
+
+from data.parallel import collate
+from evaluation.scoring import LETTERS
+
+
+def generate_batch(model, prompt_ids, max_new_tokens, temperature, top_p, stop_ids, generator=None):
+    """A list of prompt id lists -> a list of new-token id lists (stop id removed), one model.generate
+    call with left padding (the prompts keep their own positions: position ids come from the mask)."""
+    device = next(model.parameters()).device
+    batch = collate([dict(input_ids=p) for p in prompt_ids], pad_id=0, padding_side="left")
+    out = model.generate(batch["input_ids"].to(device), max_new_tokens,
+                         attention_mask=batch["attention_mask"].to(device), temperature=temperature,
+                         top_p=top_p, stop_ids=stop_ids, generator=generator)
+    return [row[:-1] if row and row[-1] in stop_ids else row for row in out]
+
+
+def make_generative_responder(model, tok, *, max_new_tokens=1024, temperature=0.1, top_p=1.0,
+                              batch_size=16, seed=0, system=None):
+    """-> respond(prompts, run) -> list of generated texts. Prompts are run longest first in batches of
+    batch_size; run r samples with torch.Generator seeded seed + r (temperature 0 = greedy)."""
+    model.eval()
+    device = next(model.parameters()).device
+
+    def respond(prompts, run):
+        ids = [tok.encode_chat(p, None, system=system)[0] for p in prompts]
+        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+        generator = torch.Generator(device).manual_seed(seed + run)
+        texts = [None] * len(ids)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            new = generate_batch(model, [ids[i] for i in chunk], max_new_tokens, temperature, top_p,
+                                 tok.stop_ids, generator)
+            for i, row in zip(chunk, new):
+                texts[i] = tok.decode(row)
+        return texts
+    return respond
+
+
+@torch.no_grad()
+def letter_logliks(model, tok, prompts, *, batch_size=16, system=None, options=LETTERS):
+    """-> (N, len(options)) log p(option | prompt), default options A-D: the assistant's reply is the option
+    (its tokens in the chat format, end-of-turn excluded), summed over its tokens. Inputs are prompt +
+    reply[:-1], so with one-token letters (the usual case) the options share one forward of the prompt."""
+    model.eval()
+    device = next(model.parameters()).device
+    inputs, users = {}, []  # unique input ids -> index; users[index] = [(slot n*C + c, reply ids)]
+    for n, p in enumerate(prompts):
+        for c, option in enumerate(options):
+            prompt_ids, reply = tok.encode_chat(p, option, system=system)
+            reply = reply[:-1] if reply and reply[-1] == tok.eos_id else reply
+            idx = inputs.setdefault(tuple(prompt_ids + reply[:-1]), len(inputs))
+            users += [[]] * (idx + 1 - len(users))
+            users[idx].append((n * len(options) + c, reply))
+    inputs = list(inputs)
+    need = max(len(r) for u in users for _, r in u)  # the reply of an input fills its last len(reply) positions
+    out = torch.zeros(len(prompts) * len(options), dtype=torch.float64)
+    for start in range(0, len(inputs), batch_size):
+        chunk = inputs[start:start + batch_size]
+        batch = collate([dict(input_ids=list(s)) for s in chunk], pad_id=0, padding_side="left")
+        # hidden states only: the full (b, T, V) logits of a 151k vocabulary are GBs, and scoring needs the
+        # last `need` positions
+        h = model(batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                  return_hidden=True).hidden  # (b, T, H)
+        tail = torch.log_softmax(model.lm_head(h[:, -need:]).float(), dim=-1)  # (b, need, V), left padded
+        row, pos, token, slot = [], [], [], []
+        for j in range(len(chunk)):
+            for s, reply in users[start + j]:
+                row += [j] * len(reply)
+                pos += range(need - len(reply), need)
+                token += reply
+                slot += [s] * len(reply)
+        vals = tail[torch.tensor(row), torch.tensor(pos), torch.tensor(token, device=device)]  # one gather
+        out.index_add_(0, torch.tensor(slot), vals.double().cpu())
+    return out.view(len(prompts), len(options))
+
+
+def make_loglik_responder(model, tok, *, batch_size=16, system=None):
+    """-> respond(prompts, run) -> list of 4 log-likelihoods per prompt (the same for every run)."""
+    return lambda prompts, run: letter_logliks(model, tok, prompts, batch_size=batch_size, system=system).tolist()
+
