@@ -1,12 +1,16 @@
 """
-Hugging Face checkpoint directories <-> MoETransformer, for Qwen3-MoE (`qwen3_moe`) and
-Phi-3.5-MoE (`phimoe`). No transformers import: config.json and safetensors are read and written here.
+Weights on disk, in one place: Hugging Face checkpoint directories of Qwen3-MoE (`qwen3_moe`) and
+Phi-3.5-MoE (`phimoe`), the toy base model train.py writes (base.pt), and training state. No
+transformers import: config.json and safetensors are read and written here. model.py does no disk
+I/O; this file imports it, never the other way round.
 
-    load_pretrained(path, dtype, device, **overrides) -> MoETransformer   (eval mode)
-    save_pretrained(model, path, max_shard_size="5GB", copy_from=None)
+    load_model(path, dtype=None, device="cpu", **overrides) -> MoETransformer   (eval mode)
+        path: an HF directory, or a .pt file {"model": state_dict, "config": MoEConfig dict}
+    save_hf(model, path, max_shard_size="5GB", copy_from=None)
+    save_base(path, state_dict, config, **meta) / load_base(path) -> (model, meta)   the toy base.pt
     config_from_hf(config.json dict) -> MoEConfig;   config_to_hf(MoEConfig) -> config.json dict
 
-On-disk names (ARCHITECTURES.md) vs ours, layer i, expert e (I = moe_intermediate_size):
+On-disk names (docs/architectures.md) vs ours, layer i, expert e (I = moe_intermediate_size):
     model.layers.i.{mlp|block_sparse_moe}.gate.weight           layers.i.mlp.router.gate.weight
     model.layers.i.mlp.experts.e.gate_proj.weight  (phi: w1)    layers.i.mlp.gate_up_proj[e, :I]
     model.layers.i.mlp.experts.e.up_proj.weight    (phi: w3)    layers.i.mlp.gate_up_proj[e, I:]
@@ -30,7 +34,7 @@ Decisions and why:
 - config.json is written in the transformers 4.x spelling (rope_theta, rope_scaling, num_experts),
   the spelling of the released checkpoints: transformers 5.x reads it too, so older pins of
   transformers / vLLM / lm-eval load what we save. Both spellings are read.
-- save_pretrained writes the whole directory next to its destination and renames it into place, so
+- save_hf writes the whole directory next to its destination and renames it into place, so
   a reader sees the old directory or the new one, never a half-written one; files of an existing
   directory other than weights and config.json (tokenizer, training state) are carried over (hard links).
 """
@@ -76,6 +80,8 @@ _LONGROPE_KEYS = ("short_factor", "long_factor", "short_mscale", "long_mscale")
 
 def config_from_hf(hf):
     """A transformers config.json dict (4.x or 5.x spelling) -> MoEConfig."""
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"config.json: expected a JSON object, got a {type(hf).__name__}")
     model_type = hf.get("model_type")
     if model_type not in _HF_DEFAULTS:
         raise CheckpointError(f"config.json: model_type {model_type!r} is not supported "
@@ -99,6 +105,14 @@ def config_from_hf(hf):
         n_experts = c["num_local_experts"]
         if c["num_experts_per_tok"] != 2:
             problems.append(f"num_experts_per_tok={c['num_experts_per_tok']} (phimoe's sparsemixer is top-2 only)")
+    ints = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_experts_per_tok") + (("moe_intermediate_size",) if model_type == "qwen3_moe" else ())
+    problems += [f"{k}={c[k]!r} (expected a positive integer)" for k in ints
+                 if not (isinstance(c[k], int) and not isinstance(c[k], bool) and c[k] > 0)]
+    if not (isinstance(n_experts, int) and n_experts > 0):
+        problems.append(f"number of experts {n_experts!r} (expected a positive integer)")
+    if problems:
+        raise CheckpointError("config.json: unsupported " + "; ".join(problems))
     rope_theta, rope_scaling = _rope_from_hf(c, model_type, problems)
     if problems:
         raise CheckpointError("config.json: unsupported " + "; ".join(problems))
@@ -327,7 +341,10 @@ def _weight_files(path):
     """{on-disk tensor name: (file, dtype, shape, offset, nbytes)} over all shards, validated."""
     index, single = path / "model.safetensors.index.json", path / "model.safetensors"
     if index.exists():
-        weight_map = _read_json(index)["weight_map"]
+        index_json = _read_json(index)
+        weight_map = index_json.get("weight_map") if isinstance(index_json, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: no 'weight_map' object {{tensor name: shard file}}")
         files = sorted({path / f for f in weight_map.values()})
         absent = [f.name for f in files if not f.exists()]
         if absent:
@@ -364,7 +381,66 @@ def _read_json(file):
 # -----------------------------------------------------------------------------
 # load
 
-def load_pretrained(path, dtype=None, device=None, **overrides):
+def load_model(path, dtype=None, device="cpu", check_finite=True, **overrides):
+    """
+    The one loader of every script: an HF checkpoint directory (load_hf), or a .pt file written by
+    save_base ({"model": state_dict, "config": MoEConfig dict}; train.py's base.pt). dtype: None =
+    as stored. overrides: MoEConfig fields that leave the weights alone (attn_impl, ...).
+    check_finite: a NaN/Inf weight is an error naming the tensor (one pass over the weights).
+    Returns the model in eval mode.
+    """
+    path = Path(path)
+    if path.is_dir():
+        model = load_hf(path, dtype=dtype, device=device, **overrides)
+    elif path.suffix == ".pt" and path.is_file():
+        model, _ = load_base(path, **overrides)
+        model = model.to(device=device or "cpu", dtype=dtype).eval()
+    else:
+        raise CheckpointError(f"{path}: neither a checkpoint directory nor a .pt file" +
+                              ("" if path.exists() else " (it does not exist)"))
+    if check_finite:
+        bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise CheckpointError(f"{path}: non-finite (NaN/Inf) weights in {_listing(bad)}")
+    return model
+
+
+def save_base(path, state_dict, config, **meta):
+    """Write the toy base model as {"model": state_dict, "config": config.to_dict(), **meta} (atomic
+    rename); meta: plain data (str, numbers, lists, dicts), e.g. train.py's run fingerprint."""
+    atomic_torch_save(dict(model=state_dict, config=config.to_dict(), **meta), path)
+
+
+def load_base(path, **overrides):
+    """-> (MoETransformer in eval mode, meta dict) from a save_base file. weights_only: a crafted
+    file cannot run code."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated, not a torch file, or not plain tensors + data
+        raise CheckpointError(f"{path}: not a readable base model file ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''})") from None
+    if not isinstance(state, dict) or not {"model", "config"} <= set(state):
+        raise CheckpointError(f"{path}: expected a dict with 'model' and 'config'")
+    cfg = MoEConfig.from_dict({**state["config"], **overrides})
+    model = MoETransformer(cfg)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: weights do not fit its config: {err}") from None
+    return model.eval(), {k: v for k, v in state.items() if k not in ("model", "config")}
+
+
+def atomic_torch_save(obj, path):
+    """torch.save to path + ".part", fsync, rename: a reader sees the old file or the new one."""
+    path = str(path)
+    with open(path + ".part", "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".part", path)
+
+
+def load_hf(path, dtype=None, device=None, **overrides):
     """
     Load a transformers Qwen3-MoE / Phi-3.5-MoE checkpoint directory (config.json + model.safetensors,
     or shards + model.safetensors.index.json). dtype: None = the checkpoint's own dtype. device:
@@ -433,7 +509,7 @@ def _is_ours(name):
         name.startswith(("model", "pytorch_model")) and name.endswith((".safetensors", ".bin")))
 
 
-def save_pretrained(model, path, max_shard_size="5GB", copy_from=None):
+def save_hf(model, path, max_shard_size="5GB", copy_from=None):
     """
     Write `path` as a transformers checkpoint directory: config.json, and model.safetensors or,
     above max_shard_size, model-0000i-of-0000n.safetensors + model.safetensors.index.json (a tensor
@@ -521,3 +597,142 @@ def _link_or_copy(src, dst):
         os.link(src, dst, follow_symlinks=False)
     except OSError:
         shutil.copy2(src, dst, follow_symlinks=False)
+
+
+# -----------------------------------------------------------------------------
+# training state: save, crash-safe commit, recovery, resume
+#
+# A training checkpoint is a directory `path` holding the model and optimizer state (state.pt,
+# or a torch.distributed.checkpoint (DCP) directory layout when sharded), rng_rank{r}.pt per rank,
+# meta.json (plain data: the step and the run's fingerprint) and COMPLETE (the step, written last).
+# Commit: write everything to path.tmp; COMPLETE; rename path -> path.old; rename path.tmp -> path;
+# delete path.old. A crash at any point leaves either path complete, or path.tmp complete (and
+# newer), or path.old complete; recover_checkpoint() at start-up finishes or undoes the commit.
+
+def checkpoint_step(path):
+    """The step of a complete checkpoint directory, or None (absent, or no COMPLETE marker)."""
+    try:
+        return int(Path(path, "COMPLETE").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _crash_point(name, step):
+    """Tests only: SARA_TEST_CRASH_AT=<name>@<step> exits the process here, as a kill would."""
+    if os.environ.get("SARA_TEST_CRASH_AT") == f"{name}@{step}":
+        os._exit(137)
+
+
+def recover_checkpoint(path):
+    """Repair what a crash during a commit left behind (call on one process before any reads).
+    -> a list of sentences saying what was done (empty if nothing was to do)."""
+    path = str(path)
+    tmp, old = path + ".tmp", path + ".old"
+    cur, new, prev = checkpoint_step(path), checkpoint_step(tmp), checkpoint_step(old)
+    done = []
+    if os.path.exists(path) and cur is None:
+        raise CheckpointError(f"{path}: a checkpoint directory without a COMPLETE marker; it was not written "
+                              "by this code's commit. Move it away to continue.")
+    if new is not None and (cur is None or new > cur):  # the commit got past COMPLETE: finish it
+        if cur is not None:
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        done.append(f"finished an interrupted commit: {path} is now step {new} (was {cur})")
+        cur = new
+    elif os.path.exists(tmp):
+        shutil.rmtree(tmp)
+        done.append(f"removed an incomplete {tmp}")
+    if os.path.exists(old):
+        if cur is None and prev is not None:  # (cannot happen with the commit order above; be safe)
+            os.replace(old, path)
+            done.append(f"restored {path} (step {prev}) from {old}")
+        else:
+            shutil.rmtree(old)
+            done.append(f"removed the previous checkpoint {old} left by an interrupted commit")
+    return done
+
+
+def _rng_state():
+    return dict(torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def save_training_state(path, model, optimizer, step, meta, *, rank=0, world=1, sharded=False):
+    """Write the training state of `model` (plain, DDP or FSDP2) and `optimizer` at `step` and
+    commit it crash-safely (see above). A collective: every rank calls it. sharded: FSDP2, each
+    rank writes its shards (DCP); else rank 0 writes one state.pt. meta: plain data (JSON)."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    barrier = dist.barrier if world > 1 else (lambda: None)
+    path = str(path)
+    tmp, old = path + ".tmp", path + ".old"
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier()
+    if sharded:
+        import torch.distributed.checkpoint as dcp
+        dcp.save(dict(model=model_sd, optimizer=optim_sd), checkpoint_id=tmp)
+        torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
+    else:
+        rngs = [None] * world
+        if world > 1:
+            dist.all_gather_object(rngs, _rng_state())
+        else:
+            rngs = [_rng_state()]
+        if rank == 0:
+            atomic_torch_save(dict(model=model_sd, optimizer=optim_sd, step=step), os.path.join(tmp, "state.pt"))
+            for r, s in enumerate(rngs):
+                torch.save(s, os.path.join(tmp, f"rng_rank{r}.pt"))
+    barrier()
+    if rank == 0:
+        _write_json(Path(tmp, "meta.json"), dict(meta, step=step))
+        _crash_point("before_complete", step)
+        with open(os.path.join(tmp, "COMPLETE"), "w") as f:
+            f.write(str(step))
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        _crash_point("written", step)
+        shutil.rmtree(old, ignore_errors=True)  # a leftover of an earlier crash
+        if os.path.exists(path):
+            os.replace(path, old)
+        _crash_point("old_renamed", step)
+        os.replace(tmp, path)  # the commit point
+        _fsync_dir(os.path.dirname(os.path.abspath(path)))
+        _crash_point("committed", step)
+        if os.path.exists(old):
+            os.remove(os.path.join(old, "COMPLETE"))  # first: a half-deleted .old never looks complete
+            _crash_point("deleting_old", step)
+            shutil.rmtree(old)
+    barrier()
+
+
+def read_checkpoint_meta(path):
+    """meta.json of a complete checkpoint (plain data; no unpickling)."""
+    return _read_json(Path(path, "meta.json"))
+
+
+def load_training_state(path, model, optimizer, *, rank=0, sharded=False, device="cpu"):
+    """Load a checkpoint written by save_training_state into model and optimizer (and this rank's
+    RNG state). -> the step to continue from. Everything is read with weights_only (no code runs)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    path = str(path)
+    step = checkpoint_step(path)
+    if step is None:
+        raise CheckpointError(f"{path}: incomplete checkpoint (no COMPLETE marker)")
+    if sharded:
+        import torch.distributed.checkpoint as dcp
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = dict(model=model_sd, optimizer=optim_sd)
+        dcp.load(state, checkpoint_id=path)
+    else:
+        state = torch.load(os.path.join(path, "state.pt"), map_location=device, weights_only=True)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    rng = torch.load(os.path.join(path, f"rng_rank{rank}.pt"), weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return step

@@ -58,6 +58,9 @@ class MoEConfig:
     norm_topk_prob: bool = True  # renormalise the top-k weights to sum to 1 (topk router)
     router_jitter_eps: float = 0.01  # sparsemixer's relative masking threshold
     input_jitter: float = 0.0  # sparsemixer's multiplicative router-input noise in training
+    # sparsemixer with input_jitter, in training: return the logits of the un-jittered input (what
+    # the SARA term pools: softmax(h W_g) exactly), while routing still uses the jittered ones
+    router_clean_logits: bool = False
     mlp_only_layers: tuple = ()  # these layers get a dense SwiGLU instead of experts
     decoder_sparse_step: int = 1  # layer i is MoE iff (i + 1) % step == 0 (and not mlp-only)
     router_aux_loss_coef: float = 0.001  # lambda_LB; used by train.py, reported by the model
@@ -360,7 +363,7 @@ def experts_loop(x, expert_ids, weights, gate_up, down):
         token_idx, slot = torch.where(expert_ids == e)
         gate, up = F.linear(x[token_idx], gate_up[e]).chunk(2, dim=-1)
         y = F.linear(F.silu(gate) * up, down[e])  # (n_e, H)
-        out.index_add_(0, token_idx, y * weights[token_idx, slot, None])
+        out.index_add_(0, token_idx, y * weights[token_idx, slot, None])  # eq. 5: y = sum_k w_k E_k(h)
     return out
 
 
@@ -398,7 +401,8 @@ class MoE(nn.Module):
         self.cfg = cfg
         E, H, I = cfg.n_experts, cfg.hidden_size, cfg.moe_intermediate_size
         if cfg.router == "sparsemixer":
-            self.router = SparseMixerRouter(H, E, cfg.top_k, cfg.router_jitter_eps, cfg.input_jitter)
+            self.router = SparseMixerRouter(H, E, cfg.top_k, cfg.router_jitter_eps, cfg.input_jitter,
+                                            clean_logits=cfg.router_clean_logits)
         else:
             self.router = TopKRouter(H, E, cfg.top_k, cfg.norm_topk_prob)
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))  # [gate; up] rows per expert
@@ -406,14 +410,14 @@ class MoE(nn.Module):
 
     def forward(self, x):  # x: (B, T, H) -> (B, T, H), router logits (B, T, E)
         B, T, H = x.shape
+        weights, expert_ids, logits = self.router(x)  # (N, K), (N, K), (B, T, E) (not a view)
         x = x.reshape(B * T, H)
-        weights, expert_ids, logits = self.router(x)  # (N, K), (N, K), (N, E)
         impl = self.cfg.expert_impl
         if impl == "auto":
             impl = "grouped" if x.is_cuda and _grouped_mm is not None else "loop"
         dispatch = experts_grouped if impl == "grouped" else experts_loop
         y = dispatch(x, expert_ids, weights, self.gate_up_proj, self.down_proj)
-        return y.view(B, T, H), logits.view(B, T, -1)
+        return y.view(B, T, H), logits
 
 
 class Block(nn.Module):
@@ -515,6 +519,7 @@ class ModelOutput:
     router_logits: tuple = ()  # one (B, T, E) tensor of raw gate logits per MoE layer
     aux_loss: torch.Tensor = None  # load-balancing loss (padding excluded), or None if no MoE
     z_loss: torch.Tensor = None  # router z-loss (padding excluded), or None if no MoE
+    hidden: torch.Tensor = None  # (B, T, H) final normed hidden states, with return_hidden=True
 
 
 class MoETransformer(nn.Module):
@@ -553,23 +558,28 @@ class MoETransformer(nn.Module):
             total -= len(cfg.moe_layers) * (cfg.n_experts - cfg.top_k) * per_expert
         return total
 
-    @classmethod
-    def from_pretrained(cls, path, dtype=None, device=None, **overrides):
-        """Load a Hugging Face Qwen3-MoE / Phi-3.5-MoE checkpoint directory (see checkpoint.py);
-        overrides: MoEConfig fields that leave the weights alone (attn_impl, expert_impl, ...)."""
-        from checkpoint import load_pretrained
-        return load_pretrained(path, dtype=dtype, device=device, **overrides)
+    def flops_per_token(self, seq_len):
+        """Training FLOPs per token (forward + backward) of a sequence of seq_len tokens:
+            6 * N + 6 * n_layers * seq_len * n_heads * head_dim
+        N = active parameters (K of E experts per MoE layer; router, attention, norms, lm_head)
+        without the embedding lookup (a gather, not a matmul; a tied lm_head is counted). The
+        second term is attention's QK^T and PV (2 matmuls x 2 FLOPs x n_heads*head_dim per key),
+        over the causal half of the keys (seq_len / 2 on average), times 3 for forward + backward.
+        Used by train.py's and bench.py's MFU."""
+        cfg = self.config
+        n = self.num_params(active=True)
+        if not cfg.tie_word_embeddings:
+            n -= self.embed_tokens.weight.numel()
+        return 6 * n + 6 * cfg.n_layers * seq_len * cfg.n_heads * cfg.head_dim
 
-    def save_pretrained(self, path, **kwargs):
-        """Write the Hugging Face layout (config.json + safetensors) that transformers loads."""
-        from checkpoint import save_pretrained
-        save_pretrained(self, path, **kwargs)
-
-    def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None, cache=None):
+    def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None, cache=None,
+                return_hidden=False):
         """
         input_ids: (B, T) long. attention_mask: (B, S) with 1 for real tokens, 0 for padding,
         S = T, or past + T when decoding with a KVCache. labels: (B, T), -100 = ignored; logits
-        at t predict labels at t + 1 (the HF convention). Returns a ModelOutput.
+        at t predict labels at t + 1 (the HF convention). return_hidden: out.hidden = the final
+        normed hidden states (B, T, H), and no logits or loss are computed (callers that need
+        only some positions' logits apply self.lm_head themselves). Returns a ModelOutput.
         """
         cfg = self.config
         B, T = input_ids.shape
@@ -607,7 +617,9 @@ class MoETransformer(nn.Module):
         if cache is not None:
             cache.length = S
         out = ModelOutput(router_logits=tuple(router_logits))
-        if labels is not None and cfg.loss_chunk_size > 0:
+        if return_hidden:
+            out.hidden = self.norm(x)  # (B, T, H)
+        elif labels is not None and cfg.loss_chunk_size > 0:
             # position t predicts label t + 1; the last position predicts nothing
             targets = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)  # (B*T,)
             out.loss = chunked_cross_entropy(self.norm(x).reshape(B * T, -1), self.lm_head.weight,
@@ -616,7 +628,7 @@ class MoETransformer(nn.Module):
             logits = self.lm_head(self.norm(x))  # (B, T, V)
             out.logits = logits
             if labels is not None:
-                out.loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                out.loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),  # eq. 10: L_CE
                                            labels[:, 1:].reshape(-1), ignore_index=-100)
         if router_logits:
             token_mask = attention_mask[:, past:] if attention_mask is not None else None

@@ -1,4 +1,4 @@
-# SARA on Phi-3.5-MoE-instruct (32 layers, 16 experts, top-2), the paper's setting (design/METHOD.md).
+# SARA on Phi-3.5-MoE-instruct (32 layers, 16 experts, top-2), the paper's setting (docs/method.md).
 #   torchrun --nproc_per_node 8 train.py configs/phi35.py --init_from=/path/to/Phi-3.5-MoE-instruct \
 #            --data_path=/path/to/parallel_sw.jsonl
 # Per-GPU memory on 8 x 80 GB, full-parameter fine-tuning of 41.9B params, FSDP2 over 8 ranks:
@@ -21,7 +21,7 @@ anchor_lang = "en"
 max_len = 2048
 lambda_js = 1.5
 lambda_lb = -1.0  # the model's own router_aux_loss_coef (0.0)
-sara_layers = [13, 26]  # inclusive, 0-based
+sara_band = (13, 26)  # inclusive, 0-based (docs/method.md)
 anchor_mode = "offline"
 epochs = 2
 global_batch = 256

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import checkpoint
-from checkpoint import (CheckpointError, config_from_hf, config_to_hf, hf_tensor_map, read_safetensors_header,
-                        write_safetensors)
+from checkpoint import (CheckpointError, config_from_hf, config_to_hf, hf_tensor_map, load_model, read_safetensors_header,
+                        save_hf, write_safetensors)
 from model import MoEConfig, MoETransformer, phi35_moe_config, qwen3_30b_a3b_config, sample_next_token
 
 SMALL = dict(vocab_size=97, hidden_size=32, n_layers=3, n_heads=4, n_kv_heads=2, n_experts=6, top_k=2,
@@ -133,11 +133,11 @@ def test_config_to_hf_needs_a_known_architecture():
 
 def test_missing_mscale_is_written_as_the_longrope_default(tmp_path):
     model = make("phi", rope_scaling={k: v for k, v in ROPE.items() if "mscale" not in k})
-    model.save_pretrained(tmp_path)
+    save_hf(model, tmp_path)
     written = json.loads((tmp_path / "config.json").read_text())["rope_scaling"]
     assert written["short_mscale"] == written["long_mscale"] == model.rotary.mscale_short > 1
     ids = ids_(1, 12)  # past original_max: the long branch
-    assert torch.equal(MoETransformer.from_pretrained(tmp_path)(ids).logits, model(ids).logits)
+    assert torch.equal(load_model(tmp_path)(ids).logits, model(ids).logits)
 
 
 # -----------------------------------------------------------------------------
@@ -159,8 +159,8 @@ def test_on_disk_names():
 @pytest.mark.parametrize("name", CONFIGS)
 def test_save_load_round_trip(tmp_path, name, shard):
     model = make(name)
-    model.save_pretrained(tmp_path, **({"max_shard_size": shard} if shard else {}))
-    loaded = MoETransformer.from_pretrained(tmp_path)
+    save_hf(model, tmp_path, **({"max_shard_size": shard} if shard else {}))
+    loaded = load_model(tmp_path)
     assert not loaded.training and loaded.config == model.config
     assert loaded.state_dict().keys() == model.state_dict().keys()
     for k, v in model.state_dict().items():
@@ -171,7 +171,7 @@ def test_save_load_round_trip(tmp_path, name, shard):
     ids = ids_(2, 12)
     assert torch.equal(loaded(ids).logits, model(ids).logits)
     # straight into another dtype; RoPE frequencies stay fp32 (rebuilt by RotaryEmbedding._apply)
-    bf16 = MoETransformer.from_pretrained(tmp_path, dtype=torch.bfloat16, attn_impl="eager")
+    bf16 = load_model(tmp_path, dtype=torch.bfloat16, attn_impl="eager")
     assert bf16.config.attn_impl == "eager"
     assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())
     assert bf16.rotary.inv_freq_short.dtype == torch.float32
@@ -183,7 +183,7 @@ def test_save_load_round_trip(tmp_path, name, shard):
 
 def test_sharding_layout(tmp_path):
     model = make("qwen")
-    model.save_pretrained(tmp_path, max_shard_size=20_000)
+    save_hf(model, tmp_path, max_shard_size=20_000)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     shards = sorted(tmp_path.glob("model-*.safetensors"))
     n = len(shards)
@@ -206,7 +206,7 @@ def test_sharding_layout(tmp_path):
 
 def test_save_is_atomic_and_keeps_other_files(tmp_path, monkeypatch):
     path = tmp_path / "ckpt"
-    make("qwen").save_pretrained(path, max_shard_size="20KB")
+    save_hf(make("qwen"), path, max_shard_size="20KB")
     (path / "tokenizer.json").write_text("{}")
     (path / "train_state").mkdir()
     (path / "train_state" / "step.txt").write_text("100")
@@ -221,27 +221,27 @@ def test_save_is_atomic_and_keeps_other_files(tmp_path, monkeypatch):
         return write_safetensors(*args, **kwargs)
     monkeypatch.setattr(checkpoint, "write_safetensors", failing_write)
     with pytest.raises(OSError, match="disk full"):
-        make("qwen", seed=1).save_pretrained(path, max_shard_size="20KB")
+        save_hf(make("qwen", seed=1), path, max_shard_size="20KB")
     monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in path.iterdir() if p.is_file()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     # a successful save replaces the weights (stale shards and index gone), keeps the rest
     model = make("qwen", seed=1)
-    model.save_pretrained(path)
+    save_hf(model, path)
     assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json",
                                                       "train_state"]
     assert (path / "train_state" / "step.txt").read_text() == "100"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     ids = ids_(1, 5)
-    assert torch.equal(MoETransformer.from_pretrained(path)(ids).logits, model(ids).logits)
+    assert torch.equal(load_model(path)(ids).logits, model(ids).logits)
 
 
 def test_copy_from_brings_tokenizer_files(tmp_path):
     src = tmp_path / "src"
-    make("qwen").save_pretrained(src)
+    save_hf(make("qwen"), src)
     (src / "tokenizer.json").write_text('{"x": 1}')
     (src / "generation_config.json").write_text('{"eos_token_id": 3}')
-    make("qwen", seed=1).save_pretrained(tmp_path / "dst", copy_from=src)
+    save_hf(make("qwen", seed=1), tmp_path / "dst", copy_from=src)
     assert (tmp_path / "dst" / "tokenizer.json").read_text() == '{"x": 1}'
     assert sorted(p.name for p in (tmp_path / "dst").iterdir()) == [
         "config.json", "generation_config.json", "model.safetensors", "tokenizer.json"]
@@ -258,7 +258,7 @@ def _rewrite(file, edit):
 
 
 def test_missing_unexpected_and_wrongly_shaped_tensors(tmp_path):
-    make("phi").save_pretrained(tmp_path)
+    save_hf(make("phi"), tmp_path)
 
     def edit(t):
         del t["model.layers.1.block_sparse_moe.experts.3.w2.weight"]
@@ -268,7 +268,7 @@ def test_missing_unexpected_and_wrongly_shaped_tensors(tmp_path):
         return t
     _rewrite(tmp_path / "model.safetensors", edit)
     with pytest.raises(CheckpointError) as err:
-        MoETransformer.from_pretrained(tmp_path)
+        load_model(tmp_path)
     msg = str(err.value)  # all problems at once, each tensor named
     assert "missing tensors (2): lm_head.bias; model.layers.1.block_sparse_moe.experts.3.w2.weight" in msg
     assert "unexpected tensors (1): model.layers.0.block_sparse_moe.experts.9.w1.weight" in msg
@@ -276,30 +276,30 @@ def test_missing_unexpected_and_wrongly_shaped_tensors(tmp_path):
 
 
 def test_truncated_and_corrupted_shards(tmp_path):
-    make("qwen").save_pretrained(tmp_path, max_shard_size="20KB")
+    save_hf(make("qwen"), tmp_path, max_shard_size="20KB")
     shards = sorted(tmp_path.glob("model-*.safetensors"))
     data = shards[2].read_bytes()
     shards[2].write_bytes(data[:-100])  # truncated
     with pytest.raises(CheckpointError, match=rf"{shards[2].name}: .*truncated"):
-        MoETransformer.from_pretrained(tmp_path)
+        load_model(tmp_path)
     shards[2].write_bytes(data[:5])  # truncated inside the header length
     with pytest.raises(CheckpointError, match=rf"{shards[2].name}: not a safetensors file"):
-        MoETransformer.from_pretrained(tmp_path)
+        load_model(tmp_path)
     shards[2].write_bytes(data[:8] + b"\xff" * 20 + data[28:])  # garbage header
     with pytest.raises(CheckpointError, match=rf"{shards[2].name}: corrupted safetensors header"):
-        MoETransformer.from_pretrained(tmp_path)
+        load_model(tmp_path)
     shards[2].unlink()  # a shard the index names is gone
     with pytest.raises(CheckpointError, match=rf"shard files missing: \['{shards[2].name}'\]"):
-        MoETransformer.from_pretrained(tmp_path)
+        load_model(tmp_path)
 
 
 def test_missing_files(tmp_path):
     with pytest.raises(CheckpointError, match="config.json: not found"):
-        MoETransformer.from_pretrained(tmp_path)
+        load_model(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(config_to_hf(qwen_cfg())))
     (tmp_path / "pytorch_model.bin").write_bytes(b"")
     with pytest.raises(CheckpointError, match="only safetensors.*pytorch_model.bin"):
-        MoETransformer.from_pretrained(tmp_path)
+        load_model(tmp_path)
 
 
 # -----------------------------------------------------------------------------
@@ -320,7 +320,7 @@ _MEASURE = textwrap.dedent("""
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM (peak RSS) to the current RSS
         base = status("VmRSS:")
-        model = MoETransformer.from_pretrained(path, dtype=getattr(torch, dtype))
+        model = checkpoint.load_model(path, dtype=getattr(torch, dtype))
         print(json.dumps({"path": path, "dtype": dtype, "growth": status("VmHWM:") - base}))
         del model
 """)
@@ -336,8 +336,8 @@ def test_peak_memory_of_loading(tmp_path):
     with torch.no_grad():
         for p in model.parameters():
             p.fill_(0.01)  # (values do not matter here; random ones take seconds)
-    model.save_pretrained(tmp_path / "single", max_shard_size="1GB")
-    model.save_pretrained(tmp_path / "sharded", max_shard_size="40MB")
+    save_hf(model, tmp_path / "single", max_shard_size="1GB")
+    save_hf(model, tmp_path / "sharded", max_shard_size="40MB")
     del model
     size = os.path.getsize(tmp_path / "single" / "model.safetensors")
     assert size > 200e6
@@ -425,7 +425,7 @@ def test_sample_py_chats_with_a_checkpoint(tmp_path, capsys):
     from tokenizer import load_tokenizer
     n_vocab = _tiny_tokenizer_json(tmp_path / "tokenizer.json")
     model = make("qwen", vocab_size=n_vocab)
-    model.save_pretrained(tmp_path)
+    save_hf(model, tmp_path)
     new_ids = sample.main(["--checkpoint", str(tmp_path), "--prompt", "hello world", "--system", "the sky",
                            "--max_new_tokens", "8", "--device", "cpu"])
     tok = load_tokenizer(tmp_path)
@@ -450,3 +450,117 @@ def test_sample_py_takes_a_training_pt_with_a_tokenizer(tmp_path, capsys):
     prompt_ids, _ = tok.encode_chat("hello")
     expected = model.generate(torch.tensor([prompt_ids]), 4, stop_ids=tok.stop_ids)[0]
     assert new_ids == [t for t in expected if t not in tok.stop_ids]
+
+
+# -----------------------------------------------------------------------------
+# training state: crash-safe commit and recovery
+
+class _Crash(Exception):
+    pass
+
+
+def _tiny_training():
+    torch.manual_seed(0)
+    model = MoETransformer(MoEConfig(vocab_size=50, hidden_size=16, n_layers=1, n_heads=2, n_kv_heads=1,
+                                     n_experts=2, top_k=1, moe_intermediate_size=8))
+    from optim import make_optimizer
+    opt = make_optimizer(model, "fp32", 1e-2, (0.9, 0.95), 0.0)
+
+    def train_step():
+        model(torch.randint(0, 50, (2, 5)), labels=torch.randint(0, 50, (2, 5))).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model, opt, train_step
+
+
+@pytest.mark.parametrize("crash, resumed_step", [
+    ("before_complete", 1), ("written", 2), ("old_renamed", 2), ("committed", 2), ("deleting_old", 2)])
+def test_crash_at_each_commit_step_resumes_from_newest_complete(tmp_path, monkeypatch, crash, resumed_step):
+    """A crash at every point of the commit of step 2 (over a complete step 1): the next start
+    repairs the directory (finishing the commit when the new checkpoint was complete), loads the
+    newest complete checkpoint, and its next save is not blocked by leftovers. (The crash is an
+    exception raised at the crash point: the files are left exactly as a kill would leave them.
+    tests/test_train.py kills a real process at one of these points.)"""
+    path = str(tmp_path / "ckpt")
+    model, opt, train_step = _tiny_training()
+    weights = {}
+    for step in (1, 2):
+        train_step()
+        weights[step] = {k: v.clone() for k, v in model.state_dict().items()}
+        if step == 2:
+            def crash_point(name, at, _want=crash):
+                if name == _want:
+                    raise _Crash
+            monkeypatch.setattr(checkpoint, "_crash_point", crash_point)
+        try:
+            checkpoint.save_training_state(path, model, opt, step, dict(fingerprint={"run": 1}))
+        except _Crash:
+            pass
+    monkeypatch.undo()
+    model, opt, train_step = _tiny_training()  # a fresh process
+    notes = checkpoint.recover_checkpoint(path)
+    assert notes  # what was repaired is reported
+    assert not os.path.exists(path + ".tmp") and not os.path.exists(path + ".old")
+    assert checkpoint.load_training_state(path, model, opt) == resumed_step
+    assert all(torch.equal(p, weights[resumed_step][n]) for n, p in model.state_dict().items())
+    assert checkpoint.read_checkpoint_meta(path) == {"fingerprint": {"run": 1}, "step": resumed_step}
+    train_step()
+    checkpoint.save_training_state(path, model, opt, 3, dict(fingerprint={"run": 1}))
+    assert checkpoint.checkpoint_step(path) == 3 and not os.path.exists(path + ".old")
+
+
+def test_directory_without_complete_marker_is_an_error(tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    with pytest.raises(CheckpointError, match="without a COMPLETE marker"):
+        checkpoint.recover_checkpoint(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("content, pattern", [
+    ([1, 2], "expected a JSON object, got a list"),
+    ({"model_type": "qwen3_moe", "vocab_size": "4096"}, r"vocab_size='4096' \(expected a positive integer\)"),
+])
+def test_bad_config_json_names_the_problem(tmp_path, content, pattern):
+    (tmp_path / "config.json").write_text(json.dumps(content))
+    with pytest.raises(CheckpointError, match=pattern):
+        load_model(tmp_path)
+
+
+def test_index_without_weight_map_and_nan_weights(tmp_path):
+    model = make("qwen")
+    save_hf(model, tmp_path / "a", max_shard_size="20KB")
+    (tmp_path / "a" / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(CheckpointError, match="no 'weight_map'"):
+        load_model(tmp_path / "a")
+    with torch.no_grad():
+        model.layers[0].mlp.down_proj[0, 0, 0] = float("nan")
+    save_hf(model, tmp_path / "b")
+    with pytest.raises(CheckpointError, match=r"non-finite .* layers.0.mlp.down_proj"):
+        load_model(tmp_path / "b")
+    assert not torch.isfinite(load_model(tmp_path / "b", check_finite=False).layers[0].mlp.down_proj).all()
+
+
+def test_base_pt_round_trip_and_corrupt_file(tmp_path):
+    model = make("qwen")
+    checkpoint.save_base(tmp_path / "base.pt", model.state_dict(), model.config, fingerprint={"a": 1})
+    loaded, meta = checkpoint.load_base(tmp_path / "base.pt")
+    assert meta == {"fingerprint": {"a": 1}} and not loaded.training
+    ids = torch.randint(0, 97, (1, 7))
+    assert torch.equal(load_model(tmp_path / "base.pt")(ids).logits, model.eval()(ids).logits)
+    (tmp_path / "bad.pt").write_bytes(b"not a torch file")
+    with pytest.raises(CheckpointError, match="bad.pt: not a readable base model file"):
+        load_model(tmp_path / "bad.pt")
+
+
+@pytest.mark.parametrize("extra, pattern", [
+    (["--temperature=-1"], r"temperature=-1.0 \(command line\): must be >= 0"),
+    (["--max_new_tokens=100000"], r"max_new_tokens=100000 .* exceed the model's context of 4096 tokens"),
+    (["--top_p=0"], r"top_p=0.0 .*must be in \(0, 1\]"),
+])
+def test_sample_py_rejects_bad_settings(tmp_path, extra, pattern):
+    import sample
+    model = make("qwen")
+    checkpoint.save_base(tmp_path / "base.pt", model.state_dict(), model.config)
+    args = ["--checkpoint", str(tmp_path / "base.pt"), "--prompt", "hello", "--device", "cpu",
+            "--tokenizer", str(Path(__file__).parents[1] / "data" / "udhr" / "bpe.tiktoken")]
+    with pytest.raises(SystemExit, match=pattern):
+        sample.main(args + extra)

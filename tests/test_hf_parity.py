@@ -5,7 +5,7 @@ imported by the product).
 Tiny random checkpoints are built and written by transformers itself, so they have the real file
 layout, and loaded by both sides. Checked: logits, per-layer router logits, loss with labels and the
 aux loss, in fp32 (max |ours - theirs| <= 1e-5 max |theirs|) and bf16 on CPU (bit for bit); greedy
-generation; ours -> save_pretrained -> transformers; config.json in the 4.x spelling.
+generation; ours -> save_hf -> transformers; config.json in the 4.x spelling.
 Oracles run attn_implementation="eager" and experts_implementation="eager": transformers' default
 sdpa / grouped_mm paths differ from eager by ~4e-3 in bf16. initializer_range 0.2 keeps routing
 away from near-ties that would flip a top-k between two correct implementations.
@@ -22,7 +22,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, PhimoeConfig, Phimoe
 
 from transformers.loss.loss_utils import ForCausalLMLoss  # noqa: E402
 
-from checkpoint import config_from_hf  # noqa: E402
+from checkpoint import config_from_hf, load_model, save_hf  # noqa: E402
 from model import MoEConfig, MoETransformer, phi35_moe_config  # noqa: E402
 
 V = 128
@@ -85,7 +85,7 @@ def oracle(path, dtype, long_rope=False):
 
 
 def ours(path, dtype):
-    return MoETransformer.from_pretrained(path, dtype=dtype, attn_impl="eager")
+    return load_model(path, dtype=dtype, attn_impl="eager")
 
 
 def run_both(theirs, mine, ids, mask=None):
@@ -217,7 +217,7 @@ def test_greedy_generation_matches_transformers(hf_dir, name, prompt_len):
 
 
 # -----------------------------------------------------------------------------
-# our save_pretrained -> transformers
+# our save_hf -> transformers
 
 def native_config(name):
     """Configs built with OUR field names (the after-training path: no config.json involved)."""
@@ -232,7 +232,7 @@ def native_config(name):
 
 
 @pytest.mark.parametrize("name", ["qwen", "phi"])
-def test_ours_save_pretrained_loads_in_transformers(tmp_path, name):
+def test_ours_save_hf_loads_in_transformers(tmp_path, name):
     torch.manual_seed(0)
     mine = MoETransformer(native_config(name)).eval()
     with torch.no_grad():
@@ -243,7 +243,7 @@ def test_ours_save_pretrained_loads_in_transformers(tmp_path, name):
     for dtype in (torch.float32, torch.bfloat16):
         mine = mine.to(dtype)
         path = tmp_path / str(dtype)
-        mine.save_pretrained(path, max_shard_size="40KB")  # sharded
+        save_hf(mine, path, max_shard_size="40KB")  # sharded
         index = json.loads((path / "model.safetensors.index.json").read_text())
         assert len(set(index["weight_map"].values())) > 2
         a, b = run_both(oracle(path, dtype), mine, ids)
@@ -251,7 +251,7 @@ def test_ours_save_pretrained_loads_in_transformers(tmp_path, name):
         # and back: transformers' own (sharded) save of it loads in ours to the same model, bit for bit
         oracle(path, dtype).save_pretrained(tmp_path / f"{dtype}-hf", max_shard_size="40KB")
         assert (tmp_path / f"{dtype}-hf" / "model.safetensors.index.json").exists()
-        again = MoETransformer.from_pretrained(tmp_path / f"{dtype}-hf", attn_impl="eager")
+        again = load_model(tmp_path / f"{dtype}-hf", attn_impl="eager")
         with torch.no_grad():
             assert torch.equal(again(ids).logits, mine(ids).logits)
 
@@ -328,7 +328,7 @@ def test_bf16_parity_cuda(hf_dir, name):
         ref = theirs(ids, labels=ids, output_router_logits=True)
         scale = ref.logits.float().abs().max().item()
         for impl in ("loop", "grouped"):
-            mine = MoETransformer.from_pretrained(path, dtype=torch.bfloat16, device="cuda",
+            mine = load_model(path, dtype=torch.bfloat16, device="cuda",
                                                   attn_impl="eager", expert_impl=impl)
             out = mine(ids, labels=ids)
             diff = (out.logits.float() - ref.logits.float()).abs().max().item()
