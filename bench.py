@@ -16,9 +16,8 @@ How it measures (what a performance engineer checks):
   transformers that runs here (experts_implementation grouped_mm / batched_mm / eager / sonicmoe /
   deepgemm, per-layer compile, Liger kernels when installed); the fastest of them is the headline.
 - Both sides compute the router load-balancing loss (transformers: output_router_logits=True).
-- FLOPs = 6 N_active B T + 6 L T^2 n_heads head_dim B (N_active: parameters one token uses,
-  K of E experts, without the embedding; the attention term counts the causal half of QK^T and
-  PV, forward + backward). MFU = FLOPs / time / SPEC peak of the detected accelerator (dense bf16
+- FLOPs per step = MoETransformer.flops_per_token(T) * B * T (6 N_active + attention's causal half
+  of QK^T and PV, forward + backward; N_active: K of E experts, no embedding lookup). MFU = FLOPs / time / SPEC peak of the detected accelerator (dense bf16
   tensor-core peak, table SPEC_PEAK_TFLOPS), the measured 8192^3 matmul rate printed beside it.
   On a CPU there is no spec peak: the fraction of the measured matmul rate is printed instead.
 - Truncated models flatter whole-step MFU (Qwen3's lm_head is 58% of the FLOPs at 4 layers, 10%
@@ -37,16 +36,16 @@ import statistics
 import sys
 import time
 import traceback
-from ast import literal_eval
 
 import torch
 
 import model as model_module
+from configurator import at_least, configure, one_of, validate
 from model import MoE, MoETransformer, SwiGLU, phi35_moe_config, qwen3_30b_a3b_config
 from sara_loss import pool_routing, sara_loss
 
 # -----------------------------------------------------------------------------
-# settings: --key=value overrides (type-checked, unknown keys rejected)
+# settings: nanoGPT-style globals, overridden by --key=value (configurator.py)
 device = "cuda" if torch.cuda.is_available() else "cpu"
 shapes = "qwen,phi"
 batch_size = 0  # 0: 4 on GPU, 2 on CPU
@@ -57,6 +56,7 @@ zipf_s = 1.0  # skewed routing: load of the r-th most loaded expert ~ 1/r^zipf_s
 modes = ""  # "": eager,compiled on GPU, eager on CPU (inductor on 2 cores takes minutes)
 steps = 10  # timed pairs per comparison
 warmup = 3
+clock = "wall"  # "process": CPU time of this process (CPU, 1 thread): robust on a shared machine
 hf = True  # compare with transformers (needs it importable)
 hf_eager = False  # also time transformers' "eager" experts loop on a GPU (~1 s/step; always on CPU)
 parity = True
@@ -67,18 +67,11 @@ peak_tflops = 0.0  # override the spec peak (dense bf16 TFLOP/s) of an accelerat
 cpu_ratio = True  # CPU: one MoE block vs a dense SwiGLU of the same active FLOPs
 threads = 0  # CPU threads (0: torch's default)
 out_json = ""  # write all numbers here too
-for arg in sys.argv[1:]:
-    key, _, val = arg.lstrip("-").partition("=")
-    if key not in globals() or key.startswith("_"):
-        raise SystemExit(f"bench.py: unknown option {key!r}")
-    if not isinstance(globals()[key], str):
-        try:
-            val = literal_eval(val)
-        except (ValueError, SyntaxError):
-            pass  # reported just below
-    if type(val) is not type(globals()[key]):
-        raise SystemExit(f"bench.py: --{key} wants a {type(globals()[key]).__name__}, got {val!r}")
-    globals()[key] = val
+_settings, _sources = configure(sys.argv[1:], {k: v for k, v in globals().items() if not k.startswith("_") and
+                                               isinstance(v, (int, float, bool, str))})
+globals().update(_settings)
+validate(_settings, _sources, {"clock": one_of("wall", "process"), "expert_impl": one_of("", "loop", "grouped"),
+                               "steps": at_least(1), "warmup": at_least(0)})
 
 on_gpu = device.startswith("cuda")
 if on_gpu and not torch.cuda.is_available():
@@ -86,6 +79,8 @@ if on_gpu and not torch.cuda.is_available():
                      f"(torch {torch.__version__}); run with --device=cpu")
 if threads:
     torch.set_num_threads(threads)
+if clock == "process" and (on_gpu or torch.get_num_threads() != 1):
+    raise SystemExit("bench.py: --clock=process measures one CPU thread: use it with --device=cpu --threads=1")
 dtype = torch.bfloat16 if on_gpu else torch.float32
 B = batch_size or (4 if on_gpu else 2)
 T = seq_len or (2048 if on_gpu else 256)
@@ -116,17 +111,13 @@ except ImportError as e:
     hf = False
 
 
-def sync():
-    if on_gpu:
-        torch.cuda.synchronize()
-
-
 def timed_once(fn):
     """(seconds, peak GiB allocated during the call; nan on CPU) of one fn() call."""
     if not on_gpu:
-        t0 = time.perf_counter()
+        now = time.process_time if clock == "process" else time.perf_counter
+        t0 = now()
         fn()
-        return time.perf_counter() - t0, float("nan")
+        return now() - t0, float("nan")
     torch.cuda.reset_peak_memory_stats()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -179,10 +170,7 @@ def matmul_ceiling():
 
 
 def step_flops(model):
-    cfg = model.config
-    n_active = model.num_params(active=True) - model.embed_tokens.weight.numel()
-    attn = 6 * cfg.n_layers * T * T * cfg.n_heads * cfg.head_dim * B
-    return 6 * n_active * B * T + attn
+    return model.flops_per_token(T) * B * T
 
 
 # -----------------------------------------------------------------------------
@@ -265,7 +253,9 @@ def expert_load(router_logits, K):
 
 
 @torch.no_grad()
-def skew_routing(model, ids, iters=8):
+def skew_routing(model, ids, iters=12, damping=0.7, logit_std=2.0):
+    """Bias every router so that expert e takes the e-th largest Zipf share of the token slots.
+    Returns the target load (E,)."""
     cfg = model.config
     target = zipf_load(cfg.n_experts, cfg.top_k, zipf_s)
     g = torch.Generator().manual_seed(1)
@@ -273,20 +263,22 @@ def skew_routing(model, ids, iters=8):
     model.embed_tokens.weight += shared.to(model.embed_tokens.weight)
     routers = [block.mlp.router for block in model.layers if block.is_moe]
     mean_in = [None] * len(routers)
-    hooks = [r.register_forward_hook(lambda mod, inp, out, i=i: mean_in.__setitem__(i, inp[0].float().mean(0)))
+    hooks = [r.register_forward_hook(lambda mod, inp, out, i=i: mean_in.__setitem__(i, inp[0].float().flatten(0, -2).mean(0)))
              for i, r in enumerate(routers)]
     model.eval()  # deterministic routing (sparsemixer samples in training)
     try:
+        # token-to-token spread of the router logits: std 0.02 weights give ~0.3-0.9, too little
+        # for tokens to differ once the offsets below are several units apart; trained routers
+        # spread by a few units
+        for router, lg in zip(routers, model(ids, labels=ids).router_logits):
+            lg = lg.float().flatten(0, -2)
+            router.gate.weight *= logit_std / (lg - lg.mean(0)).std()
         for _ in range(iters):
             load = expert_load(model(ids, labels=ids).router_logits, cfg.top_k)  # (L, E)
             for router, mu, lo in zip(routers, mean_in, load):
-                # rank the experts by their current load so the calibration keeps the order
-                want = torch.empty_like(target)
-                want[lo.argsort(descending=True)] = target
-                delta = (want.log() - (lo + 0.1 / cfg.n_experts).log()).float().to(mu.device)
-                delta -= delta.mean()
+                delta = damping * (target.log() - (lo + 0.1 / cfg.n_experts).log()).float().to(mu.device)
                 w = router.gate.weight
-                w += (delta[:, None] * (mu / mu.dot(mu))[None, :]).to(w.dtype)  # logit_e += delta_e (mean input)
+                w += (delta[:, None] * (mu / mu.dot(mu))[None, :]).to(w.dtype)  # logit_e += delta_e at the mean input
     finally:
         for h in hooks:
             h.remove()
@@ -403,6 +395,14 @@ def bench_case(name, depth, peak, ceiling):
                 try:
                     theirs.set_experts_implementation(impl)
                     free()
+                    run_hf()  # a probe first: an option far slower than the fastest so far gets no pair
+                    probe = timed_once(run_hf)[0] * 1e3
+                    fastest = min((r["hf_ms"] for r in results["rows"] if r["hf_ms"] and r["shape"] == name
+                                   and r["layers"] == cfg.n_layers and r["routing"] == rt), default=float("inf"))
+                    if probe > 2 * fastest:
+                        print(f"  hf {impl}: one step {probe:.0f} ms, {probe / fastest:.1f}x the fastest "
+                              f"transformers option here ({fastest:.0f} ms): no pair")
+                        continue
                     record(name, cfg.n_layers, rt, f"vs {mode}", impl, *interleaved(run_ours, run_hf),
                            flops, peak, ceiling)
                 except Exception as e:
@@ -410,7 +410,7 @@ def bench_case(name, depth, peak, ceiling):
                     free()
             theirs.set_experts_implementation("grouped_mm")
             if on_gpu:
-                liger_case(name, model, cfg, rt, mode, run_ours, ids, flops, peak, ceiling)
+                liger_case(name, model, theirs, cfg, rt, mode, run_ours, ids, flops, peak, ceiling)
         if rt == "balanced" and lambda_js > 0:
             sara_case(model, ids, cfg)
     theirs = None
@@ -419,21 +419,25 @@ def bench_case(name, depth, peak, ceiling):
     free()
 
 
-def liger_case(name, model, cfg, rt, mode, run_ours, ids, flops, peak, ceiling):
-    """transformers + Liger kernels (fused linear cross-entropy), per-layer compiled, on a fresh
-    copy (Liger patches the instance)."""
-    free()
-    liger = bench_hf.build_hf(model, "grouped_mm", "sdpa", dtype, device).train()
-    why = bench_hf.apply_liger(liger)
+def liger_case(name, model, theirs, cfg, rt, mode, run_ours, ids, flops, peak, ceiling):
+    """transformers + Liger kernels (fused linear cross-entropy, ...), per-layer compiled, on a
+    fresh copy (Liger patches the instance)."""
+    why = bench_hf.liger_unavailable()
     if why:
         print(f"  hf grouped_mm+compile+liger: skipped, {why}")
         return
+    model.zero_grad(set_to_none=True), theirs.zero_grad(set_to_none=True)  # room for a third model
+    free()
     try:
+        liger = bench_hf.build_hf(model, "grouped_mm", "sdpa", dtype, device).train()
+        bench_hf.apply_liger(liger)
         LayerCompile(liger.model.layers).set(True)
         record(name, cfg.n_layers, rt, f"vs {mode}", "grouped_mm+compile+liger",
                *interleaved(run_ours, lambda: bench_hf.hf_step(liger, ids)), flops, peak, ceiling)
     except Exception as e:
         print(f"  hf grouped_mm+compile+liger: FAILED {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+    liger = None
+    free()
 
 
 def sara_case(model, ids, cfg):
@@ -506,12 +510,10 @@ def report(peak, peak_label):
             rows = [r for r in results["rows"] if r["shape"] == name and r["routing"] == rt and r["hf_ms"]]
             for layers in sorted({r["layers"] for r in rows}):
                 at = [r for r in rows if r["layers"] == layers]
-                ours_best = min(r["ours_ms"] for r in at)
-                strongest = min(at, key=lambda r: r["hf_ms"])
-                print(f"{name} {layers} layers {rt}: ours {ours_best:.1f} ms vs transformers' strongest "
-                      f"({strongest['hf']}) {strongest['hf_ms']:.1f} ms: ours/theirs tok/s "
-                      f"x{strongest['ratio']:.2f} [{strongest['ratio_lo']:.2f}-{strongest['ratio_hi']:.2f}] "
-                      f"(interleaved pair, ours {strongest['mode'].replace('vs ', '')})")
+                s = min(at, key=lambda r: r["hf_ms"])  # transformers' fastest option (median ms)
+                print(f"{name} {layers} layers {rt}: ours ({s['mode'].replace('vs ', '')}) {s['ours_ms']:.1f} ms vs "
+                      f"transformers' strongest ({s['hf']}) {s['hf_ms']:.1f} ms in the same interleaved run: "
+                      f"ours/theirs tok/s x{s['ratio']:.2f} [{s['ratio_lo']:.2f}-{s['ratio_hi']:.2f}]")
 
 
 if __name__ == "__main__":

@@ -108,18 +108,22 @@ def unavailable(impl, on_gpu):
     return None
 
 
-def apply_liger(model):
-    """Liger's kernels (fused linear cross-entropy, RMSNorm, SwiGLU) on this instance, or the
-    reason they cannot be applied. Mutates the model: apply to a model used for nothing else."""
+def liger_unavailable():
+    """None if Liger's kernels can be applied here, else why not."""
+    if not torch.cuda.is_available():
+        return "CUDA only (Triton kernels)"
     try:
-        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance  # noqa: F401
     except ImportError as e:
         return f"liger-kernel not installed ({e})"
-    try:
-        _apply_liger_kernel_to_instance(model=model)
-    except Exception as e:
-        return f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
     return None
+
+
+def apply_liger(model):
+    """Liger's kernels (fused linear cross-entropy, RMSNorm, SwiGLU) on this instance. Mutates the
+    model: apply to a model used for nothing else."""
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    _apply_liger_kernel_to_instance(model=model)
 
 
 # -----------------------------------------------------------------------------
