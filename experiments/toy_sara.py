@@ -236,8 +236,13 @@ def main():
     p.add_argument("--results", default=None, help="tables and figures (default experiments/results, quick: <out>/results)")
     p.add_argument("--jobs", type=int, default=2, help="train.py processes at once")
     p.add_argument("--seeds", type=int, nargs="*", default=None, help="override the seeds")
+    p.add_argument("--reanalyse", action="store_true",
+                   help="no training: recompute the tables and figures from <results>/per_item.csv and summary.json "
+                        "of an earlier full run (keeps only the reported held-out rows)")
     args = p.parse_args()
     settings = QUICK if args.quick else FULL
+    if args.reanalyse:
+        return reanalyse(os.path.abspath(args.results or os.path.join(ROOT, "experiments", "results")), settings)
     if args.seeds:
         settings = {**settings, "seeds": args.seeds}
     out = os.path.abspath(args.out or os.path.join(ROOT, "out", "toy_sara_quick" if args.quick else "toy_sara"))
@@ -344,6 +349,31 @@ def main():
                    curves=val_curves(seeds, run_dir))
     json.dump(summary, open(os.path.join(results, "summary.json"), "w"), indent=1)
     md = report(summary)
+    open(os.path.join(results, "results.md"), "w").write(md)
+    figures(summary, results)
+    print(md)
+
+
+def reanalyse(results, settings):
+    """The statistics of an earlier run recomputed by this code from its per-item file: the training is
+    unchanged, only the reported items and the interval differ. Writes the same files as a run."""
+    old = json.load(open(os.path.join(results, "summary.json")))
+    _, _, val_set, kept = load_split(settings)
+    keep = {e["id"] for e, k in zip(val_set, kept) if k}
+    rows = list(csv.DictReader(open(os.path.join(results, "per_item.csv"))))
+    rows = [{k: (v if k in ("condition", "lang", "group", "id") else float(v) if "." in v or "e" in v else int(v))
+             for k, v in r.items()} for r in rows if r["id"] in keep]
+    with open(os.path.join(results, "per_item.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    summary = summarize(rows, settings, old["band"], {int(k): v for k, v in old["random_bands"].items()}, old["n_layers"])
+    summary.update({k: old[k] for k in ("command", "band_selection_curve", "wall_s", "runs_reused", "runs", "loadavg_start",
+                                        "loadavg_end", "cpu_count", "jobs", "curves")}, settings=settings,
+                   reanalysed="statistics recomputed with --reanalyse from the per-item file of this run")
+    json.dump(summary, open(os.path.join(results, "summary.json"), "w"), indent=1)
+    md = report(summary) + "\nRe-analysed (`python experiments/toy_sara.py --reanalyse`) from the per-item file of that run: " \
+        "same training, only the held-out rows whose text is no training prompt, seed-level t intervals.\n"
     open(os.path.join(results, "results.md"), "w").write(md)
     figures(summary, results)
     print(md)

@@ -130,3 +130,16 @@ def test_verdict_reads_the_interval():
     t = 2.0 / (1.0 / np.sqrt(3))
     p_df2 = 1 - t / np.sqrt(2 + t * t)  # two-sided Student t tail for df = 2, closed form
     assert np.allclose([mean, lo, hi, p], [2.0, 2.0 - half, 2.0 + half, p_df2], atol=1e-9)
+
+
+def test_reanalyse_reproduces_the_run(quick, tmp_path):
+    # --reanalyse recomputes the tables from the per-item file alone: on a run's own files it must
+    # print the run's numbers (this is how the committed full-study tables were re-derived)
+    import shutil
+    shutil.copytree(quick["results"], tmp_path / "r")
+    res = subprocess.run([sys.executable, "experiments/toy_sara.py", "--quick", "--reanalyse", "--results", str(tmp_path / "r")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    again = (tmp_path / "r" / "results.md").read_text()
+    assert again.startswith(quick["md"]) and "Re-analysed" in again[len(quick["md"]):]
+    assert json.load(open(tmp_path / "r" / "summary.json"))["delta"] == quick["summary"]["delta"]

@@ -1,0 +1,677 @@
+"""
+A controlled study in which knowledge TRANSFER is possible and measurable: facts learned in English,
+asked in other languages. Runs on a CPU, in one process.
+
+    python experiments/transfer.py            # the full study: 5 seeds x 5 conditions -> experiments/results/transfer/
+    python experiments/transfer.py --quick    # 2 seeds, short training (CI: tests/test_transfer.py)
+
+The world (drawn per seed). Entities (proper nouns, one token each, SHARED by all languages) have
+one value for each of 4 relations (8 candidate values per relation, chance = 1/8). Facts are stated
+in 3 paraphrase templates and asked in 2 question/answer templates. Four languages say the same
+thing with their own tokens (only the entity names are shared):
+    en   the anchor language, English-like;
+    ren  every word renamed (its own token ids), same word order;
+    ord  renamed and another word order (each run of words between punctuation reversed);
+    sub  every word split into two sub-tokens from a small syllable inventory.
+Entity splits (disjoint, drawn per seed):
+    shared   facts in English AND the target languages in pretraining (how the languages relate);
+    test     facts ONLY in English in pretraining, never in fine-tuning: what we measure;
+    bridge   facts in English in pretraining; their target-language Q/A only in fine-tuning, each
+             with its English version as the anchor (SARA's training data);
+    control  never shown anywhere (leakage check: accuracy must be at chance).
+Pretraining: all English statements and Q/A of shared, test and bridge entities; target-language
+rows of shared entities are a small share of the batches (`target_share`).
+
+Conditions, all from the identical base model of a seed, on identical batches (asserted):
+    (a) plain     lambda_JS = 0 (the JS term is computed and logged, never differentiated)
+    (b) band      SARA (sara_loss.py, eq. 9) on the band chosen from the BASE model's routing on the
+                  fine-tuning items only (bottom of its per-layer JS curve, middle windows)
+    (c) all       SARA on every MoE layer
+    (d) other     SARA on a band of the same width that does not overlap (b), drawn per seed
+    (e) positive  (a) plus the test entities' target-language Q/A in fine-tuning: the upper bound
+                  (each batch = (a)'s batch + its share of those rows; (a)'s rows asserted inside)
+Metric (per item = test entity x relation x language x question template): log-likelihood of
+each candidate value of the relation (in that language) after the question; correct if the true
+value has the highest. Target accuracy pools ren/ord/sub; English accuracy on the same facts shows
+forgetting; transfer ratio = (acc_target - chance) / (acc_en - chance). Mechanism: routing
+agreement between a target question and its English version, per layer, (i) at the token level
+(aligned token pairs: mean |top-k experts of the target token & top-k of its English token| / k,
+chance k/E) and (ii) pooled over the sequence (JS, what the loss aligns).
+
+Statistics, declared here before any run: PRIMARY endpoint = target accuracy (b) - (a) on test
+entities, one number per seed, paired t-interval over seeds and its two-sided p. Secondary
+contrasts (Holm-corrected over the family): (c) - (a), (d) - (a), (e) - (a), (b) - (d). Minimum
+detectable effect: the true paired difference a two-sided 5% t-test over the seeds detects with
+80% power, at the observed seed-to-seed standard deviation of the primary difference.
+"""
+import argparse
+import copy
+import csv
+import gzip
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import stats  # noqa: E402  seed-level t-interval, Holm, mean/std, minimum detectable effect
+from anchors import forward_and_pool  # noqa: E402
+from evaluation.routing import choose_band  # noqa: E402
+from model import MoEConfig, MoETransformer  # noqa: E402
+from sara_loss import js_divergence, layer_band, pool_routing, sara_loss  # noqa: E402
+
+PRIMARY = ("band", "plain")  # the endpoint, declared before the runs
+SECONDARY = [("all", "plain"), ("other", "plain"), ("positive", "plain"), ("band", "other")]
+CONDITIONS = ["plain", "band", "all", "other", "positive"]
+LABELS = {"base": "base (before)", "plain": "(a) plain", "band": "(b) SARA band", "all": "(c) SARA all",
+          "other": "(d) other band", "positive": "(e) positive control"}
+
+# -----------------------------------------------------------------------------
+# settings
+MODEL = dict(hidden_size=64, n_layers=6, n_heads=4, n_kv_heads=2, intermediate_size=128, n_experts=8, top_k=2,
+             moe_intermediate_size=64, qk_norm=True, norm_topk_prob=True, max_position_embeddings=64,
+             router_aux_loss_coef=0.01, expert_impl="loop")
+FULL = dict(seeds=[0, 1, 2, 3, 4], model=MODEL, n_entities=dict(shared=24, test=12, bridge=12, control=8),
+            target_share=0.2, parallel_share=0.5, pretrain_steps=2000, pretrain_batch=32, pretrain_lr=1e-2,
+            finetune_epochs=10, finetune_batch=32, finetune_lr=3e-3, lambda_js=1.5, band_width=2,
+            warmup_frac=0.1, weight_decay=0.01, grad_clip=1.0)
+QUICK = {**FULL, "seeds": [0, 1], "n_entities": dict(shared=12, test=8, bridge=8, control=8), "pretrain_steps": 100,
+         "pretrain_batch": 32, "finetune_epochs": 2}
+
+LANGS = ["en", "ren", "ord", "sub"]
+TARGETS = LANGS[1:]
+RELATIONS = {  # relation noun -> its 8 candidate values (English spelling)
+    "color": ["red", "blue", "green", "white", "black", "yellow", "brown", "gray"],
+    "job": ["baker", "farmer", "doctor", "singer", "tailor", "pilot", "judge", "miner"],
+    "food": ["rice", "bread", "fish", "beans", "corn", "soup", "cheese", "figs"],
+    "animal": ["cat", "dog", "horse", "goat", "owl", "fox", "bear", "wolf"],
+}
+# E = entity, R = relation noun, V = value; a question's answer is its value
+STATEMENTS = ["the R of E is V .", "E has V as its R .", "V is the R of E ."]
+QUESTIONS = ["question : what is the R of E ? answer :", "question : which R does E have ? answer :"]
+PUNCT = {".", "?", ":"}
+SYLLABLES = [c + v for c in "ptkmnsl" for v in "aiu"]  # the sub-token inventory of `sub` (21)
+
+
+# -----------------------------------------------------------------------------
+# languages and the tokenizer (word level: the languages are synthetic)
+def english_words():
+    words = {w for t in STATEMENTS + QUESTIONS for w in t.split() if w not in "ERV"}
+    return sorted(words | set(RELATIONS) | {v for vs in RELATIONS.values() for v in vs})
+
+
+def entity_names(n):
+    rng = np.random.default_rng(12345)  # fixed: names are part of the vocabulary, not of a seed
+    names = []
+    while len(names) < n:
+        name = "".join(rng.choice(["ba", "do", "ki", "lu", "me", "no", "ra", "si", "tu", "vo", "ze"], 3)).capitalize()
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def sub_lexicon():
+    """Each English word -> two syllables (unique pair): a fixed, arbitrary spelling."""
+    words = english_words()
+    pairs = np.random.default_rng(777).permutation(len(SYLLABLES) ** 2)[:len(words)]
+    return {w: (SYLLABLES[p // len(SYLLABLES)], SYLLABLES[p % len(SYLLABLES)]) for w, p in zip(words, pairs)}
+
+
+SUB = sub_lexicon()
+
+
+def render(template, lang, ent, rel, val=None):
+    """-> (tokens, src): the template in `lang`; src[j] = position in the ENGLISH rendering that
+    token j expresses (the alignment used for token-level routing agreement)."""
+    words = [{"E": ent, "R": rel, "V": val}.get(w, w) for w in template.split()]
+    words = [w for w in words if w is not None]
+    order = list(range(len(words)))
+    if lang == "ord":  # reverse each maximal run of non-punctuation words
+        out, run = [], []
+        for i in order + [None]:
+            if i is None or words[i] in PUNCT:
+                out += run[::-1] + ([i] if i is not None else [])
+                run = []
+            else:
+                run.append(i)
+        order = out
+    tokens, src = [], []
+    for i in order:
+        w = words[i]
+        if w == ent:
+            pieces = [w]  # a proper noun: the same token in every language
+        elif lang == "en":
+            pieces = [w]
+        elif lang == "sub":
+            pieces = [f"sub:{s}" for s in SUB[w]]
+        else:
+            pieces = [f"{lang}:{w}"]
+        tokens += pieces
+        src += [i] * len(pieces)
+    return tokens, src
+
+
+class Vocab:
+    def __init__(self, n_entities):
+        words = english_words()
+        toks = ["<pad>", "<bos>", "<eos>"] + entity_names(n_entities) + words
+        toks += [f"{l}:{w}" for l in ("ren", "ord") for w in words] + [f"sub:{s}" for s in SYLLABLES] + ["<tr>"]
+        self.itos, self.stoi = toks, {t: i for i, t in enumerate(toks)}
+        self.pad, self.bos, self.eos, self.tr = 0, 1, 2, self.stoi["<tr>"]
+
+    def encode(self, tokens):
+        return [self.stoi[t] for t in tokens]
+
+
+# -----------------------------------------------------------------------------
+# the world of one seed: facts, entity splits, datasets
+def build_world(settings, seed, vocab):
+    rng = np.random.default_rng(1000 + seed)
+    counts = settings["n_entities"]
+    names = list(rng.permutation(entity_names(sum(counts.values()))))
+    split, start = {}, 0
+    for name, n in counts.items():
+        split[name] = names[start:start + n]
+        start += n
+    facts = {(e, r): RELATIONS[r][rng.integers(8)] for e in names for r in RELATIONS}
+    return dict(split=split, facts=facts, seed=seed)
+
+
+def statement_rows(world, vocab, ents, lang):
+    rows = []
+    for e in ents:
+        for r in RELATIONS:
+            v = world["facts"][e, r]
+            for t in STATEMENTS:
+                rows.append(dict(ids=[vocab.bos] + vocab.encode(render(t, lang, e, r, v)[0]) + [vocab.eos], ent=e))
+            for qi in range(len(QUESTIONS)):
+                rows.append(qa_row(world, vocab, e, r, lang, qi, answer_only=False))
+    return rows
+
+
+def qa_row(world, vocab, ent, rel, lang, qi, answer_only=True):
+    """<bos> question answer-value <eos>; labels on the value and <eos> only (answer_only) or all."""
+    q = [vocab.bos] + vocab.encode(render(QUESTIONS[qi], lang, ent, rel)[0])
+    a = vocab.encode(render("V", lang, ent, rel, world["facts"][ent, rel])[0]) + [vocab.eos]
+    labels = ([-100] * len(q) if answer_only else q) + a
+    return dict(ids=q + a, labels=labels, ent=ent, rel=rel, lang=lang, qi=qi)
+
+
+def translation_rows(world, vocab, ents):
+    """<bos> English statement <tr> the same statement in a target language <eos>: parallel text."""
+    rows = []
+    for e in ents:
+        for r in RELATIONS:
+            v = world["facts"][e, r]
+            for t in STATEMENTS:
+                for lang in TARGETS:
+                    rows.append(dict(ids=[vocab.bos] + vocab.encode(render(t, "en", e, r, v)[0]) + [vocab.tr]
+                                     + vocab.encode(render(t, lang, e, r, v)[0]) + [vocab.eos], ent=e))
+    return rows
+
+
+def pretraining_data(world, vocab):
+    """-> English rows (shared, test, bridge entities), target-language rows and English-target
+    translation pairs (shared entities only)."""
+    s = world["split"]
+    en = statement_rows(world, vocab, s["shared"] + s["test"] + s["bridge"], "en")
+    tgt = [row for lang in TARGETS for row in statement_rows(world, vocab, s["shared"], lang)]
+    return en, tgt, translation_rows(world, vocab, s["shared"])
+
+
+def finetuning_data(world, vocab, ents):
+    """Target-language Q/A about `ents`, each with its English version (the anchor)."""
+    rows = []
+    for e in ents:
+        for r in RELATIONS:
+            for lang in TARGETS:
+                for qi in range(len(QUESTIONS)):
+                    row = qa_row(world, vocab, e, r, lang, qi)
+                    row["anchor_ids"] = qa_row(world, vocab, e, r, "en", qi)["ids"]
+                    rows.append(row)
+    return rows
+
+
+def assert_no_entity(rows, ents, vocab, what):
+    ids = set(vocab.encode(ents))
+    for row in rows:
+        bad = ids.intersection(row["ids"]) | ids.intersection(row.get("anchor_ids", []))
+        if bad:
+            raise AssertionError(f"{what} contains a row about entity ids {sorted(bad)}")
+
+
+# -----------------------------------------------------------------------------
+# batches, training
+def collate(rows, key="ids", labels_key=None, pad=0):
+    T = max(len(r[key]) for r in rows)
+    ids = torch.full((len(rows), T), pad, dtype=torch.long)
+    labels = torch.full((len(rows), T), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r[key])
+        ids[i, :n] = torch.tensor(r[key])
+        mask[i, :n] = 1
+        labels[i, :n] = torch.tensor(r.get(labels_key, r[key]) if labels_key else r[key])
+    return ids, mask, labels
+
+
+def digest(indices):
+    return hashlib.sha256(np.asarray(indices, dtype=np.int64).tobytes()).hexdigest()[:12]
+
+
+def make_optimizer(model, lr, weight_decay):
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([dict(params=decay, weight_decay=weight_decay), dict(params=rest, weight_decay=0.0)], lr=lr)
+
+
+def lr_at(step, total, peak, warmup_frac):
+    warmup = max(1, int(warmup_frac * total))
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def train(model, batches, settings, lr, js_weight=0.0, band=None):
+    """batches: list of (rows, anchor_dist (B, L, E) or None). CE (+ lambda_LB * LB) + lambda_JS *
+    L_JS over `band`. With js_weight = 0 the JS term is logged, not differentiated. -> log."""
+    model.train()
+    opt = make_optimizer(model, lr, settings["weight_decay"])
+    lb_weight = model.config.router_aux_loss_coef
+    log = []
+    for step, (rows, anchor_dist) in enumerate(batches):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, len(batches), lr, settings["warmup_frac"])
+        ids, mask, labels = collate(rows, labels_key="labels")
+        out = model(ids, attention_mask=mask, labels=labels)
+        loss = out.loss + lb_weight * out.aux_loss
+        js = None
+        if anchor_dist is not None:
+            target_dist = pool_routing(out.router_logits, mask, check=False)  # (B, L, E)
+            with torch.set_grad_enabled(js_weight > 0):
+                js = sara_loss(target_dist, anchor_dist, band, check=False)  # eq. 9
+            if js_weight > 0:
+                loss = loss + js_weight * js
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), settings["grad_clip"])
+        opt.step()
+        log.append(dict(step=step, ce=round(out.loss.item(), 4), js=None if js is None else round(js.item(), 5)))
+    model.eval()
+    return log
+
+
+def pretrain_batches(en, tgt, par, settings, seed):
+    """Each row is target-language with probability target_share (of those, a translation pair with
+    probability parallel_share), else English."""
+    rng = np.random.default_rng(2000 + seed)
+    B, out = settings["pretrain_batch"], []
+    for _ in range(settings["pretrain_steps"]):
+        n_t = rng.binomial(B, settings["target_share"])
+        n_p = rng.binomial(n_t, settings["parallel_share"])
+        rows = [en[i] for i in rng.integers(len(en), size=B - n_t)] + [tgt[i] for i in rng.integers(len(tgt), size=n_t - n_p)]
+        out.append((rows + [par[i] for i in rng.integers(len(par), size=n_p)], None))
+    return out
+
+
+def finetune_order(n_rows, settings, seed):
+    """Row indices of each fine-tuning step: the same for every condition of a seed."""
+    rng = np.random.default_rng(3000 + seed)
+    B, steps = settings["finetune_batch"], []
+    for _ in range(settings["finetune_epochs"]):
+        perm = rng.permutation(n_rows)
+        steps += [perm[i:i + B] for i in range(0, n_rows - B + 1, B)]
+    return steps
+
+
+# -----------------------------------------------------------------------------
+# measurement
+def pooled(model, seqs):
+    """Pooled dense routing (eq. 1-2, 6-7) of each token sequence: (N, L, E)."""
+    return forward_and_pool(model, seqs, pad_id=0, batch_size=256).routing
+
+
+def eval_items(world, vocab, ents, split):
+    items = []
+    for e in ents:
+        for r in RELATIONS:
+            for lang in LANGS:
+                for qi in range(len(QUESTIONS)):
+                    q_tok, q_src = render(QUESTIONS[qi], lang, e, r)
+                    cands = [vocab.encode(render("V", lang, e, r, v)[0]) for v in RELATIONS[r]]
+                    items.append(dict(split=split, ent=e, rel=r, lang=lang, qi=qi, prompt=[vocab.bos] + vocab.encode(q_tok),
+                                      src=[-1] + q_src, cands=cands, gold=RELATIONS[r].index(world["facts"][e, r])))
+    return items
+
+
+@torch.no_grad()
+def candidate_logliks(model, items, batch=1024):
+    """(items, 8) log p(candidate | question), summed over the candidate's tokens. Items whose
+    candidates are all one token need one forward of the question; others one per candidate."""
+    score = torch.zeros(len(items), 8, dtype=torch.float64)
+    single = [k for k, it in enumerate(items) if all(len(c) == 1 for c in it["cands"])]
+    for i in range(0, len(single), batch):
+        ks = single[i:i + batch]
+        ids, mask, _ = collate([dict(ids=items[k]["prompt"]) for k in ks])
+        last = mask.sum(1) - 1  # the question's last token predicts the answer's first
+        logp_BV = torch.log_softmax(model(ids, attention_mask=mask).logits[torch.arange(len(ks)), last].float(), -1)
+        cand_B8 = torch.tensor([[c[0] for c in items[k]["cands"]] for k in ks])
+        score[ks] = logp_BV.gather(1, cand_B8).double()
+    multi = [(k, c) for k, it in enumerate(items) if k not in set(single) for c in range(8)]
+    for i in range(0, len(multi), batch):
+        chunk = multi[i:i + batch]
+        rows = [dict(ids=items[k]["prompt"] + items[k]["cands"][c], labels=[-100] * len(items[k]["prompt"]) + items[k]["cands"][c])
+                for k, c in chunk]
+        ids, mask, labels = collate(rows, labels_key="labels")
+        logp_BTV = torch.log_softmax(model(ids, attention_mask=mask).logits.float(), -1)
+        target_BT = labels[:, 1:]  # position t predicts token t + 1
+        tok_BT = logp_BTV[:, :-1].gather(-1, target_BT.clamp(min=0)[..., None])[..., 0]
+        score[[k for k, _ in chunk], [c for _, c in chunk]] = torch.where(target_BT != -100, tok_BT, 0.0).double().sum(1)
+    return score.numpy()
+
+
+def accuracy_items(model, items):
+    """Per item: correct (the gold value has the highest log-likelihood among the relation's 8
+    candidates) and the margin log p(gold) - max log p(other)."""
+    score = candidate_logliks(model, items)
+    gold = np.array([it["gold"] for it in items])
+    other = score.copy()
+    other[np.arange(len(items)), gold] = -np.inf
+    margin = score[np.arange(len(items)), gold] - other.max(1)
+    return (margin > 0).astype(int), margin
+
+
+@torch.no_grad()
+def routing_agreement(model, items):
+    """Per target-language item and layer: token-level top-k overlap with its English version
+    over aligned token pairs, and pooled JS. -> dict lang -> (topk (L,), js (L,))."""
+    k = model.config.top_k
+    en = {(it["ent"], it["rel"], it["qi"]): it for it in items if it["lang"] == "en"}
+    res = {}
+    for lang in TARGETS:
+        tgt = [it for it in items if it["lang"] == lang]
+        pairs = [(it, en[it["ent"], it["rel"], it["qi"]]) for it in tgt]
+        overlap, js = [], []
+        for i in range(0, len(pairs), 256):
+            chunk = pairs[i:i + 256]
+            ids_t, mask_t, _ = collate([dict(ids=t["prompt"]) for t, _ in chunk])
+            ids_e, mask_e, _ = collate([dict(ids=e["prompt"]) for _, e in chunk])
+            rt, re_ = model(ids_t, attention_mask=mask_t).router_logits, model(ids_e, attention_mask=mask_e).router_logits
+            top_t = torch.stack([x.topk(k, -1).indices for x in rt], 1)  # (B, L, T, k)
+            top_e = torch.stack([x.topk(k, -1).indices for x in re_], 1)
+            for b, (t, e) in enumerate(chunk):
+                # aligned pairs: target token j <-> the English token at the same English position;
+                # <bos> (j = 0) is left out: the same token with no context routes identically
+                pos_e = {s: j for j, s in enumerate(e["src"])}
+                jt = torch.arange(1, len(t["src"]))
+                je = torch.tensor([pos_e[s] for s in t["src"][1:]])
+                a, bb = top_t[b][:, jt], top_e[b][:, je]  # (L, n, k)
+                inter = (a[..., :, None] == bb[..., None, :]).any(-1).sum(-1).float() / k  # (L, n)
+                overlap.append(inter.mean(1))
+            js.append(js_divergence(pool_routing(re_, mask_e), pool_routing(rt, mask_t)))  # (B, L)
+        res[lang] = (torch.stack(overlap).mean(0).numpy(), torch.cat(js).mean(0).numpy())
+    return res
+
+
+def other_band(band, width, n_layers, seed):
+    starts = [s for s in range(n_layers - width + 1) if s + width - 1 < band[0] or s > band[-1]]
+    if not starts:
+        raise SystemExit(f"no band of width {width} avoids {band} in {n_layers} layers")
+    s = starts[np.random.default_rng(4000 + seed).integers(len(starts))]
+    return list(layer_band(s, s + width - 1))
+
+
+# -----------------------------------------------------------------------------
+# one seed: the base model, the five fine-tunings, the measurements
+def run_seed(settings, seed, vocab, say=print):
+    t0 = time.time()
+    world = build_world(settings, seed, vocab)
+    s = world["split"]
+    en, tgt, par = pretraining_data(world, vocab)
+    ft = finetuning_data(world, vocab, s["bridge"])
+    pos = finetuning_data(world, vocab, s["test"])
+    assert_no_entity(ft, s["test"] + s["control"], vocab, "fine-tuning data of (a)-(d)")
+    assert_no_entity(en + tgt + par, s["control"], vocab, "pretraining data")
+    assert_no_entity(tgt + par, s["test"] + s["bridge"], vocab, "target-language pretraining data")
+    assert len(pos) == len(ft)  # (e) adds one test row per bridge row at each step
+
+    torch.manual_seed(seed)
+    cfg = MoEConfig(vocab_size=len(vocab.itos), **settings["model"])
+    model = MoETransformer(cfg)
+    pre_log = train(model, pretrain_batches(en, tgt, par, settings, seed), settings, settings["pretrain_lr"])
+    base_state = copy.deepcopy(model.state_dict())
+    base_digest = digest([int(v.double().sum().mul(1e6).round()) for v in base_state.values()])
+    say(f"seed {seed}: pretrained {settings['pretrain_steps']} steps, final CE {np.mean([r['ce'] for r in pre_log[-20:]]):.3f} "
+        f"({time.time() - t0:.0f}s)")
+
+    items = eval_items(world, vocab, s["test"], "test") + eval_items(world, vocab, s["control"], "control")
+    anchors = pooled(model, [r["anchor_ids"] for r in ft])  # (N, L, E), the ORIGINAL model, once
+    curve = js_divergence(anchors, pooled(model, [r["ids"] for r in ft])).mean(0).numpy()  # (L,), fine-tuning items only
+    band = list(layer_band(*choose_band(curve, settings["band_width"])))  # middle windows only
+    other = other_band(band, settings["band_width"], cfg.n_layers, seed)
+    bands = dict(plain=band, band=band, all=list(range(cfg.n_layers)), other=other, positive=band)
+    weights = dict(plain=0.0, band=settings["lambda_js"], all=settings["lambda_js"], other=settings["lambda_js"], positive=0.0)
+    order = finetune_order(len(ft), settings, seed)
+    pos_order = finetune_order(len(pos), settings, seed + 10_000)
+
+    records = {"base": measure(model, items)}
+    seen, logs = {}, {}
+    for cond in CONDITIONS:
+        model.load_state_dict(base_state)
+        assert digest([int(v.double().sum().mul(1e6).round()) for v in model.state_dict().values()]) == base_digest
+        batches = []
+        for i, idx in enumerate(order):
+            rows, a = [ft[j] for j in idx], anchors[torch.as_tensor(idx)]
+            if cond == "positive":
+                rows = rows + [pos[j] for j in pos_order[i]]
+                a = None  # lambda_JS = 0: (a) plus data
+            batches.append((rows, a))
+        seen[cond] = [digest([t for r in rows[:len(idx)] for t in r["ids"]]) for (rows, _), idx in zip(batches, order)]
+        logs[cond] = train(model, batches, settings, settings["finetune_lr"], weights[cond], bands[cond])
+        records[cond] = measure(model, items)
+        say(f"seed {seed}: {cond:<8} target acc {records[cond]['acc']['target']:.3f}  en {records[cond]['acc']['en']:.3f}  "
+            f"control {records[cond]['acc']['control']:.3f}  ({time.time() - t0:.0f}s)")
+    # identical batches for (a)-(d); (e)'s batches start with (a)'s rows
+    assert all(seen[c] == seen["plain"] for c in CONDITIONS), "fine-tuning batches differ between conditions"
+    keys = [(it["split"], it["ent"], it["rel"], it["lang"], it["qi"]) for it in items]
+    return dict(seed=seed, band=band, other=other, keys=keys, seen=seen, curve=curve.tolist(), base_digest=base_digest,
+                records=records, pretrain_ce=pre_log[-1]["ce"], finetune_ce={c: logs[c][-1]["ce"] for c in CONDITIONS},
+                finetune_js={c: logs[c][-1]["js"] for c in CONDITIONS}, split=s, n_ft=len(ft), wall_s=time.time() - t0)
+
+
+def measure(model, items):
+    correct, margin = accuracy_items(model, items)
+    for it, c, m in zip(items, correct, margin):
+        it["_c"], it["_m"] = int(c), float(m)
+    sel = lambda f: [it["_c"] for it in items if f(it)]
+    acc = dict(target=float(np.mean(sel(lambda it: it["split"] == "test" and it["lang"] != "en"))),
+               en=float(np.mean(sel(lambda it: it["split"] == "test" and it["lang"] == "en"))),
+               control=float(np.mean(sel(lambda it: it["split"] == "control"))))
+    for lang in TARGETS:
+        acc[lang] = float(np.mean(sel(lambda it: it["split"] == "test" and it["lang"] == lang)))
+    routing = routing_agreement(model, [it for it in items if it["split"] == "test"])
+    return dict(acc=acc, correct=correct.tolist(), margin=np.round(margin, 3).tolist(),
+                topk={l: v[0].tolist() for l, v in routing.items()}, js={l: v[1].tolist() for l, v in routing.items()})
+
+
+# -----------------------------------------------------------------------------
+# the study: seeds, statistics, outputs
+def seed_worker(job):
+    settings, seed = job
+    torch.set_num_threads(1)  # one core per seed: tiny ops, a second thread only adds synchronisation
+    return run_seed(settings, seed, Vocab(sum(settings["n_entities"].values())))
+
+
+def analyse(runs, settings):
+    seeds = [r["seed"] for r in runs]
+    chance = 1 / 8
+    acc = {c: {m: [r["records"][c]["acc"][m] for r in runs] for m in runs[0]["records"][c]["acc"]} for c in ["base"] + CONDITIONS}
+    ratio = {c: [(t - chance) / (e - chance) if e - chance > 0.05 else None for t, e in zip(acc[c]["target"], acc[c]["en"])]
+             for c in acc}
+
+    def contrast(x, y, metric="target"):
+        d = np.array(acc[x][metric]) - np.array(acc[y][metric])
+        return dict(per_seed=d.tolist(), **stats.t_interval(d))
+
+    primary = contrast(*PRIMARY)
+    secondary = {f"{x}-{y}": contrast(x, y) for x, y in SECONDARY}
+    for key, p_holm in zip(secondary, stats.holm([v["p"] for v in secondary.values()])):
+        secondary[key]["p_holm"] = p_holm
+    forgetting = {f"{c}-plain": contrast(c, "plain", "en") for c in CONDITIONS[1:]}
+    # routing: per condition, per layer, mean over target languages, per seed
+    L = settings["model"]["n_layers"]
+    topk = {c: np.array([[r["records"][c]["topk"][l] for l in TARGETS] for r in runs]).mean(1) for c in acc}  # (S, L)
+    js = {c: np.array([[r["records"][c]["js"][l] for l in TARGETS] for r in runs]).mean(1) for c in acc}
+    in_band = lambda m: [float(m[i][runs[i]["band"]].mean()) for i in range(len(runs))]
+    mech = {c: dict(topk_band=in_band(topk[c]), topk_all=topk[c].mean(1).tolist(), js_band=in_band(js[c]), js_all=js[c].mean(1).tolist())
+            for c in acc}
+    d_topk = np.array(mech["band"]["topk_band"]) - np.array(mech["plain"]["topk_band"])
+    control = np.array([acc[c]["control"] for c in acc]).mean()
+    n_control = settings["n_entities"]["control"] * len(RELATIONS) * len(seeds)  # distinct facts: the unit of independence
+    return dict(seeds=seeds, chance=chance, acc=acc, ratio=ratio, primary=primary, secondary=secondary, forgetting=forgetting,
+                mde=stats.min_detectable_effect(float(np.std(primary["per_seed"], ddof=1)), len(seeds)),
+                topk_layers={c: topk[c].mean(0).tolist() for c in acc}, js_layers={c: js[c].mean(0).tolist() for c in acc},
+                mechanism=mech, mechanism_topk_band_delta=dict(per_seed=d_topk.tolist(), **stats.t_interval(d_topk)),
+                control=dict(mean=float(control), tolerance=float(4 * math.sqrt(chance * (1 - chance) / n_control)), n_facts=n_control))
+
+
+def fmt_ms(values, nd=3):
+    m, s = stats.mean_std([v for v in values if v is not None])
+    return f"{m:.{nd}f}" + (f" ± {s:.{nd}f}" if s is not None else "")
+
+
+def fmt_ci(c, nd=3):
+    return f"{c['mean']:+.{nd}f} [{c['lo']:+.{nd}f}, {c['hi']:+.{nd}f}]"
+
+
+def report(S):
+    conds = ["base"] + CONDITIONS
+    lines = [f"Seeds {S['seeds']}; chance = {S['chance']:.3f}; bands per seed (b): {S['bands']}, (d): {S['other_bands']}. "
+             "Accuracy on test entities (facts seen only in English in pretraining), mean ± std over seeds.", "",
+             "| condition | target (ren+ord+sub) | ren | ord | sub | English | transfer ratio | control | token top-k agreement, band | pooled JS, band |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for c in conds:
+        a, m = S["acc"][c], S["mechanism"][c]
+        lines.append(f"| {LABELS[c]} | {fmt_ms(a['target'])} | {fmt_ms(a['ren'])} | {fmt_ms(a['ord'])} | {fmt_ms(a['sub'])} | "
+                     f"{fmt_ms(a['en'])} | {fmt_ms(S['ratio'][c], 2)} | {fmt_ms(a['control'])} | {fmt_ms(m['topk_band'])} | {fmt_ms(m['js_band'], 4)} |")
+    p = S["primary"]
+    lines += ["", "Paired differences of target accuracy over seeds (t-interval, 95%):", "",
+              "| contrast | mean [95% CI] | p | p (Holm) |", "|---|---|---|---|",
+              f"| **primary: (b) band − (a) plain** | {fmt_ci(p)} | {p['p']:.3f} | — |"]
+    for k, v in S["secondary"].items():
+        x, y = k.split("-")
+        lines.append(f"| {LABELS[x]} − {LABELS[y]} | {fmt_ci(v)} | {v['p']:.3f} | {v['p_holm']:.3f} |")
+    for k, v in S["forgetting"].items():
+        lines.append(f"| English accuracy: {LABELS[k.split('-')[0]]} − (a) | {fmt_ci(v)} | {v['p']:.3f} | (not in the family) |")
+    d = S["mechanism_topk_band_delta"]
+    lines.append(f"| token top-k agreement in the band: (b) − (a) | {fmt_ci(d)} | {d['p']:.3f} | (mechanism, not in the family) |")
+    lines += ["", f"Minimum detectable effect of the primary endpoint (two-sided 5%, power 80%, {len(S['seeds'])} seeds, "
+              f"observed std of the per-seed differences): {S['mde']:.3f} accuracy.",
+              f"Control entities (never shown): accuracy {S['control']['mean']:.3f} (chance {S['chance']:.3f}, "
+              f"tolerance ± {S['control']['tolerance']:.3f} = 4 binomial SE over {S['control']['n_facts']} facts × seeds).",
+              "", "Per layer (mean over seeds and target languages): token-level top-k agreement with the English question "
+              f"(chance {S['settings']['model']['top_k'] / S['settings']['model']['n_experts']:.2f})", "",
+              "| layer | " + " | ".join(LABELS[c] for c in conds) + " |", "|---" * (len(conds) + 1) + "|"]
+    for l in range(S["settings"]["model"]["n_layers"]):
+        lines.append(f"| {l} | " + " | ".join(f"{S['topk_layers'][c][l]:.3f}" for c in conds) + " |")
+    lines += ["", f"Command: `{S['command']}`; wall time {S['wall_s'] / 60:.1f} min on {S['cpu_count']} cores "
+              f"({S['jobs']} seed processes at a time, 1 thread each), load average {S['loadavg_start'][0]:.1f} at start, "
+              f"{S['loadavg_end'][0]:.1f} at end."]
+    return "\n".join(lines) + "\n"
+
+
+def figure(S, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no figure")
+        return
+    conds = ["base"] + CONDITIONS
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    x = np.arange(len(conds))
+    for j, (m, color) in enumerate([("target", "tab:green"), ("en", "tab:blue"), ("control", "gray")]):
+        vals = np.array([S["acc"][c][m] for c in conds])  # (C, S)
+        ax1.bar(x + (j - 1) * 0.27, vals.mean(1), 0.27, yerr=vals.std(1, ddof=1) if vals.shape[1] > 1 else None,
+                color=color, label={"target": "target languages", "en": "English", "control": "control entities"}[m], capsize=2)
+        for i in range(len(conds)):
+            ax1.plot(np.full(vals.shape[1], x[i] + (j - 1) * 0.27), vals[i], "k.", ms=3)
+    ax1.axhline(S["chance"], color="k", ls=":", lw=1, label="chance")
+    ax1.set_xticks(x, [LABELS[c].replace(" ", "\n", 1) for c in conds], fontsize=7)
+    ax1.set_ylabel("accuracy on test-entity facts")
+    ax1.legend(fontsize=7)
+    ax1.set_title("facts learned in English, asked in other languages (dots: seeds)", fontsize=9)
+    for c in conds:
+        ax2.plot(S["topk_layers"][c], "o-", ms=3, label=LABELS[c], ls="--" if c == "base" else "-")
+    ax2.axhline(S["settings"]["model"]["top_k"] / S["settings"]["model"]["n_experts"], color="k", ls=":", lw=1)
+    ax2.set_xlabel("MoE layer")
+    ax2.set_ylabel("token-level top-k agreement with English")
+    ax2.legend(fontsize=7)
+    ax2.set_title("routing of a target question vs its English version", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def write_items(runs, path):
+    with gzip.open(path, "wt", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["seed", "condition", "split", "entity", "relation", "lang", "template", "correct", "margin"])
+        for r in runs:
+            for c in ["base"] + CONDITIONS:
+                rec = r["records"][c]
+                for key, ok, m in zip(r["keys"], rec["correct"], rec["margin"]):
+                    w.writerow([r["seed"], c, *key, ok, m])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="2 seeds, short training: the pipeline and its invariants (CI)")
+    p.add_argument("--results", default=None, help="default experiments/results/transfer (quick: out/transfer_quick)")
+    p.add_argument("--jobs", type=int, default=2, help="seeds trained at once, one process and one thread each")
+    p.add_argument("--seeds", type=int, nargs="*", default=None, help="override the seeds")
+    args = p.parse_args()
+    settings = dict(QUICK if args.quick else FULL)
+    if args.seeds:
+        settings["seeds"] = args.seeds
+    results = os.path.abspath(args.results or os.path.join(ROOT, "out", "transfer_quick") if args.quick
+                              else args.results or os.path.join(ROOT, "experiments", "results", "transfer"))
+    os.makedirs(results, exist_ok=True)
+    t0, load0 = time.time(), os.getloadavg()
+    print(f"primary endpoint: target accuracy {LABELS[PRIMARY[0]]} − {LABELS[PRIMARY[1]]}; seeds {settings['seeds']}")
+    jobs = [(settings, s) for s in settings["seeds"]]
+    if args.jobs > 1 and len(jobs) > 1:
+        import multiprocessing as mp
+        with mp.get_context("spawn").Pool(min(args.jobs, len(jobs))) as pool:
+            runs = pool.map(seed_worker, jobs)
+    else:
+        runs = [seed_worker(j) for j in jobs]
+    S = analyse(runs, settings)
+    S.update(settings=settings, primary_endpoint=list(PRIMARY), secondary_contrasts=[list(x) for x in SECONDARY],
+             bands={r["seed"]: r["band"] for r in runs}, other_bands={r["seed"]: r["other"] for r in runs},
+             base_curves={r["seed"]: r["curve"] for r in runs}, batch_digests={r["seed"]: r["seen"] for r in runs},
+             pretrain_ce={r["seed"]: r["pretrain_ce"] for r in runs}, finetune_ce={r["seed"]: r["finetune_ce"] for r in runs},
+             seed_wall_s={r["seed"]: round(r["wall_s"]) for r in runs}, splits={r["seed"]: r["split"] for r in runs},
+             command="python experiments/transfer.py" + (" --quick" if args.quick else ""), jobs=args.jobs,
+             cpu_count=os.cpu_count(), loadavg_start=load0, loadavg_end=os.getloadavg(), wall_s=time.time() - t0)
+    json.dump(S, open(os.path.join(results, "summary.json"), "w"), indent=1)
+    write_items(runs, os.path.join(results, "per_item.csv.gz"))
+    md = report(S)
+    open(os.path.join(results, "results.md"), "w").write(md)
+    figure(S, os.path.join(results, "transfer.png"))
+    print(md)
+    if abs(S["control"]["mean"] - S["chance"]) > S["control"]["tolerance"]:
+        print(f"WARNING: control accuracy {S['control']['mean']:.3f} is not at chance: something leaks")
+
+
+if __name__ == "__main__":
+    main()
+
