@@ -334,7 +334,7 @@ def record(shape, depth, rt, mode, hf_cfg, ta, tb, pa, pb, flops, peak, ceiling)
     hf_part = (f"| {hf_cfg:<28} {r['hf_ms']:8.1f} ms MFU {r['hf_mfu']:.3f} | ours/hf x{r['ratio']:.3f} "
                f"[{r['ratio_lo']:.3f}-{r['ratio_hi']:.3f}]") if tb else ""
     print(f"  {mode:<9} ours {r['ours_ms']:8.1f} ms MFU {r['ours_mfu']:.3f} {hf_part}  "
-          f"peak GiB {pa:.1f}/{pb:.1f}", flush=True)
+          f"step GiB {pa:.1f}/{pb:.1f}", flush=True)
     return r
 
 
@@ -386,7 +386,7 @@ def bench_case(name, depth, peak, ceiling):
                     theirs_c.set(compiled)
                 ta, tb, pa, pb = interleaved(run_ours, run_hf if hf else (lambda: None))
                 tb = tb if hf else []
-                r = record(name, cfg.n_layers, rt, mode, f"grouped_mm{'+compile' if compiled else ''}",
+                r = record(name, cfg.n_layers, rt, mode, f"grouped_mm{'+compile' if compiled else ''}" if hf else "-",
                            ta, tb, pa, pb, flops, peak, ceiling)
                 best[mode] = r["ours_ms"]
             except Exception as e:
@@ -500,14 +500,17 @@ def report(peak, peak_label):
     basis = "MFU (spec)" if peak else "MFU (of matmul rate)"
     print(f"\n{basis}: {peak_label}; measured matmul rate {results['ceiling_tflops']:.3g} TFLOP/s")
     print(f"\n| shape | layers | routing | ours | transformers | ours ms | theirs ms | ours/theirs tok/s "
-          f"[min-max] | ours {basis} | theirs {basis} |\n|---|---|---|---|---|---|---|---|---|---|")
+          f"[min-max] | ours {basis} | theirs {basis} | step GiB ours/theirs |\n" + "|---" * 11 + "|")
     for r in results["rows"]:
-        if r["hf_ms"] is None:
-            continue
         ours_mode = r["mode"].replace("vs ", "")
+        if r["hf_ms"] is None:  # transformers not importable
+            print(f"| {r['shape']} | {r['layers']} | {r['routing']} | {ours_mode} | - | {r['ours_ms']:.1f} | - | - | "
+                  f"{r['ours_mfu']:.3f} | - | - |")
+            continue
         print(f"| {r['shape']} | {r['layers']} | {r['routing']} | {ours_mode} | {r['hf']} | {r['ours_ms']:.1f} | "
               f"{r['hf_ms']:.1f} | {r['ratio']:.2f}x [{r['ratio_lo']:.2f}-{r['ratio_hi']:.2f}] | "
-              f"{r['ours_mfu']:.3f} | {r['hf_mfu']:.3f} |")
+              f"{r['ours_mfu']:.3f} | {r['hf_mfu']:.3f} | "
+              + ("-" if r["ours_gib"] != r["ours_gib"] else f"{r['ours_gib']:.1f}/{r['hf_gib']:.1f}") + " |")
     # per layer from two depths; same shape, routing, ours mode and transformers option
     print(f"\nper layer = (t(2L) - t(L), F(2L) - F(L)); TFLOP/s and {basis}\n"
           f"| shape | routing | ours | transformers | ours ms/layer | TFLOP/s | {basis} | theirs ms/layer | "
@@ -516,13 +519,16 @@ def report(peak, peak_label):
     for r2 in results["rows"]:
         r1 = [r for r in results["rows"] if r["layers"] < r2["layers"] and
               all(r[k] == r2[k] for k in ("shape", "routing", "mode", "hf"))]
-        if not r1 or r2["hf_ms"] is None:
+        if not r1:
             continue
         r1 = r1[0]
         n = r2["layers"] - r1["layers"]
         df = (r2["flops"] - r1["flops"]) / n
         cells = []
         for side in ("ours", "hf"):
+            if r2[f"{side}_ms"] is None:
+                cells += ["-"] * 3
+                continue
             dt = (r2[f"{side}_ms"] - r1[f"{side}_ms"]) / n / 1e3
             cells += [f"{dt * 1e3:.2f}", f"{df / dt / 1e12:.3g}" if dt > 0 else "n/a",
                       f"{df / dt / basis_flops:.3f}" if dt > 0 else "n/a"]
