@@ -88,6 +88,7 @@ def hf_step(model, ids, aux=True):
     load-balancing loss and adds router_aux_loss_coef times it to the loss, as ours always does."""
     model.zero_grad(set_to_none=True)
     model(input_ids=ids, labels=ids, output_router_logits=aux).loss.backward()
+    model.zero_grad(set_to_none=True)  # the other side's step never holds these gradients
 
 
 def unavailable(impl, on_gpu):
