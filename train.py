@@ -41,7 +41,7 @@ from data.parallel import collate, load_parallel_jsonl, split_train_val, step_ba
 from model import MoEConfig, MoETransformer
 from optim import lr_at, make_optimizer
 from sara_loss import layer_band, layer_divergence, moe_positions, pool_routing, sara_loss
-from tokenizer import load_tokenizer
+from tokenizer import load_tokenizer, save_hf_tokenizer
 
 # -----------------------------------------------------------------------------
 # settings: the toy experiment (configs/toy.py restates the ones that matter)
@@ -71,7 +71,7 @@ anchor_mode = "offline"  # "offline" (frozen original model, cached) or "online"
 min_anchor_fraction = 0.25  # SARA needs anchors: fewer training samples with one is an error
 router_clean_logits = False  # sparsemixer with input jitter (Phi-3.5): pool softmax(h W_g) of the un-jittered input
 # optimisation
-epochs = 8
+epochs = 8  # 0: stop after stage 0 (toy) and stage 2
 global_batch = 16  # sequences per optimizer step, over all ranks and micro-steps
 micro_batch = 16  # sequences per forward on one rank
 lr = 1e-3
@@ -118,7 +118,7 @@ validate(settings, sources, dict(
     sara_layer_list=lambda v: None if all(type(x) is int and x >= 0 for x in v) and len(set(v)) == len(v)
     else "must be distinct layer indices >= 0",
     anchor_mode=one_of("offline", "online"), min_anchor_fraction=in_range(0, 1),
-    epochs=at_least(1), global_batch=at_least(1), micro_batch=at_least(1), lr=_positive,
+    epochs=at_least(0), global_batch=at_least(1), micro_batch=at_least(1), lr=_positive,
     warmup_frac=in_range(0, 1), min_lr_frac=in_range(0, 1), weight_decay=at_least(0),
     beta1=in_range(0, 1, hi_open=True), beta2=in_range(0, 1, hi_open=True), grad_clip=_positive,
     optimizer_states=one_of("fp32", "bf16_sr"), device=one_of("auto", "cpu", "cuda"),
@@ -475,11 +475,11 @@ if export_hf:
     full = full_state_dict(model)  # a collective under FSDP
     if master:
         hf_dir = os.path.join(out_dir, "hf")
-        try:  # the tokenizer travels with the weights: sample.py / eval.py need only the directory
-            save_hf_state(full, raw_model.config, hf_dir, copy_from=None if init_from == "scratch" else init_from,
-                          extra_files=[tokenizer_path] if tokenizer_path else [])
+        try:  # the tokenizer travels with the weights: sample.py, eval.py, transformers need only the directory
+            save_hf_state(full, raw_model.config, hf_dir, copy_from=None if init_from == "scratch" else init_from)
+            save_hf_tokenizer(tok, hf_dir, model_max_length=raw_model.config.max_position_embeddings)
             log(f"exported the fine-tuned model to {hf_dir} (Hugging Face layout)")
         except (ImportError, ValueError) as err:
-            log(f"HF export skipped: {err}")
+            log(f"HF export incomplete: {err}")
 if ddp:
     dist.destroy_process_group()
