@@ -192,10 +192,10 @@ except (OSError, ValueError) as err:
     raise SystemExit(f"data_path: {err}") from None
 present = sorted({s["lang"] for s in samples})
 absent = [l for l in train_langs if l not in present]
-if absent:  # (codes are matched exactly: "SW" is not "sw")
-    _case = [p for p in present if p.lower() in {a.lower() for a in absent}]
-    raise ConfigError(f"train_langs ({sources['train_langs']}): {absent} not in {data_path}; its languages are "
-                      f"{present}" + (f" (codes are case-sensitive: the data spells {_case})" if _case else ""))
+_case = [p for p in present if p not in train_langs and p.lower() in {l.lower() for l in train_langs}]
+if absent or _case:  # codes are matched exactly: "SW" is not "sw", and rows spelled so are never dropped silently
+    raise ConfigError(f"train_langs ({sources['train_langs']}): " + (f"{absent} not in {data_path}; " if absent else "")
+                      + f"its languages are {present}" + (f" (codes are case-sensitive: the data spells {_case})" if _case else ""))
 if any(s["anchor_lang"] != anchor_lang for s in samples):  # e.g. the paper's zh-anchor track
     samples = with_anchor_lang(samples, anchor_lang)  # items with no row in that language: no anchor
 train_samples, val_samples = split_train_val(samples, val_fraction, seed=0)
@@ -319,8 +319,9 @@ def train_phase(phase, net, examples, total_steps, peak_lr, js_weight, anchor_ta
         if master and os.path.exists(metrics_path):  # steps after the checkpoint are redone: log them once
             rows = [json.loads(l) for l in open(metrics_path)]
             keep = [r for r in rows if r.get("phase") != phase or r["step"] < start]
-            with open(metrics_path, "w") as f:
+            with open(metrics_path + ".tmp", "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in keep)
+            os.replace(metrics_path + ".tmp", metrics_path)
     lb_weight = lambda_lb if lambda_lb >= 0 else core.config.router_aux_loss_coef
     z_weight = core.config.router_z_loss_coef
     if start == 0 and anchor_table is not None and val_set:  # the "before" point of the JS curves

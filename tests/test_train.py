@@ -265,6 +265,7 @@ def run_in_process(monkeypatch, args):
     (dict(sara_layers=[1, 2]), r"'sara_layers' was renamed: use sara_band"),
     (dict(train_langs=["sw", "xx"]), r"train_langs \(command line\): \['xx'\] not in .*parallel.jsonl"),
     (dict(train_langs=["SW"]), r"\['SW'\] not in .* case-sensitive: the data spells \['sw'\]"),
+    (dict(train_langs=["sw", "SW"]), r"\['SW'\] not in"),
     (dict(anchor_lang="xx"), r"SARA needs anchors: 0 of \d+ training samples have an anchor in anchor_lang='xx'"),
     (dict(init_from="/nonexistent"), r"init_from \(command line\): .*config.json"),
 ])
@@ -272,6 +273,15 @@ def test_bad_settings_fail_first_naming_the_key(monkeypatch, tmp_path, kw, patte
     msg = run_in_process(monkeypatch, tiny_args(tmp_path / "o", **kw))
     assert re.search(pattern, msg), msg
     assert not (tmp_path / "o" / "base.pt").exists()  # nothing was trained
+
+
+def test_language_spelled_in_another_case_is_an_error(monkeypatch, tmp_path):
+    rows = [json.loads(l) for l in open(os.path.join(ROOT, "data/udhr/parallel.jsonl"))]
+    rows += [dict(r, id=r["id"][:-3] + "-SW", lang="SW") for r in rows if r["lang"] == "sw"][:1]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    msg = run_in_process(monkeypatch, tiny_args(tmp_path / "o", data_path=str(data)))
+    assert "case-sensitive: the data spells ['SW']" in msg, msg
 
 
 def test_config_file_errors_name_file_and_line(monkeypatch, tmp_path):
