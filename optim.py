@@ -89,13 +89,13 @@ class AdamWBF16(torch.optim.Optimizer):
                 local = p.to_local() if hasattr(p, "to_local") else p  # FSDP2 DTensor shard
                 grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
                 if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["step"] = 0  # a Python int: no tensor, no host sync
                     state["m"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
                     state["v"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
                 m = state["m"].to_local() if hasattr(state["m"], "to_local") else state["m"]
                 v = state["v"].to_local() if hasattr(state["v"], "to_local") else state["v"]
                 state["step"] += 1
-                t = float(state["step"])
+                t = int(state["step"])  # (int(): a checkpoint may hold it as a 0-dim tensor)
                 g = grad.float()
                 m.lerp_(g, 1 - b1)
                 v.mul_(b2).addcmul_(g, g, value=1 - b2)

@@ -41,7 +41,7 @@ from data.parallel import collate, load_parallel_jsonl, split_train_val, step_ba
 from model import MoEConfig, MoETransformer
 from optim import lr_at, make_optimizer
 from sara_loss import layer_band, layer_divergence, moe_positions, pool_routing, sara_loss
-from tokenizer import load_tokenizer
+from tokenizer import load_tokenizer, save_hf_tokenizer
 
 # -----------------------------------------------------------------------------
 # settings: the toy experiment (configs/toy.py restates the ones that matter)
@@ -71,7 +71,7 @@ anchor_mode = "offline"  # "offline" (frozen original model, cached) or "online"
 min_anchor_fraction = 0.25  # SARA needs anchors: fewer training samples with one is an error
 router_clean_logits = False  # sparsemixer with input jitter (Phi-3.5): pool softmax(h W_g) of the un-jittered input
 # optimisation
-epochs = 8
+epochs = 8  # 0: stop after stage 0 (toy) and stage 2
 global_batch = 16  # sequences per optimizer step, over all ranks and micro-steps
 micro_batch = 16  # sequences per forward on one rank
 lr = 1e-3
@@ -118,7 +118,7 @@ validate(settings, sources, dict(
     sara_layer_list=lambda v: None if all(type(x) is int and x >= 0 for x in v) and len(set(v)) == len(v)
     else "must be distinct layer indices >= 0",
     anchor_mode=one_of("offline", "online"), min_anchor_fraction=in_range(0, 1),
-    epochs=at_least(1), global_batch=at_least(1), micro_batch=at_least(1), lr=_positive,
+    epochs=at_least(0), global_batch=at_least(1), micro_batch=at_least(1), lr=_positive,
     warmup_frac=in_range(0, 1), min_lr_frac=in_range(0, 1), weight_decay=at_least(0),
     beta1=in_range(0, 1, hi_open=True), beta2=in_range(0, 1, hi_open=True), grad_clip=_positive,
     optimizer_states=one_of("fp32", "bf16_sr"), device=one_of("auto", "cpu", "cuda"),
@@ -192,10 +192,10 @@ except (OSError, ValueError) as err:
     raise SystemExit(f"data_path: {err}") from None
 present = sorted({s["lang"] for s in samples})
 absent = [l for l in train_langs if l not in present]
-if absent:  # (codes are matched exactly: "SW" is not "sw")
-    _case = [p for p in present if p.lower() in {a.lower() for a in absent}]
-    raise ConfigError(f"train_langs ({sources['train_langs']}): {absent} not in {data_path}; its languages are "
-                      f"{present}" + (f" (codes are case-sensitive: the data spells {_case})" if _case else ""))
+_case = [p for p in present if p not in train_langs and p.lower() in {l.lower() for l in train_langs}]
+if absent or _case:  # codes are matched exactly: "SW" is not "sw", and rows spelled so are never dropped silently
+    raise ConfigError(f"train_langs ({sources['train_langs']}): " + (f"{absent} not in {data_path}; " if absent else "")
+                      + f"its languages are {present}" + (f" (codes are case-sensitive: the data spells {_case})" if _case else ""))
 if any(s["anchor_lang"] != anchor_lang for s in samples):  # e.g. the paper's zh-anchor track
     samples = with_anchor_lang(samples, anchor_lang)  # items with no row in that language: no anchor
 train_samples, val_samples = split_train_val(samples, val_fraction, seed=0)
@@ -319,8 +319,9 @@ def train_phase(phase, net, examples, total_steps, peak_lr, js_weight, anchor_ta
         if master and os.path.exists(metrics_path):  # steps after the checkpoint are redone: log them once
             rows = [json.loads(l) for l in open(metrics_path)]
             keep = [r for r in rows if r.get("phase") != phase or r["step"] < start]
-            with open(metrics_path, "w") as f:
+            with open(metrics_path + ".tmp", "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in keep)
+            os.replace(metrics_path + ".tmp", metrics_path)
     lb_weight = lambda_lb if lambda_lb >= 0 else core.config.router_aux_loss_coef
     z_weight = core.config.router_z_loss_coef
     if start == 0 and anchor_table is not None and val_set:  # the "before" point of the JS curves
@@ -475,11 +476,11 @@ if export_hf:
     full = full_state_dict(model)  # a collective under FSDP
     if master:
         hf_dir = os.path.join(out_dir, "hf")
-        try:  # the tokenizer travels with the weights: sample.py / eval.py need only the directory
-            save_hf_state(full, raw_model.config, hf_dir, copy_from=None if init_from == "scratch" else init_from,
-                          extra_files=[tokenizer_path] if tokenizer_path else [])
+        try:  # the tokenizer travels with the weights: sample.py, eval.py, transformers need only the directory
+            save_hf_state(full, raw_model.config, hf_dir, copy_from=None if init_from == "scratch" else init_from)
+            save_hf_tokenizer(tok, hf_dir, model_max_length=raw_model.config.max_position_embeddings)
             log(f"exported the fine-tuned model to {hf_dir} (Hugging Face layout)")
         except (ImportError, ValueError) as err:
-            log(f"HF export skipped: {err}")
+            log(f"HF export incomplete: {err}")
 if ddp:
     dist.destroy_process_group()

@@ -218,6 +218,16 @@ def test_from_checkpoint_single_vs_fsdp_and_export(tiny_hf_checkpoint, tmp_path)
     state = torch.load(tmp_path / "one" / "ckpt" / "state.pt", weights_only=True)["model"]
     for name, p in exported.state_dict().items():
         assert torch.equal(p, state[name]), name
+    # a usable Hugging Face directory: transformers' AutoTokenizer gives our ids, its model our logits
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from tokenizer import load_tokenizer
+    ours = load_tokenizer(os.path.join(ROOT, "data/udhr/bpe.tiktoken"))
+    text = "Kila mtu ana haki ya kuishi, uhuru na usalama."
+    assert AutoTokenizer.from_pretrained(tmp_path / "one" / "hf")(text, add_special_tokens=False)["input_ids"] == ours.encode(text)
+    hf_model = AutoModelForCausalLM.from_pretrained(tmp_path / "one" / "hf", dtype=torch.float32).eval()
+    ids = torch.tensor([ours.encode(text)])
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(ids).logits, exported(ids).logits, rtol=1e-4, atol=1e-4)
 
 
 # -----------------------------------------------------------------------------
@@ -240,7 +250,7 @@ def run_in_process(monkeypatch, args):
     (dict(parallel="fsdp2"), r"parallel='fsdp2'"),
     (dict(anchor_mode="offlne"), r"anchor_mode='offlne'"),
     (dict(device="gpu"), r"device='gpu'"),
-    (dict(epochs=-24), r"epochs=-24 \(command line\): must be >= 1"),
+    (dict(epochs=-24), r"epochs=-24 \(command line\): must be >= 0"),
     (dict(global_batch=0), r"global_batch=0 \(command line\): must be >= 1"),
     (dict(micro_batch=0), r"micro_batch=0 \(command line\): must be >= 1"),
     (dict(global_batch=6, micro_batch=4), r"global_batch=6 \(command line\) must be a multiple of micro_batch"),
@@ -255,6 +265,7 @@ def run_in_process(monkeypatch, args):
     (dict(sara_layers=[1, 2]), r"'sara_layers' was renamed: use sara_band"),
     (dict(train_langs=["sw", "xx"]), r"train_langs \(command line\): \['xx'\] not in .*parallel.jsonl"),
     (dict(train_langs=["SW"]), r"\['SW'\] not in .* case-sensitive: the data spells \['sw'\]"),
+    (dict(train_langs=["sw", "SW"]), r"\['SW'\] not in"),
     (dict(anchor_lang="xx"), r"SARA needs anchors: 0 of \d+ training samples have an anchor in anchor_lang='xx'"),
     (dict(init_from="/nonexistent"), r"init_from \(command line\): .*config.json"),
 ])
@@ -262,6 +273,15 @@ def test_bad_settings_fail_first_naming_the_key(monkeypatch, tmp_path, kw, patte
     msg = run_in_process(monkeypatch, tiny_args(tmp_path / "o", **kw))
     assert re.search(pattern, msg), msg
     assert not (tmp_path / "o" / "base.pt").exists()  # nothing was trained
+
+
+def test_language_spelled_in_another_case_is_an_error(monkeypatch, tmp_path):
+    rows = [json.loads(l) for l in open(os.path.join(ROOT, "data/udhr/parallel.jsonl"))]
+    rows += [dict(r, id=r["id"][:-3] + "-SW", lang="SW") for r in rows if r["lang"] == "sw"][:1]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    msg = run_in_process(monkeypatch, tiny_args(tmp_path / "o", data_path=str(data)))
+    assert "case-sensitive: the data spells ['SW']" in msg, msg
 
 
 def test_config_file_errors_name_file_and_line(monkeypatch, tmp_path):
@@ -424,7 +444,7 @@ def test_adamw_bf16_state_dict_round_trip_keeps_fp32_moments():
     opt = AdamWBF16([p], lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0)
     p.grad = torch.randn(100).to(torch.bfloat16)
     opt.step(closure=None)  # torch.distributed.checkpoint calls it so
-    saved = {k: v.clone() for k, v in opt.state[p].items()}
+    saved = {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state[p].items()}
     again = AdamWBF16([p], lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0)
     again.load_state_dict(opt.state_dict())
     assert again.state[p]["m"].dtype == torch.float32 and torch.equal(again.state[p]["m"], saved["m"])
