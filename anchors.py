@@ -78,7 +78,7 @@ def forward_and_pool(model, sequences, *, pad_id, batch_size, labels=None, autoc
         # one sequence has no padding: no mask lets attention use its fused causal kernel
         mask = batch["attention_mask"] if len(rows) > 1 else None
         with autocast:
-            out = model(batch["input_ids"], attention_mask=mask, return_hidden=labels is not None)
+            out = model(batch["input_ids"], attention_mask=mask, return_hidden=True)  # no (B, T, V) logits
             if labels is not None:
                 targets_BT = batch["labels"][:, 1:]  # position t predicts token t + 1
                 h_BTH = out.hidden[:, :-1]

@@ -129,7 +129,10 @@ def tokenize_sample(tok, prompt, response, max_len, system=None):
     IGNORE_INDEX on the prompt and the response ids (incl. end-of-turn) elsewhere. Truncated from
     the right; raises ValueError if not even one response token would survive (the prompt alone
     fills max_len): such a sample has nothing to learn from and must be skipped by the caller."""
-    prompt_ids, response_ids = tok.encode_chat(prompt, response, system=system)
+    return _cut(*tok.encode_chat(prompt, response, system=system), max_len)
+
+
+def _cut(prompt_ids, response_ids, max_len):
     if len(prompt_ids) >= max_len:
         raise ValueError(f"prompt is {len(prompt_ids)} tokens, max_len {max_len}: "
                          "no response token would remain")
@@ -152,18 +155,21 @@ def tokenize_anchor(tok, sample, max_len, system=None):
 def tokenize_samples(tok, samples, max_len, system=None):
     """-> (examples, stats). One example per usable sample: {"id", "lang", "input_ids", "labels",
     "anchor_input_ids" (list or None), "has_anchor"}. Samples whose prompt fills max_len are
-    skipped; stats = {"samples", "kept", "skipped_too_long", "no_anchor"} (counts over kept)."""
-    examples, skipped = [], 0
+    skipped; stats = {"samples", "kept", "skipped_too_long", "truncated", "no_anchor"} (counts over
+    kept; "truncated": kept samples whose response was cut at max_len, e.g. losing a final answer)."""
+    examples, skipped, truncated = [], 0, 0
     for s in samples:
+        prompt_ids, response_ids = tok.encode_chat(s["prompt"], s["response"], system=system)
         try:
-            input_ids, labels = tokenize_sample(tok, s["prompt"], s["response"], max_len, system)
+            input_ids, labels = _cut(prompt_ids, response_ids, max_len)
         except ValueError:
             skipped += 1
             continue
+        truncated += len(prompt_ids) + len(response_ids) > max_len
         anchor = tokenize_anchor(tok, s, max_len, system)
         examples.append(dict(id=s["id"], lang=s["lang"], input_ids=input_ids, labels=labels,
                              anchor_input_ids=anchor, has_anchor=anchor is not None))
-    stats = dict(samples=len(samples), kept=len(examples), skipped_too_long=skipped,
+    stats = dict(samples=len(samples), kept=len(examples), skipped_too_long=skipped, truncated=truncated,
                  no_anchor=sum(not e["has_anchor"] for e in examples))
     return examples, stats
 

@@ -134,7 +134,7 @@ def test_anchor_tokenization_and_missing_anchors_are_marked(toy):
     assert tokenize_anchor(toy, none, 512) is None
     too_long = _row("g3-sw", prompt="word " * 300)
     examples, stats = tokenize_samples(toy, [s, none, too_long], max_len=64)
-    assert stats == dict(samples=3, kept=2, skipped_too_long=1, no_anchor=1)
+    assert stats == dict(samples=3, kept=2, skipped_too_long=1, truncated=0, no_anchor=1)
     assert [(e["id"], e["has_anchor"]) for e in examples] == [("g1-sw", True), ("g2-sw", False)]
     assert examples[0]["anchor_input_ids"] == a and examples[1]["anchor_input_ids"] is None
 
@@ -213,3 +213,12 @@ def test_step_batches_cover_each_epoch_once_and_resume_identically():
     assert sorted(sum(wrap, [])[:3]) == [0, 1, 2] and len(sum(wrap, [])) == 4
     with pytest.raises(ValueError, match="global_batch=4 is not a multiple of micro_batch=3"):
         list(step_batches(10, 1, 0, 4, 3, 0))
+
+
+def test_responses_cut_at_max_len_are_counted(toy):
+    """A response cut by max_len may lose its final answer: the count tells the user (train.py warns)."""
+    short, long_ = _row("g1-sw", response="Ndiyo."), _row("g2-sw", response="neno " * 200)
+    p, r = toy.encode_chat(long_["prompt"], long_["response"])
+    assert len(p) < 64 < len(p) + len(r)  # the long response does not fit, its prompt does
+    _, stats = tokenize_samples(toy, [short, long_], max_len=64)
+    assert stats["truncated"] == 1 and stats["kept"] == 2
