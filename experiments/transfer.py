@@ -543,7 +543,10 @@ def analyse(runs, settings):
 
 
 def fmt_ms(values, nd=3):
-    m, s = stats.mean_std([v for v in values if v is not None])
+    values = [v for v in values if v is not None]  # a transfer ratio is undefined at English chance
+    if not values:
+        return "n/a"
+    m, s = stats.mean_std(values)
     return f"{m:.{nd}f}" + (f" ± {s:.{nd}f}" if s is not None else "")
 
 
@@ -553,7 +556,9 @@ def fmt_ci(c, nd=3):
 
 def report(S):
     conds = ["base"] + CONDITIONS
-    lines = [f"Seeds {S['seeds']}; chance = {S['chance']:.3f}; bands per seed (b): {S['bands']}, (d): {S['other_bands']}. "
+    band = lambda d: ", ".join(f"{v[0]}–{v[-1]}" for v in d.values())
+    lines = [f"Seeds {S['seeds']}; chance = {S['chance']:.3f}; layer bands per seed (b): {band(S['bands'])}; "
+             f"(d): {band(S['other_bands'])}. "
              "Accuracy on test entities (facts seen only in English in pretraining), mean ± std over seeds.", "",
              "| condition | target (ren+ord+sub) | ren | ord | sub | English | transfer ratio | control | token top-k agreement, band | pooled JS, band |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -610,7 +615,7 @@ def figure(S, path):
     ax1.legend(fontsize=7)
     ax1.set_title("facts learned in English, asked in other languages (dots: seeds)", fontsize=9)
     for c in conds:
-        ax2.plot(S["topk_layers"][c], "o-", ms=3, label=LABELS[c], ls="--" if c == "base" else "-")
+        ax2.plot(S["topk_layers"][c], marker="o", ms=3, label=LABELS[c], ls="--" if c == "base" else "-")
     ax2.axhline(S["settings"]["model"]["top_k"] / S["settings"]["model"]["n_experts"], color="k", ls=":", lw=1)
     ax2.set_xlabel("MoE layer")
     ax2.set_ylabel("token-level top-k agreement with English")
@@ -638,6 +643,7 @@ def main():
     p.add_argument("--results", default=None, help="default experiments/results/transfer (quick: out/transfer_quick)")
     p.add_argument("--jobs", type=int, default=2, help="seeds trained at once, one process and one thread each")
     p.add_argument("--seeds", type=int, nargs="*", default=None, help="override the seeds")
+    p.add_argument("--report", action="store_true", help="no training: rewrite results.md and the figure from summary.json")
     args = p.parse_args()
     settings = dict(QUICK if args.quick else FULL)
     if args.seeds:
@@ -645,6 +651,10 @@ def main():
     results = os.path.abspath(args.results or os.path.join(ROOT, "out", "transfer_quick") if args.quick
                               else args.results or os.path.join(ROOT, "experiments", "results", "transfer"))
     os.makedirs(results, exist_ok=True)
+    if args.report:
+        S = json.load(open(os.path.join(results, "summary.json")))
+        open(os.path.join(results, "results.md"), "w").write(report(S))
+        return figure(S, os.path.join(results, "transfer.png"))
     t0, load0 = time.time(), os.getloadavg()
     print(f"primary endpoint: target accuracy {LABELS[PRIMARY[0]]} − {LABELS[PRIMARY[1]]}; seeds {settings['seeds']}")
     jobs = [(settings, s) for s in settings["seeds"]]

@@ -166,3 +166,12 @@ def test_candidate_logliks_match_forward_and_pool():
     correct, margin = T.accuracy_items(model, items)
     gold = np.array([it["gold"] for it in items])
     assert (correct == (want.argmax(1) == gold)).all()
+
+
+def test_quick_report_is_reproduced_from_the_summary(quick, tmp_path):
+    import shutil
+    shutil.copy(quick["dir"] / "summary.json", tmp_path / "summary.json")
+    res = subprocess.run([sys.executable, "experiments/transfer.py", "--quick", "--report", "--results", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / "results.md").read_text() == quick["md"]
