@@ -7,16 +7,9 @@ I/O; this file imports it, never the other way round.
     load_model(path, dtype=None, device="cpu", **overrides) -> MoETransformer   (eval mode)
         path: an HF directory, or a .pt file {"model": state_dict, "config": MoEConfig dict}
     save_hf(model, path, max_shard_size="5GB", copy_from=None)
-    save_base(model, path, **meta) / load_base(path) -> (model, meta)        the toy base.pt
-    config_from_hf(config.json dict) -> MoEConfig;   config_to_hf(MoEConfig) -> config.json dict
-
-On-disk names (docs/architectures.md) vs ours, layer i, expert e (I = moe_intermediate_size):
-    model.layers.i.{mlp|block_sparse_moe}.gate.weight           layers.i.mlp.router.gate.weight
-    model.layers.i.mlp.experts.e.gate_proj.weight  (phi: w1)    layers.i.mlp.gate_up_proj[e, :I]
-    model.layers.i.mlp.experts.e.up_proj.weight    (phi: w3)    layers.i.mlp.gate_up_proj[e, I:]
-    model.layers.i.mlp.experts.e.down_proj.weight  (phi: w2)    layers.i.mlp.down_proj[e]
-    lm_head.*                                                   lm_head.*
-    model.<anything else>                                       <anything else>
+    save_base(path, state_dict, config, **meta) / load_base(path) -> (model, meta)   the toy base.pt
+    save_training_state / recover_checkpoint / load_training_state                   training state
+(config.json and tensor names: hf_config.py.)
 
 Decisions and why:
 - Loading allocates every parameter once: the model is built on the meta device, cast, then
@@ -31,13 +24,11 @@ Decisions and why:
   truncated or corrupted shard, a missing / unexpected / wrongly shaped tensor fails with one
   CheckpointError naming them, before any time is spent reading. (safetensors has no checksum: flipped
   bits inside the data cannot be detected.)
-- config.json is written in the transformers 4.x spelling (rope_theta, rope_scaling, num_experts),
-  the spelling of the released checkpoints: transformers 5.x reads it too, so older pins of
-  transformers / vLLM / lm-eval load what we save. Both spellings are read.
 - save_hf writes the whole directory next to its destination and renames it into place, so
   a reader sees the old directory or the new one, never a half-written one; files of an existing
   directory other than weights and config.json (tokenizer, training state) are carried over (hard links).
 """
+import hashlib
 import json
 import math
 import os
@@ -47,207 +38,8 @@ from pathlib import Path
 
 import torch
 
+from hf_config import CheckpointError, config_from_hf, config_to_hf, hf_tensor_map  # noqa: F401 (re-exported)
 from model import MoEConfig, MoETransformer
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory that cannot be loaded as is (the message names what is wrong)."""
-
-
-# -----------------------------------------------------------------------------
-# config.json
-
-# transformers' class defaults (5.23; the same in 4.5x) for keys a config.json may leave out
-_HF_DEFAULTS = {
-    "qwen3_moe": dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=24,
-                      num_attention_heads=32, num_key_value_heads=4, hidden_act="silu",
-                      max_position_embeddings=32768, initializer_range=0.02, rms_norm_eps=1e-6,
-                      tie_word_embeddings=False, rope_theta=10000.0, attention_bias=False,
-                      use_sliding_window=False, decoder_sparse_step=1, moe_intermediate_size=768,
-                      num_experts_per_tok=8, num_experts=128, norm_topk_prob=False,
-                      router_aux_loss_coef=0.001, mlp_only_layers=[]),
-    "phimoe": dict(vocab_size=32064, hidden_size=4096, intermediate_size=6400, num_hidden_layers=32,
-                   num_attention_heads=32, num_key_value_heads=8, hidden_act="silu",
-                   max_position_embeddings=131072, initializer_range=0.02, rms_norm_eps=1e-5,
-                   tie_word_embeddings=False, rope_theta=1e6, num_experts_per_tok=2,
-                   num_local_experts=16, router_aux_loss_coef=0.001, router_jitter_noise=0.01,
-                   input_jitter_noise=0.0, attention_bias=False, lm_head_bias=False),
-}
-_ARCHITECTURES = {"qwen3_moe": "Qwen3MoeForCausalLM", "phimoe": "PhimoeForCausalLM"}
-_TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
-_LONGROPE_KEYS = ("short_factor", "long_factor", "short_mscale", "long_mscale")
-
-
-def config_from_hf(hf):
-    """A transformers config.json dict (4.x or 5.x spelling) -> MoEConfig."""
-    if not isinstance(hf, dict):
-        raise CheckpointError(f"config.json: expected a JSON object, got a {type(hf).__name__}")
-    model_type = hf.get("model_type")
-    if model_type not in _HF_DEFAULTS:
-        raise CheckpointError(f"config.json: model_type {model_type!r} is not supported "
-                              f"(supported: {sorted(_HF_DEFAULTS)})")
-    # a key set to null means "the default", as in transformers
-    c = {**_HF_DEFAULTS[model_type], **{k: v for k, v in hf.items() if v is not None}}
-    problems = []
-    if c["hidden_act"] != "silu":
-        problems.append(f"hidden_act={c['hidden_act']!r} (only 'silu')")
-    if "quantization_config" in c:
-        problems.append("quantization_config (quantized checkpoints are not supported)")
-    # sliding window: Qwen3 uses it only with use_sliding_window; Phi-3.5 sets it to the max length
-    window = c.get("sliding_window") if model_type == "phimoe" or c.get("use_sliding_window") else None
-    if window is not None and window < c["max_position_embeddings"]:
-        problems.append(f"sliding_window={window} (sliding-window attention is not implemented)")
-    if model_type == "qwen3_moe":
-        n_experts = c.get("num_local_experts", c["num_experts"])  # 5.x spelling, else 4.x
-        if "num_local_experts" in hf and "num_experts" in hf and hf["num_experts"] != hf["num_local_experts"]:
-            problems.append(f"num_experts={hf['num_experts']} != num_local_experts={hf['num_local_experts']}")
-    else:
-        n_experts = c["num_local_experts"]
-        if c["num_experts_per_tok"] != 2:
-            problems.append(f"num_experts_per_tok={c['num_experts_per_tok']} (phimoe's sparsemixer is top-2 only)")
-    ints = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_experts_per_tok") + (("moe_intermediate_size",) if model_type == "qwen3_moe" else ())
-    problems += [f"{k}={c[k]!r} (expected a positive integer)" for k in ints
-                 if not (isinstance(c[k], int) and not isinstance(c[k], bool) and c[k] > 0)]
-    if not (isinstance(n_experts, int) and n_experts > 0):
-        problems.append(f"number of experts {n_experts!r} (expected a positive integer)")
-    if problems:
-        raise CheckpointError("config.json: unsupported " + "; ".join(problems))
-    rope_theta, rope_scaling = _rope_from_hf(c, model_type, problems)
-    if problems:
-        raise CheckpointError("config.json: unsupported " + "; ".join(problems))
-    heads = c["num_attention_heads"]
-    common = dict(vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], n_layers=c["num_hidden_layers"],
-                  n_heads=heads, n_kv_heads=c["num_key_value_heads"] or heads,
-                  head_dim=c.get("head_dim") or c["hidden_size"] // heads, n_experts=n_experts,
-                  top_k=c["num_experts_per_tok"], attention_bias=c["attention_bias"],
-                  norm_eps=c["rms_norm_eps"], rope_theta=rope_theta, rope_scaling=rope_scaling,
-                  max_position_embeddings=c["max_position_embeddings"],
-                  router_aux_loss_coef=c["router_aux_loss_coef"], tie_word_embeddings=c["tie_word_embeddings"],
-                  init_std=c["initializer_range"],
-                  special_token_ids={k: hf[k] for k in _TOKEN_KEYS if hf.get(k) is not None} or None)
-    if model_type == "qwen3_moe":
-        return MoEConfig(**common, intermediate_size=c["intermediate_size"],
-                         moe_intermediate_size=c["moe_intermediate_size"], router="topk",
-                         norm_topk_prob=c["norm_topk_prob"], mlp_only_layers=tuple(c["mlp_only_layers"]),
-                         decoder_sparse_step=c["decoder_sparse_step"], norm="rmsnorm", qk_norm=True)
-    # Phi-3.5: every layer is MoE, experts are intermediate_size wide; LayerNorm's eps is rms_norm_eps
-    return MoEConfig(**common, intermediate_size=c["intermediate_size"],
-                     moe_intermediate_size=c["intermediate_size"], router="sparsemixer",
-                     router_jitter_eps=c["router_jitter_noise"], input_jitter=c["input_jitter_noise"],
-                     norm="layernorm", qk_norm=False, lm_head_bias=c["lm_head_bias"])
-
-
-def _rope_from_hf(c, model_type, problems):
-    # 5.x: rope_parameters {rope_type, rope_theta, ...}; 4.x: rope_theta + rope_scaling {type, ...}
-    params = c.get("rope_parameters") or c.get("rope_scaling") or {}
-    theta = params.get("rope_theta", c["rope_theta"])
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if params.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0)) != 1.0:
-        problems.append("partial_rotary_factor != 1")
-    if rope_type == "default":
-        return theta, None
-    if rope_type != "longrope" or model_type != "phimoe":
-        problems.append(f"RoPE type {rope_type!r} for {model_type} (supported: 'default', and 'longrope' for phimoe)")
-        return theta, None
-    missing = [k for k in ("short_factor", "long_factor") if k not in params]
-    if missing:
-        problems.append(f"longrope without {missing}")
-        return theta, None
-    # as transformers does: a top-level original_max_position_embeddings (Phi-3.5 writes it) wins
-    original_max = c.get("original_max_position_embeddings",
-                         params.get("original_max_position_embeddings", c["max_position_embeddings"]))
-    scaling = {"type": "longrope", "original_max_position_embeddings": original_max}
-    scaling.update({k: params[k] for k in _LONGROPE_KEYS if params.get(k) is not None})
-    return theta, scaling
-
-
-def _model_type(cfg):
-    """Which transformers architecture a MoEConfig is, or a CheckpointError saying why neither."""
-    qwen = {"router == 'topk'": cfg.router == "topk", "norm == 'rmsnorm'": cfg.norm == "rmsnorm",
-            "qk_norm": cfg.qk_norm, "not lm_head_bias": not cfg.lm_head_bias,
-            "rope_scaling is None": cfg.rope_scaling is None}
-    phi = {"router == 'sparsemixer'": cfg.router == "sparsemixer", "norm == 'layernorm'": cfg.norm == "layernorm",
-           "not qk_norm": not cfg.qk_norm, "every layer MoE": cfg.moe_layers == list(range(cfg.n_layers)),
-           "head_dim == hidden_size // n_heads": cfg.head_dim == cfg.hidden_size // cfg.n_heads}
-    for model_type, needs in (("qwen3_moe", qwen), ("phimoe", phi)):
-        if all(needs.values()):
-            return model_type
-    raise CheckpointError("MoEConfig is neither qwen3_moe (needs " + ", ".join(qwen) + ") nor phimoe (needs "
-                          + ", ".join(phi) + "); unmet: qwen3_moe " + str([k for k, v in qwen.items() if not v])
-                          + ", phimoe " + str([k for k, v in phi.items() if not v]))
-
-
-def config_to_hf(cfg, dtype=None):
-    """MoEConfig -> config.json dict in the transformers 4.x spelling (which 5.x reads too)."""
-    model_type = _model_type(cfg)
-    hf = dict(architectures=[_ARCHITECTURES[model_type]], model_type=model_type, vocab_size=cfg.vocab_size,
-              hidden_size=cfg.hidden_size, num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-              num_key_value_heads=cfg.n_kv_heads, num_experts_per_tok=cfg.top_k, hidden_act="silu",
-              attention_bias=cfg.attention_bias, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
-              max_position_embeddings=cfg.max_position_embeddings, router_aux_loss_coef=cfg.router_aux_loss_coef,
-              tie_word_embeddings=cfg.tie_word_embeddings, initializer_range=cfg.init_std, rope_scaling=None,
-              use_cache=True, **(cfg.special_token_ids or {}))
-    if dtype is not None:
-        hf["torch_dtype"] = str(dtype).removeprefix("torch.")
-    if model_type == "qwen3_moe":
-        hf.update(head_dim=cfg.head_dim, intermediate_size=cfg.intermediate_size,
-                  moe_intermediate_size=cfg.moe_intermediate_size, num_experts=cfg.n_experts,
-                  norm_topk_prob=cfg.norm_topk_prob, decoder_sparse_step=cfg.decoder_sparse_step,
-                  mlp_only_layers=list(cfg.mlp_only_layers), use_sliding_window=False, sliding_window=None)
-        return hf
-    hf.update(intermediate_size=cfg.moe_intermediate_size, num_local_experts=cfg.n_experts,
-              router_jitter_noise=cfg.router_jitter_eps, input_jitter_noise=cfg.input_jitter,
-              lm_head_bias=cfg.lm_head_bias, sliding_window=None)
-    if cfg.rope_scaling is not None:
-        rs = cfg.rope_scaling
-        original_max = rs["original_max_position_embeddings"]
-        # transformers 5.x requires both mscales; write the LongRoPE default our model would use
-        scale = cfg.max_position_embeddings / original_max
-        default = math.sqrt(1 + math.log(scale) / math.log(original_max)) if scale > 1 else 1.0
-        hf["rope_scaling"] = {"type": "longrope", "rope_type": "longrope",
-                              "short_factor": list(rs["short_factor"]), "long_factor": list(rs["long_factor"]),
-                              "short_mscale": rs.get("short_mscale") or default,
-                              "long_mscale": rs.get("long_mscale") or default,
-                              "original_max_position_embeddings": original_max}
-        hf["original_max_position_embeddings"] = original_max
-    return hf
-
-
-# -----------------------------------------------------------------------------
-# parameter names
-
-_EXPERT_NAMES = {"qwen3_moe": ("mlp", "gate_proj", "up_proj", "down_proj"),
-                 "phimoe": ("block_sparse_moe", "w1", "w3", "w2")}
-
-
-def hf_tensor_map(model, model_type):
-    """{on-disk name: the (detached) tensor it fills}. Expert tensors map to slices (views) of the
-    stacked weights; the tensors partition the model's parameters (tied ones counted once)."""
-    moe, gate, up, down = _EXPERT_NAMES[model_type]
-    I = model.config.moe_intermediate_size
-    out = {}
-    for name, p in model.named_parameters():  # tied lm_head.weight is not listed: embed only
-        p = p.detach()
-        if name.startswith("lm_head."):
-            out[name] = p
-        elif not name.startswith("layers."):
-            out["model." + name] = p
-        else:
-            _, i, rest = name.split(".", 2)
-            prefix = f"model.layers.{i}."
-            if rest == "mlp.router.gate.weight":
-                out[f"{prefix}{moe}.gate.weight"] = p
-            elif rest == "mlp.gate_up_proj":  # (E, 2I, H): rows [gate; up]
-                for e in range(p.shape[0]):
-                    out[f"{prefix}{moe}.experts.{e}.{gate}.weight"] = p[e, :I]
-                    out[f"{prefix}{moe}.experts.{e}.{up}.weight"] = p[e, I:]
-            elif rest == "mlp.down_proj":  # (E, H, I)
-                for e in range(p.shape[0]):
-                    out[f"{prefix}{moe}.experts.{e}.{down}.weight"] = p[e]
-            else:
-                out[prefix + rest] = p
-    return out
 
 
 # -----------------------------------------------------------------------------
@@ -405,10 +197,10 @@ def load_model(path, dtype=None, device="cpu", check_finite=True, **overrides):
     return model
 
 
-def save_base(model, path, **meta):
-    """Write the toy base model as {"model": state_dict, "config": dict, **meta} (atomic rename);
-    meta: plain data (str, numbers, lists, dicts), e.g. train.py's run fingerprint."""
-    atomic_torch_save(dict(model=model.state_dict(), config=model.config.to_dict(), **meta), path)
+def save_base(path, state_dict, config, **meta):
+    """Write the toy base model as {"model": state_dict, "config": config.to_dict(), **meta} (atomic
+    rename); meta: plain data (str, numbers, lists, dicts), e.g. train.py's run fingerprint."""
+    atomic_torch_save(dict(model=state_dict, config=config.to_dict(), **meta), path)
 
 
 def load_base(path, **overrides):
@@ -554,6 +346,32 @@ def save_hf(model, path, max_shard_size="5GB", copy_from=None):
         raise
 
 
+def save_hf_state(state_dict, config, path, copy_from=None, extra_files=()):
+    """save_hf of a full state dict (e.g. gathered from FSDP shards) without a second copy of the
+    weights: the model is built on the meta device and takes the tensors as they are. extra_files
+    (e.g. a tokenizer file) are copied into the directory too."""
+    with torch.device("meta"):
+        model = MoETransformer(config)
+    model.load_state_dict(state_dict, assign=True)
+    if config.tie_word_embeddings:  # assign=True replaced the shared Parameter
+        model.lm_head.weight = model.embed_tokens.weight
+    save_hf(model, path, copy_from=copy_from)
+    for f in extra_files:
+        shutil.copy(f, path)
+
+
+def file_digest(paths):
+    """sha256 (16 hex digits) of the files' names and contents, in sorted order: what identifies a
+    data file or a checkpoint's weights in a run's fingerprint."""
+    h = hashlib.sha256()
+    for p in sorted(map(str, paths)):
+        h.update(os.path.basename(p).encode())
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
 def _write_json(file, obj):
     with open(file, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
@@ -597,3 +415,152 @@ def _link_or_copy(src, dst):
         os.link(src, dst, follow_symlinks=False)
     except OSError:
         shutil.copy2(src, dst, follow_symlinks=False)
+
+
+# -----------------------------------------------------------------------------
+# training state: save, crash-safe commit, recovery, resume
+#
+# A training checkpoint is a directory `path` holding the model and optimizer state (state.pt,
+# or a torch.distributed.checkpoint (DCP) directory layout when sharded), rng_rank{r}.pt per rank,
+# meta.json (plain data: the step and the run's fingerprint) and COMPLETE (the step, written last).
+# Commit: write everything to path.tmp; COMPLETE; rename path -> path.old; rename path.tmp -> path;
+# delete path.old. A crash at any point leaves either path complete, or path.tmp complete (and
+# newer), or path.old complete; recover_checkpoint() at start-up finishes or undoes the commit.
+
+def checkpoint_step(path):
+    """The step of a complete checkpoint directory, or None (absent, or no COMPLETE marker)."""
+    try:
+        return int(Path(path, "COMPLETE").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _crash_point(name, step):
+    """Tests only: SARA_TEST_CRASH_AT=<name>@<step> exits the process here, as a kill would."""
+    if os.environ.get("SARA_TEST_CRASH_AT") == f"{name}@{step}":
+        os._exit(137)
+
+
+def recover_checkpoint(path):
+    """Repair what a crash during a commit left behind (call on one process before any reads).
+    -> a list of sentences saying what was done (empty if nothing was to do)."""
+    path = str(path)
+    tmp, old = path + ".tmp", path + ".old"
+    cur, new, prev = checkpoint_step(path), checkpoint_step(tmp), checkpoint_step(old)
+    done = []
+    if os.path.exists(path) and cur is None:
+        raise CheckpointError(f"{path}: a checkpoint directory without a COMPLETE marker; it was not written "
+                              "by this code's commit. Move it away to continue.")
+    if new is not None and (cur is None or new > cur):  # the commit got past COMPLETE: finish it
+        if cur is not None:
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        done.append(f"finished an interrupted commit: {path} is now step {new} (was {cur})")
+        cur = new
+    elif os.path.exists(tmp):
+        shutil.rmtree(tmp)
+        done.append(f"removed an incomplete {tmp}")
+    if os.path.exists(old):
+        if cur is None and prev is not None:  # (cannot happen with the commit order above; be safe)
+            os.replace(old, path)
+            done.append(f"restored {path} (step {prev}) from {old}")
+        else:
+            shutil.rmtree(old)
+            done.append(f"removed the previous checkpoint {old} left by an interrupted commit")
+    return done
+
+
+def _rng_state():
+    return dict(torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def save_training_state(path, model, optimizer, step, meta, *, rank=0, world=1, sharded=False):
+    """Write the training state of `model` (plain, DDP or FSDP2) and `optimizer` at `step` and
+    commit it crash-safely (see above). A collective: every rank calls it. sharded: FSDP2, each
+    rank writes its shards (DCP); else rank 0 writes one state.pt. meta: plain data (JSON)."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    barrier = dist.barrier if world > 1 else (lambda: None)
+    path = str(path)
+    tmp, old = path + ".tmp", path + ".old"
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier()
+    if sharded:
+        import torch.distributed.checkpoint as dcp
+        dcp.save(dict(model=model_sd, optimizer=optim_sd), checkpoint_id=tmp)
+        torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
+    else:
+        rngs = [None] * world
+        if world > 1:
+            dist.all_gather_object(rngs, _rng_state())
+        else:
+            rngs = [_rng_state()]
+        if rank == 0:
+            atomic_torch_save(dict(model=model_sd, optimizer=optim_sd, step=step), os.path.join(tmp, "state.pt"))
+            for r, s in enumerate(rngs):
+                torch.save(s, os.path.join(tmp, f"rng_rank{r}.pt"))
+    barrier()
+    if rank == 0:
+        _write_json(Path(tmp, "meta.json"), dict(meta, step=step))
+        _crash_point("before_complete", step)
+        with open(os.path.join(tmp, "COMPLETE"), "w") as f:
+            f.write(str(step))
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        _crash_point("written", step)
+        shutil.rmtree(old, ignore_errors=True)  # a leftover of an earlier crash
+        if os.path.exists(path):
+            os.replace(path, old)
+        _crash_point("old_renamed", step)
+        os.replace(tmp, path)  # the commit point
+        _fsync_dir(os.path.dirname(os.path.abspath(path)))
+        _crash_point("committed", step)
+        if os.path.exists(old):
+            os.remove(os.path.join(old, "COMPLETE"))  # first: a half-deleted .old never looks complete
+            _crash_point("deleting_old", step)
+            shutil.rmtree(old)
+    barrier()
+
+
+def check_fingerprint(what, saved, now):
+    """A run's fingerprint ({key: value}) saved with its checkpoint against the current one: any
+    difference is a SystemExit naming every changed key, saved and current value."""
+    changed = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)}
+    if changed:
+        raise SystemExit(f"{what} belongs to another run; changed (saved -> now): "
+                         + "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+                         + ". Use a new out_dir, or restore those settings.")
+
+
+def read_checkpoint_meta(path):
+    """meta.json of a complete checkpoint (plain data; no unpickling)."""
+    return _read_json(Path(path, "meta.json"))
+
+
+def load_training_state(path, model, optimizer, *, rank=0, sharded=False, device="cpu"):
+    """Load a checkpoint written by save_training_state into model and optimizer (and this rank's
+    RNG state). -> the step to continue from. Everything is read with weights_only (no code runs)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    path = str(path)
+    step = checkpoint_step(path)
+    if step is None:
+        raise CheckpointError(f"{path}: incomplete checkpoint (no COMPLETE marker)")
+    if sharded:
+        import torch.distributed.checkpoint as dcp
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = dict(model=model_sd, optimizer=optim_sd)
+        dcp.load(state, checkpoint_id=path)
+    else:
+        state = torch.load(os.path.join(path, "state.pt"), map_location=device, weights_only=True)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    rng = torch.load(os.path.join(path, f"rng_rank{rank}.pt"), weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return step

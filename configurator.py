@@ -9,7 +9,7 @@ are plain module globals with defaults; the command line lists config files (pyt
     validate(settings, sources, rules)                  # rules: {key: check(value) -> problem or None}
 
 - A key that is not a setting, or a value of another type than the default, is an error naming the
-  key and where it came from (file:line, or "command line"). An int is accepted for a float; a list
+  key and where it came from (file:line, or "command line"). "--key value" works too. An int is accepted for a float; a list
   for a tuple. For a str setting the command-line text is taken as is (--prompt=42 is the string "42").
 - A config file's syntax error (or any exception while running it) names the file and line.
 - sources[key] says where each value came from ("default", "configs/x.py:12", "command line"), so
@@ -37,7 +37,7 @@ def _coerce(key, value, default, where):
     if isinstance(default, tuple) and isinstance(value, list):
         return tuple(value)
     if type(value) is not type(default):
-        raise ConfigError(f"{where}: {key}={value!r} is a {_type_name(value)}, expected a {_type_name(default)} "
+        raise ConfigError(f"{where}: {key}={value!r} is a {_type_name(value)}, expected {_type_name(default)} "
                           f"(default {default!r})")
     return value
 
@@ -75,15 +75,21 @@ def _run_config_file(path):
             if not k.startswith("_") and not callable(v) and type(v).__name__ != "module"}
 
 
-def configure(argv, defaults):
+def configure(argv, defaults, renamed=None):
     """Apply config files and --key=value overrides from argv (in order) to a copy of defaults.
+    renamed: {old key: what to say instead} for settings that were renamed.
     -> (settings dict, sources dict {key: "default" | "file:line" | "command line"})."""
     settings, sources = dict(defaults), {k: "default" for k in defaults}
-    for arg in argv:
+    argv = list(argv)
+    while argv:
+        arg = argv.pop(0)
         if arg.startswith("--"):
-            if "=" not in arg:
-                raise ConfigError(f"command line: {arg!r}: expected --key=value (no spaces around '=')")
-            key, text = arg[2:].split("=", 1)
+            if "=" in arg:
+                key, text = arg[2:].split("=", 1)
+            elif argv and not argv[0].startswith("--"):  # "--key value" (argparse style)
+                key, text = arg[2:], argv.pop(0)
+            else:
+                raise ConfigError(f"command line: {arg!r}: expected --key=value")
             try:
                 value = ast.literal_eval(text)
             except (ValueError, SyntaxError, MemoryError, RecursionError):
@@ -98,8 +104,10 @@ def configure(argv, defaults):
             raise ConfigError(f"command line: {arg!r} is neither a config file (*.py) nor --key=value")
         for key, (value, line) in updates.items():
             where = origin if line is None else f"{origin}:{line}"
+            if key in (renamed or {}):
+                raise ConfigError(f"{where}: {key!r} was renamed: {renamed[key]}")
             if key not in defaults:
-                raise ConfigError(f"{where}: unknown setting {key!r}; valid settings: {', '.join(sorted(defaults))}")
+                raise ConfigError(f"{where}: unknown config key {key!r}; valid keys: {', '.join(sorted(defaults))}")
             settings[key] = _coerce(key, value, defaults[key], where)
             sources[key] = where
     return settings, sources

@@ -19,20 +19,27 @@ A server that rejects these extra fields (e.g. the OpenAI API itself) needs extr
 
 Plain standard library (urllib + a thread pool), no dependency. Errors name the URL and say what went
 wrong: unreachable, an HTTP error status (with the start of the server's message), a timeout, a body
-that is not a chat completion. Connection failures, timeouts and statuses 408/429/5xx are retried
-`retries` times with exponential backoff (backoff * 2**attempt seconds); other statuses and malformed
-bodies fail at once (retrying would give the same answer). The first failure stops the whole call:
-no partial list is ever returned.
+that is not a chat completion, an error body sent with status 200. Connection failures, timeouts and
+statuses 408/429/5xx are retried `retries` times with exponential backoff (backoff * 2**attempt seconds,
+or the server's Retry-After when it sends one, capped at MAX_RETRY_AFTER); other statuses and malformed
+bodies fail at once (retrying would give the same answer). The first failure stops the whole call at
+once (no new request starts; those in flight are not waited for): no partial list is ever returned. The API key (a server started with --api-key) defaults to the
+OPENAI_API_KEY environment variable, as in OpenAI's own client.
 """
+import email.utils
+import http.client
 import json
+import os
+import queue
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 
 DEFAULT_EXTRA_BODY = {"top_k": -1, "chat_template_kwargs": {"enable_thinking": False}}
 RETRY_STATUSES = (408, 429, 500, 502, 503, 504)
+MAX_RETRY_AFTER = 120.0  # seconds: a Retry-After beyond this is a server to give up on, not to wait for
 
 
 class EngineError(RuntimeError):
@@ -46,6 +53,7 @@ def _request(url, payload=None, *, timeout, api_key=None):
     data = None if payload is None else json.dumps(payload).encode("utf-8")
     req = urllib.request.Request(url, data=data, method="GET" if data is None else "POST")
     req.add_header("Content-Type", "application/json")
+    api_key = api_key or os.environ.get("OPENAI_API_KEY")
     if api_key:
         req.add_header("Authorization", f"Bearer {api_key}")
     with urllib.request.urlopen(req, timeout=timeout) as resp:
@@ -61,17 +69,34 @@ def _http_error(url, e):
         detail = e.read().decode("utf-8", "replace")[:500]
     except Exception:  # the error body itself may be unreadable; the status is what matters
         detail = ""
-    return EngineError(f"{url}: HTTP {e.code} {e.reason}: {detail}".rstrip(": "))
+    hint = " (does the URL end in /v1?)" if e.code == 404 else ""
+    return EngineError(f"{url}: HTTP {e.code} {e.reason}: {detail}".rstrip(": ") + hint)
+
+
+def _retry_after(value):
+    """A Retry-After header (seconds, or an HTTP date) -> seconds to wait (at most MAX_RETRY_AFTER), or None."""
+    if not value:
+        return None
+    try:
+        wait = float(value)
+    except ValueError:
+        try:
+            wait = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return None
+    return min(max(wait, 0.0), MAX_RETRY_AFTER)
 
 
 def _with_retries(url, call, *, retries, backoff, timeout):
     """call() with retries on connection failures, timeouts and RETRY_STATUSES."""
     for attempt in range(retries + 1):
+        wait = backoff * 2 ** attempt
         try:
             return call()
         except urllib.error.HTTPError as e:  # a subclass of URLError: handled first
             if e.code not in RETRY_STATUSES or attempt == retries:
                 raise _http_error(url, e) from None
+            wait = _retry_after(e.headers.get("Retry-After")) or wait
         except (TimeoutError, socket.timeout) as e:
             if attempt == retries:
                 raise EngineError(f"{url}: no answer within {timeout} s ({retries + 1} attempts)") from e
@@ -79,13 +104,16 @@ def _with_retries(url, call, *, retries, backoff, timeout):
             if isinstance(e.reason, (TimeoutError, socket.timeout)):
                 if attempt == retries:
                     raise EngineError(f"{url}: no answer within {timeout} s ({retries + 1} attempts)") from e
+            elif isinstance(e.reason, ConnectionResetError):  # reached, then dropped: not "is it running?"
+                if attempt == retries:
+                    raise EngineError(f"{url}: connection failed ({e.reason}) after {retries + 1} attempts") from e
             elif attempt == retries:
                 raise EngineError(f"{url}: unreachable ({e.reason}) after {retries + 1} attempts; is the "
                                   "server running and the URL right (it ends in /v1)?") from e
-        except ConnectionError as e:  # reset / refused while reading the body
+        except (ConnectionError, http.client.HTTPException) as e:  # reset, or a body cut short
             if attempt == retries:
                 raise EngineError(f"{url}: connection failed ({e}) after {retries + 1} attempts") from e
-        time.sleep(backoff * 2 ** attempt)
+        time.sleep(wait)
 
 
 def served_models(base_url, *, timeout=10.0, retries=0, api_key=None):
@@ -120,6 +148,10 @@ def chat_completion(base_url, model, prompt, *, max_new_tokens, temperature, top
         payload["seed"] = seed
     body = _with_retries(url, lambda: _request(url, payload, timeout=timeout, api_key=api_key),
                          retries=retries, backoff=backoff, timeout=timeout)
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(body, dict) and (error or body.get("object") == "error"):  # some proxies send errors as 200
+        message = (error.get("message") if isinstance(error, dict) else error) or body.get("message") or body
+        raise EngineError(f"{url}: the server answered with an error: {str(message)[:500]}")
     try:
         text = body["choices"][0]["message"]["content"]
     except (KeyError, IndexError, TypeError):
@@ -128,7 +160,8 @@ def chat_completion(base_url, model, prompt, *, max_new_tokens, temperature, top
     if not isinstance(text, str):
         raise EngineError(f"{url}: choices[0].message.content is {text!r}, not text (a server started with "
                           "a --reasoning-parser moves the text elsewhere; serve without one)")
-    return text
+    # JSON may carry a lone surrogate ("\ud800"), which no UTF-8 file can hold: U+FFFD instead
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 def make_engine_responder(base_url, model, *, max_new_tokens, temperature=0.1, top_p=1.0, seed=None,
@@ -141,6 +174,10 @@ def make_engine_responder(base_url, model, *, max_new_tokens, temperature=0.1, t
     batch composition; with temperature 0 (greedy) they match the built-in generator up to numerics."""
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    if retries < 0:  # range(retries + 1) would be empty: no request at all
+        raise ValueError(f"retries must be >= 0, got {retries}")
+    if not timeout > 0:
+        raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
 
     def one(prompt, run):
         return chat_completion(base_url, model, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
@@ -149,10 +186,33 @@ def make_engine_responder(base_url, model, *, max_new_tokens, temperature=0.1, t
                                api_key=api_key)
 
     def respond(prompts, run):
-        pool = ThreadPoolExecutor(max_workers=min(concurrency, max(1, len(prompts))))
-        try:
-            futures = [pool.submit(one, p, run) for p in prompts]
-            return [f.result() for f in futures]  # the first failure (in prompt order) propagates
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+        # daemon worker threads, not a ThreadPoolExecutor: its workers are joined at exit, so Ctrl-C or a
+        # failed request would wait for every request in flight (up to timeout x attempts each)
+        results, errors, left = [None] * len(prompts), [], [len(prompts)]
+        todo, lock, done = queue.SimpleQueue(), threading.Lock(), threading.Event()
+        for i in range(len(prompts)):
+            todo.put(i)
+
+        def work():
+            while not done.is_set():
+                try:
+                    i = todo.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    results[i] = one(prompts[i], run)
+                except Exception as e:  # the first failure ends the call; no new requests start
+                    errors.append(e)
+                    done.set()
+                with lock:
+                    left[0] -= 1
+                    if left[0] == 0:
+                        done.set()
+        if prompts:
+            for _ in range(min(concurrency, len(prompts))):
+                threading.Thread(target=work, daemon=True).start()
+            done.wait()
+        if errors:
+            raise errors[0]
+        return results
     return respond

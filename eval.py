@@ -80,6 +80,9 @@ def make_responder(args):
 
 def cmd_bench(args):
     check_bench_args(args)
+    if args.engine_url:  # a wrong URL or model name fails now, not after the benchmarks are read
+        from engine import check_engine
+        check_engine(args.engine_url, args.engine_model)
     langs = args.langs.split(",")
     items = load_benchmarks(args.benchmark, args.data, langs, args.limit, progress=_say)
     templates = load_templates(args.templates, args.benchmark)
@@ -109,7 +112,8 @@ def cmd_table(args):
         langs += [l for l in res["langs"] if l not in langs]
         titles.add(f"{BENCH_TITLES.get(res['benchmark'], res['benchmark'])} ({res['protocol']}, "
                    f"{len(res['average']['runs'])} run(s))")
-    print(format_table(rows, langs, "accuracy (%): " + ", ".join(sorted(titles))))
+    print(format_table(rows, langs, "accuracy (%): " + ", ".join(sorted(titles))
+                       + "; ± = std over the generation runs of one checkpoint (sampling noise, not seeds)"))
 
 
 def cmd_routing(args):
@@ -152,7 +156,7 @@ def _band_line(b, width):
     where = "any window" if b["edges"] else "middle windows (first and last MoE layer excluded)"
     return (f"band of {width} layers with the lowest mean {b['metric']} ({b['model']}, {where}): layers "
             f"{b['start']}..{b['end']} (inclusive), mean {b['mean']:.4f}  ->  "
-            f"python train.py --sara_layers=[{b['start']},{b['end']}]")
+            f"python train.py --sara_band=[{b['start']},{b['end']}]")
 
 
 def cmd_band(args):

@@ -29,7 +29,6 @@ Decisions and why:
 - Position ids come from the attention mask (cumsum - 1), so a left-padded sequence gives the
   same logits as the unpadded one (transformers' plain forward uses arange and does not).
 """
-import functools
 import math
 from dataclasses import dataclass, fields, asdict
 
@@ -38,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from chunked_ce import chunked_cross_entropy
 from router import TopKRouter, SparseMixerRouter, load_balancing_loss, router_z_loss
 
 
@@ -58,6 +58,9 @@ class MoEConfig:
     norm_topk_prob: bool = True  # renormalise the top-k weights to sum to 1 (topk router)
     router_jitter_eps: float = 0.01  # sparsemixer's relative masking threshold
     input_jitter: float = 0.0  # sparsemixer's multiplicative router-input noise in training
+    # sparsemixer with input_jitter, in training: return the logits of the un-jittered input (what
+    # the SARA term pools: softmax(h W_g) exactly), while routing still uses the jittered ones
+    router_clean_logits: bool = False
     mlp_only_layers: tuple = ()  # these layers get a dense SwiGLU instead of experts
     decoder_sparse_step: int = 1  # layer i is MoE iff (i + 1) % step == 0 (and not mlp-only)
     router_aux_loss_coef: float = 0.001  # lambda_LB; used by train.py, reported by the model
@@ -360,7 +363,7 @@ def experts_loop(x, expert_ids, weights, gate_up, down):
         token_idx, slot = torch.where(expert_ids == e)
         gate, up = F.linear(x[token_idx], gate_up[e]).chunk(2, dim=-1)
         y = F.linear(F.silu(gate) * up, down[e])  # (n_e, H)
-        out.index_add_(0, token_idx, y * weights[token_idx, slot, None])
+        out.index_add_(0, token_idx, y * weights[token_idx, slot, None])  # eq. 5: y = sum_k w_k E_k(h)
     return out
 
 
@@ -398,7 +401,8 @@ class MoE(nn.Module):
         self.cfg = cfg
         E, H, I = cfg.n_experts, cfg.hidden_size, cfg.moe_intermediate_size
         if cfg.router == "sparsemixer":
-            self.router = SparseMixerRouter(H, E, cfg.top_k, cfg.router_jitter_eps, cfg.input_jitter)
+            self.router = SparseMixerRouter(H, E, cfg.top_k, cfg.router_jitter_eps, cfg.input_jitter,
+                                            clean_logits=cfg.router_clean_logits)
         else:
             self.router = TopKRouter(H, E, cfg.top_k, cfg.norm_topk_prob)
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))  # [gate; up] rows per expert
@@ -406,14 +410,14 @@ class MoE(nn.Module):
 
     def forward(self, x):  # x: (B, T, H) -> (B, T, H), router logits (B, T, E)
         B, T, H = x.shape
+        weights, expert_ids, logits = self.router(x)  # (N, K), (N, K), (B, T, E) (not a view)
         x = x.reshape(B * T, H)
-        weights, expert_ids, logits = self.router(x)  # (N, K), (N, K), (N, E)
         impl = self.cfg.expert_impl
         if impl == "auto":
             impl = "grouped" if x.is_cuda and _grouped_mm is not None else "loop"
         dispatch = experts_grouped if impl == "grouped" else experts_loop
         y = dispatch(x, expert_ids, weights, self.gate_up_proj, self.down_proj)
-        return y.view(B, T, H), logits.view(B, T, -1)
+        return y.view(B, T, H), logits
 
 
 class Block(nn.Module):
@@ -431,81 +435,6 @@ class Block(nn.Module):
             y, router_logits = self.mlp(self.post_attention_layernorm(x))
             return x + y, router_logits
         return x + self.mlp(self.post_attention_layernorm(x)), None
-
-
-# -----------------------------------------------------------------------------
-# the language-model loss, chunked (MoEConfig.loss_chunk_size > 0)
-
-def _ce_chunk(logits, targets, inv_n):
-    """
-    Cross-entropy of a chunk of rows and its gradient. logits (n, V) model dtype; targets (n,),
-    -100 = ignored; inv_n = 1 / (number of targets in the whole batch). Returns the chunk's summed
-    loss (fp32 scalar) and d(mean loss)/d(logits) (n, V) in the logits' dtype. The softmax runs in
-    fp32, as F.cross_entropy(logits.float()) does.
-    """
-    logits32 = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    lse = torch.logsumexp(logits32, dim=-1, keepdim=True)  # (n, 1)
-    valid = targets != -100
-    target = torch.where(valid, targets, 0)[:, None]  # (n, 1)
-    loss_sum = torch.where(valid, (lse - logits32.gather(1, target)).squeeze(1), 0.0).sum()
-    is_target = torch.arange(logits.shape[1], device=logits.device) == target  # (n, V)
-    grad = (torch.exp(logits32 - lse) - is_target.to(lse.dtype)) * (valid[:, None] * inv_n)
-    return loss_sum, grad.to(logits.dtype)
-
-
-@functools.cache
-def _compiled_ce_chunk():
-    # On a GPU, inductor fuses this into one kernel over the bf16 logits (measured on an H100:
-    # 1.75 ms per 4096 x 151936 chunk, ~3 reads + 1 write at memory speed); eager _ce_chunk
-    # makes ~8 passes over (n, V) fp32 temporaries.
-    return torch.compile(_ce_chunk, dynamic=False)
-
-
-class _ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """
-    mean CE(h W^T + b, targets), `chunk` rows at a time. The loss is a scalar, so the gradients
-    are known in the forward up to the incoming scalar: each chunk's logits are used for the
-    loss and its gradient, then freed. The (N, V) logits never exist at once (5 GB in fp32 for
-    Qwen3's 152k vocabulary and 8k tokens), and nothing is recomputed. Numerics as the plain
-    path (bf16 logits, fp32 softmax, bf16 logit gradient), except that with several chunks the
-    weight gradient is accumulated chunk by chunk in the weight's dtype.
-    """
-
-    @staticmethod
-    def forward(ctx, h, weight, bias, targets, chunk):
-        # h (N, H), weight (V, H), bias (V,) or None, targets (N,)
-        inv_n = 1.0 / (targets != -100).sum().to(torch.promote_types(h.dtype, torch.float32))
-        ce = _compiled_ce_chunk() if h.is_cuda else _ce_chunk
-        need_grad = any(ctx.needs_input_grad[:3])
-        loss = torch.zeros((), dtype=inv_n.dtype, device=h.device)
-        grad_h = grad_w = grad_b = None
-        if need_grad:
-            grad_h, grad_w = torch.empty_like(h), torch.zeros_like(weight)
-            if bias is not None:
-                grad_b = torch.zeros(weight.shape[0], dtype=inv_n.dtype, device=h.device)
-        for start in range(0, h.shape[0], chunk):
-            h_c = h[start:start + chunk]  # (n, H)
-            loss_c, grad_c = ce(F.linear(h_c, weight, bias), targets[start:start + chunk], inv_n)
-            loss += loss_c
-            if need_grad:
-                torch.mm(grad_c, weight, out=grad_h[start:start + chunk])  # (n, H)
-                grad_w.addmm_(grad_c.t(), h_c)  # (V, H)
-                if bias is not None:
-                    grad_b += grad_c.sum(dim=0, dtype=grad_b.dtype)
-        ctx.save_for_backward(grad_h, grad_w, grad_b)
-        return loss * inv_n
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_h, grad_w, grad_b = ctx.saved_tensors
-        grad_b = (grad_b * grad_loss).to(grad_w.dtype) if grad_b is not None else None
-        return grad_h * grad_loss, grad_w * grad_loss, grad_b, None, None
-
-
-def chunked_cross_entropy(h, weight, bias, targets, chunk):
-    """mean over targets != -100 of CE(h @ weight.T + bias, targets), never materialising all
-    logits. h (N, H), weight (V, H), bias (V,) or None, targets (N,) -> fp32 scalar."""
-    return _ChunkedLinearCrossEntropy.apply(h, weight, bias, targets, chunk)
 
 
 @dataclass
@@ -624,7 +553,7 @@ class MoETransformer(nn.Module):
             logits = self.lm_head(self.norm(x))  # (B, T, V)
             out.logits = logits
             if labels is not None:
-                out.loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                out.loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),  # eq. 10: L_CE
                                            labels[:, 1:].reshape(-1), ignore_index=-100)
         if router_logits:
             token_mask = attention_mask[:, past:] if attention_mask is not None else None

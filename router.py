@@ -5,17 +5,18 @@ Notation (shapes in comments): N tokens (batch and time flattened), H hidden siz
 K experts chosen per token.
 
 A router maps each token's hidden state h (H,) to
-  - raw gate logits      h @ W_g^T            (E,)   <- what SARA pools (paper eq. 1-2)
+  - raw gate logits      h @ W_g^T            (E,)   <- what SARA pools (sara_loss.pool_routing)
   - top-k expert ids                          (K,)
   - top-k combine weights                     (K,)
-Every router here returns (weights (N, K), expert_ids (N, K), logits (N, E)); the MoE layer in
+Every router here takes x (..., H) and returns (weights (N, K), expert_ids (N, K), logits (..., E)),
+N = the number of tokens, logits not a view (FSDP2 warns about views among a module's outputs); the MoE layer in
 model.py does the rest. Two routers cover the models SARA is applied to:
   - TopKRouter: softmax over ALL experts, then top-k, optionally renormalised over the chosen k
     (Qwen3-MoE, Mixtral, OLMoE).
   - SparseMixerRouter: Phi-3.5-MoE's "sparsemixer" top-2 (arXiv 2409.12136), which picks experts
     by argmax at inference and by Gumbel sampling in training, with a straight-through multiplier.
 Numerics (dtype of each step) follow the released checkpoints' reference code exactly, so that
-bf16 outputs are bit-identical to transformers' eager path (see ARCHITECTURES.md).
+bf16 outputs are bit-identical to transformers' eager path (see docs/architectures.md).
 """
 import torch
 import torch.nn as nn
@@ -30,13 +31,14 @@ class TopKRouter(nn.Module):
         self.top_k = top_k
         self.norm_topk_prob = norm_topk_prob
 
-    def forward(self, x):  # x: (N, H)
-        logits = self.gate(x)  # (N, E), model dtype, as the checkpoints do
+    def forward(self, x):  # x: (..., H), e.g. (B, T, H) or (N, H)
+        logits = self.gate(x)  # (..., E), model dtype, as the checkpoints do
+        scores = logits.reshape(-1, logits.shape[-1])  # (N, E)
         # softmax over ALL experts in fp32 (float64 stays float64, for gradcheck)
-        probs = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
-        weights, expert_ids = torch.topk(probs, self.top_k, dim=-1)  # (N, K) each
+        probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+        weights, expert_ids = torch.topk(probs, self.top_k, dim=-1)  # eq. 3: the K chosen experts, (N, K) each
         if self.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+            weights = weights / weights.sum(dim=-1, keepdim=True)  # eq. 4: gate weights over the chosen K
         return weights.to(logits.dtype), expert_ids, logits
 
 
@@ -105,7 +107,7 @@ def sparsemixer(scores, jitter_eps, training):
 class SparseMixerRouter(nn.Module):
     """Phi-3.5-MoE's router: a bias-free gate, top-2 by sparsemixer, optional input jitter."""
 
-    def __init__(self, hidden_size, n_experts, top_k=2, jitter_eps=0.01, input_jitter=0.0):
+    def __init__(self, hidden_size, n_experts, top_k=2, jitter_eps=0.01, input_jitter=0.0, clean_logits=False):
         super().__init__()
         if top_k != 2:
             raise ValueError(f"sparsemixer is defined for top_k=2 only, got top_k={top_k}")
@@ -113,14 +115,20 @@ class SparseMixerRouter(nn.Module):
         self.top_k = top_k
         self.jitter_eps = jitter_eps
         self.input_jitter = input_jitter
+        self.clean_logits = clean_logits
 
-    def forward(self, x):  # x: (N, H)
+    def forward(self, x):  # x: (..., H), e.g. (B, T, H) or (N, H)
+        clean = x
         if self.training and self.input_jitter > 0:
             # multiplicative noise U(1-j, 1+j) on the router input only (out of place, unlike
             # transformers 5.x, which jitters the shared hidden state in place and twice)
             x = x * torch.empty_like(x).uniform_(1.0 - self.input_jitter, 1.0 + self.input_jitter)
-        logits = self.gate(x)  # (N, E)
-        weights, expert_ids = sparsemixer(logits, self.jitter_eps, self.training)
+        logits = self.gate(x)  # (..., E)
+        weights, expert_ids = sparsemixer(logits.reshape(-1, logits.shape[-1]), self.jitter_eps, self.training)
+        if self.clean_logits and x is not clean:
+            # the returned logits (which the SARA term pools, and the router losses use) are those
+            # of the un-jittered input: softmax(h W_g) exactly; the routing itself stays jittered
+            logits = self.gate(clean)
         return weights, expert_ids, logits
 
 
@@ -156,12 +164,12 @@ def load_balancing_loss(router_logits, top_k, attention_mask=None):
         assignments = assignments.scatter_add(0, chosen.reshape(-1), mask.repeat_interleave(top_k))
         prob_mass = prob_mass + (probs * mask[:, None]).sum(dim=0)
     n_rows = mask.sum() * len(router_logits)
-    return n_experts * torch.sum((assignments / n_rows) * (prob_mass / n_rows))
+    return n_experts * torch.sum((assignments / n_rows) * (prob_mass / n_rows))  # eq. 11: L_LB
 
 
 def router_z_loss(router_logits, attention_mask=None):
     """
-    ST-MoE router z-loss (arXiv 2202.08906, eq. 5): mean over real tokens of logsumexp(logits)^2,
+    The router z-loss of ST-MoE (Zoph et al. 2022, arXiv 2202.08906; ST-MoE's eq. 5, not SARA's): mean over real tokens of logsumexp(logits)^2,
     averaged over layers. Keeps gate logits small, which keeps the fp32/bf16 softmax stable.
     """
     n_experts = router_logits[0].shape[-1]

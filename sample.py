@@ -1,59 +1,62 @@
 """
-Chat with a Hugging Face checkpoint directory (Qwen3-MoE, Phi-3.5-MoE, or one we saved) from the
-command line: one user turn in the model's chat format, the assistant's reply printed.
+Chat with a checkpoint from the command line: one user turn in the model's chat format, the
+assistant's reply printed. Settings as in train.py (configurator.py): --key=value.
 
-    python sample.py --checkpoint DIR --prompt "Why is the sky blue?"
-    python sample.py --checkpoint DIR --prompt "..." --system "Be brief." --temperature 0.7 --top_p 0.9
+    python sample.py --checkpoint=DIR --prompt="Why is the sky blue?"
+    python sample.py --checkpoint=DIR --prompt="..." --system="Be brief." --temperature=0.7 --top_p=0.9
+    python sample.py --checkpoint=out/toy/base.pt --tokenizer=data/udhr/bpe.tiktoken --prompt="..."
 
-The directory needs config.json, the safetensors weights and tokenizer.json (a save_pretrained
-directory has them if it was written with copy_from=<the original checkpoint>). --checkpoint may
-also be one of train.py's .pt files ({'model': state_dict, 'config': dict}), with --tokenizer.
---temperature 0 is greedy decoding. --dtype defaults to the checkpoint's own (bf16 for the releases).
+--checkpoint: a Hugging Face directory (config.json, safetensors, tokenizer.json; a train.py export
+has them), or train.py's toy base.pt with --tokenizer. --temperature=0 is greedy decoding.
+--dtype="" keeps the checkpoint's own (bf16 for the releases).
 """
-import argparse
 import sys
 import time
 
 import torch
 
-from checkpoint import load_model
-from model import MoEConfig, MoETransformer
+from checkpoint import CheckpointError, load_model
+from configurator import ConfigError, at_least, configure, in_range, one_of, validate
 from tokenizer import load_tokenizer
+
+checkpoint = ""  # HF checkpoint directory, or a .pt written by train.py (base.pt)
+tokenizer = ""  # default: the checkpoint directory's tokenizer.json
+prompt = ""
+system = ""  # optional system message
+max_new_tokens = 256
+temperature = 0.0  # 0 = greedy
+top_p = 1.0
+seed = 1337
+dtype = ""  # "", "float32", "bfloat16", "float16"
+device = "auto"  # "auto", "cpu", "cuda"
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="Hugging Face checkpoint directory, or a .pt")
-    p.add_argument("--tokenizer", default=None, help="default: the checkpoint directory's tokenizer.json")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--system", default=None, help="optional system message")
-    p.add_argument("--max_new_tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top_p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="default: the checkpoint's dtype")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args(argv)
-
+    defaults = {k: v for k, v in globals().items() if k in _SETTINGS}
+    s, sources = configure(sys.argv[1:] if argv is None else argv, defaults)
+    validate(s, sources, dict(
+        checkpoint=lambda v: None if v else "is required (a checkpoint directory or a .pt file)",
+        prompt=lambda v: None if v else "is required", max_new_tokens=at_least(1),
+        temperature=at_least(0.0), top_p=in_range(0, 1, lo_open=True),
+        dtype=one_of("", "float32", "bfloat16", "float16"), device=one_of("auto", "cpu", "cuda")))
+    run_device = s["device"] if s["device"] != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    if s["checkpoint"].endswith(".pt") and not s["tokenizer"]:
+        raise ConfigError(f"{s['checkpoint']} is a .pt file: pass --tokenizer=... (e.g. data/udhr/bpe.tiktoken)")
     t0 = time.time()
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    if args.checkpoint.endswith(".pt"):  # train.py's own: {'model': state_dict, 'config': dict}
-        if args.tokenizer is None:
-            raise SystemExit(f"{args.checkpoint} is a .pt file: pass --tokenizer (e.g. data/udhr/bpe.tiktoken)")
-        ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-        model = MoETransformer(MoEConfig.from_dict(ckpt["config"]))
-        model.load_state_dict(ckpt["model"])
-        model = model.to(device=args.device, dtype=dtype).eval()
-    else:
-        model = load_model(args.checkpoint, dtype=dtype, device=args.device)
-    tok = load_tokenizer(args.tokenizer or args.checkpoint)
-    prompt_ids, _ = tok.encode_chat(args.prompt, None, system=args.system)
+    try:
+        model = load_model(s["checkpoint"], dtype=getattr(torch, s["dtype"]) if s["dtype"] else None, device=run_device)
+    except CheckpointError as err:
+        raise SystemExit(str(err)) from None
+    tok = load_tokenizer(s["tokenizer"] or s["checkpoint"])
+    prompt_ids, _ = tok.encode_chat(s["prompt"], None, system=s["system"] or None)
+    context = model.config.max_position_embeddings
+    if len(prompt_ids) + s["max_new_tokens"] > context:
+        raise ConfigError(f"max_new_tokens={s['max_new_tokens']} ({sources['max_new_tokens']}): the prompt's "
+                          f"{len(prompt_ids)} tokens + max_new_tokens exceed the model's context of {context} tokens")
     t1 = time.time()
-
-    generator = torch.Generator(args.device).manual_seed(args.seed)
-    ids = torch.tensor([prompt_ids], device=args.device)
-    new_ids = model.generate(ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+    generator = torch.Generator(run_device).manual_seed(s["seed"])
+    ids = torch.tensor([prompt_ids], device=run_device)
+    new_ids = model.generate(ids, s["max_new_tokens"], temperature=s["temperature"], top_p=s["top_p"],
                              stop_ids=tok.stop_ids, generator=generator)[0]
     t2 = time.time()
     if new_ids and new_ids[-1] in tok.stop_ids:
@@ -62,6 +65,9 @@ def main(argv=None):
     print(f"[load {t1 - t0:.1f}s, {len(new_ids)} tokens in {t2 - t1:.1f}s]", file=sys.stderr)
     return new_ids
 
+
+_SETTINGS = ["checkpoint", "tokenizer", "prompt", "system", "max_new_tokens", "temperature", "top_p", "seed",
+             "dtype", "device"]
 
 if __name__ == "__main__":
     main()

@@ -1,11 +1,12 @@
-"""SARA's routing-alignment loss, eq. 1-2 and 6-9 of Dong et al. (Findings of ACL 2026).
+"""SARA's routing-alignment loss (Dong et al., Findings of ACL 2026; docs/method.md lists where each
+equation of the paper lives in the code; each is labelled once, at the line that computes it).
 
-Per token t and MoE layer l the router's DENSE distribution over all E experts (eq. 1-2),
+Per token t and MoE layer l the router's DENSE distribution over all E experts,
     R_l(t) = softmax(h_t W_g)                       before any top-k, no temperature,
-is averaged over the real (non-padding) tokens of the sequence (eq. 6-7),
+is averaged over the real (non-padding) tokens of the sequence,
     P̄_l = Σ_t m_t R_l(t) / Σ_t m_t,
 and the pooled routing Q̄_l of the model being fine-tuned on a target-language sequence is pulled
-towards the pooled routing P̄_l of the ORIGINAL model on the parallel anchor sequence (eq. 8-9):
+towards the pooled routing P̄_l of the ORIGINAL model on the parallel anchor sequence:
     JS(P‖Q) = ½ KL(P‖M) + ½ KL(Q‖M),  M = ½(P + Q),  natural log, 0 ≤ JS ≤ ln 2,
     L_JS = mean over the batch and over the layers l of the band of JS(P̄_l ‖ Q̄_l).
 
@@ -13,7 +14,7 @@ Notation: B sequences, T tokens, L MoE layers (position in `out.router_logits`; 
 decoder layer index when every layer is MoE, as in both of the paper's models), E experts,
 N rows of an analysis set. Names carry shape suffixes (probs_BTE is (B, T, E)).
 
-Design decisions (the released code got each of these wrong, see design/METHOD.md):
+Design decisions (the released code got each of these wrong, see docs/method.md):
 - 0·log 0 = 0 exactly, with a double torch.where and no clamping. Clamping to 1e-8 without
   renormalising biases JS; and the plain where()/torch.xlogy give NaN gradients exactly where a
   softmax has underflowed to 0 (about 104 nats below the maximum logit in fp32).
@@ -39,10 +40,10 @@ LN2 = math.log(2.0)  # the largest possible JS (disjoint supports), in nats
 
 
 # -----------------------------------------------------------------------------
-# eq. 1-2 and 6-7: the pooled dense routing distribution of each sequence at each layer
+# the pooled dense routing distribution of each sequence at each layer
 
 def pool_routing(router_logits, attention_mask=None, *, check=True):
-    """Mean dense routing distribution of each sequence at each MoE layer (eq. 1-2, 6-7).
+    """Mean dense routing distribution of each sequence at each MoE layer.
 
     router_logits: the raw gate logits h_t W_g, before any top-k, as the model returns them in
         `out.router_logits`: a tuple/list with one (B, T, E) tensor per MoE layer, in layer order.
@@ -76,10 +77,10 @@ def pool_routing(router_logits, attention_mask=None, *, check=True):
 
 
 # -----------------------------------------------------------------------------
-# eq. 8: Jensen-Shannon divergence
+# Jensen-Shannon divergence
 
 def js_divergence(p, q, *, check=True):
-    """Jensen-Shannon divergence over the last dim, natural log (eq. 8).
+    """Jensen-Shannon divergence over the last dim, natural log.
 
     JS(P‖Q) = ½ KL(P‖M) + ½ KL(Q‖M), M = ½(P + Q): symmetric, 0 ≤ JS ≤ ln 2, = ln 2 exactly
     for disjoint supports.
@@ -98,7 +99,7 @@ def js_divergence(p, q, *, check=True):
         _check_distribution("q", q, dtype)
     p, q = p.to(dtype), q.to(dtype)
     m = 0.5 * (p + q)
-    return 0.5 * _kl(p, m) + 0.5 * _kl(q, m)
+    return 0.5 * _kl(p, m) + 0.5 * _kl(q, m)  # eq. 8
 
 
 def _kl(p, m):
@@ -114,7 +115,7 @@ def _kl(p, m):
 
 
 # -----------------------------------------------------------------------------
-# eq. 9: the SARA loss
+# the SARA loss
 
 def layer_band(start, end):
     """The paper's inclusive, 0-based layer band [start, end], e.g. layer_band(7, 34) for Qwen3-30B-A3B."""
@@ -124,8 +125,17 @@ def layer_band(start, end):
     return range(start, end + 1)
 
 
-def sara_loss(target_dist, anchor_dist, layers, anchor_mask=None, *, check=True):
-    """L_JS (eq. 9): mean over anchored samples and selected layers of JS(P̄_anchor ‖ Q̄_target).
+def moe_positions(moe_layers, layers):
+    """Decoder-layer indices -> their positions in out.router_logits, which lists the MoE layers
+    only (moe_layers = MoEConfig.moe_layers). A layer that is not an MoE layer is a ValueError."""
+    bad = [l for l in layers if l not in moe_layers]
+    if bad:
+        raise ValueError(f"layers {bad} are not MoE layers (MoE layers: {list(moe_layers)})")
+    return [list(moe_layers).index(l) for l in layers]
+
+
+def sara_loss(target_dist, anchor_dist, layers, anchor_mask=None, *, check=True, reduction="mean"):
+    """L_JS: mean over anchored samples and selected layers of JS(P̄_anchor ‖ Q̄_target).
 
     target_dist: (B, L, E) pooled routing (pool_routing) of the model being trained, on the
         target-language sequences. The gradient flows through this side only.
@@ -137,6 +147,8 @@ def sara_loss(target_dist, anchor_dist, layers, anchor_mask=None, *, check=True)
         Samples without an anchor are left out of the mean (their anchor rows may hold anything,
         NaN included). With no anchored sample the loss is an exact 0.0 with an all-zero gradient.
     check: validate the distributions and mask values (host sync); shapes are always checked.
+    reduction: "mean" over anchored samples, or "sum" over them (a caller that averages over more
+        than one micro-batch divides by its own count of anchored samples).
     Returns a 0-dim tensor, fp32 (float64 if either input is float64).
     """
     _check_same_shape("target_dist", target_dist, "anchor_dist", anchor_dist)
@@ -159,10 +171,13 @@ def sara_loss(target_dist, anchor_dist, layers, anchor_mask=None, *, check=True)
         dtype = _compute_dtype(target_dist.dtype, anchor_dist.dtype)
         _check_distribution("target_dist[:, layers]", target_BlE, dtype)
         _check_distribution("anchor_dist[:, layers] (anchored rows)", anchor_BlE, dtype)
-    js_B = js_divergence(anchor_BlE, target_BlE, check=False).mean(1)  # mean over the band
+    js_B = js_divergence(anchor_BlE, target_BlE, check=False).mean(1)  # eq. 9: mean over the band, then the batch
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction={reduction!r}: expected 'mean' or 'sum'")
     if anchor_mask is None:
-        return js_B.mean()
-    return torch.where(has_B, js_B, 0.0).sum() / has_B.sum().clamp(min=1)  # mean over anchored
+        return js_B.mean() if reduction == "mean" else js_B.sum()
+    total = torch.where(has_B, js_B, 0.0).sum()
+    return total / has_B.sum().clamp(min=1) if reduction == "mean" else total  # mean over anchored
 
 
 # -----------------------------------------------------------------------------

@@ -8,9 +8,8 @@ target language; every translation is checked. The output is the JSONL train.py 
         --checkpoint Qwen3-30B-A3B --langs sw,hi,bn,te,ne --out data/stage1        # built-in generator
     python stage1.py build ... --engine-url http://localhost:8000/v1 --engine-model sara   # serving engine
         [--translator model|engine|file] [--translate-url URL --translate-model NAME] [--translations FILE]
-    python stage1.py throughput [--checkpoint DIR] [--batch-sizes 1,16,64]   # built-in decoding tokens/s
 
-Question files (.jsonl/.json, .csv/.tsv, .parquet, read by eval's read_rows); the kind is told by the columns:
+Question files (.jsonl/.json, .csv/.tsv, .parquet; read by data/questions.py); the kind is told by the columns:
   multiple choice  MMLU-Pro / MMLU-ProX rows: question, options (a list of up to 10 strings, or a JSON list
                    in a CSV cell; trailing "N/A" padding is dropped) or option_0..option_9, and the gold as
                    answer (a letter A-J) and/or answer_index (0-9; both must agree); id from question_id.
@@ -20,10 +19,10 @@ Question files (.jsonl/.json, .csv/.tsv, .parquet, read by eval's read_rows); th
 prefixes the ids. A bad row stops the run before any model is loaded, naming the file and line (row for
 CSV/Parquet). All validation (files, languages, translation file, servers, output directory) comes first.
 
-Prompts: math uses eval's MGSM template; multiple choice uses the Global-MMLU wording with the letter list
-of the item (A..D for four options: the very prompt eval sends, so training and evaluation ask alike).
-Filter: eval's score_output (extract_boxed: last complete \\boxed{}; normalize_choice / parse_number), the
-SAME normalisation as the evaluation. Reasons: wrong_answer, no_boxed_answer (no box, or unreadable),
+Prompts: math uses the evaluation's MGSM template; multiple choice the Global-MMLU wording with the item's
+letter list (for four options the very prompt the evaluation sends: training and evaluation ask alike).
+Filter: evaluation/scoring.py's score_output (the last complete \\boxed{}; normalize_choice / parse_number),
+the SAME normalisation as the evaluation. Reasons: wrong_answer, no_boxed_answer (no box, or unreadable),
 gold_unreadable (a gold letter the evaluation's normaliser cannot read, e.g. E-J while it reads A-D).
 
 Translators (--translator): "model" = the answering model (built-in or --engine-url) prompted with
@@ -31,9 +30,11 @@ TRANSLATE_PROMPT; "engine" = any OpenAI-compatible server (--translate-url/--tra
 stronger model under vLLM); "file" = an existing translation file (--translations, JSONL/CSV/Parquet with
 id, lang, prompt, response; id = "<group>-<lang>" as in the output; a parallel JSONL works as is).
 Checks, in order, each a rejection reason: no_translation (file has none), empty, untranslated (a text
-returned unchanged), length_ratio (len(out)+32 outside [min_ratio, max_ratio] x (len(src)+32), in
+returned unchanged, or inside a reply), length_ratio (len(out)+32 outside [min_ratio, max_ratio] x (len(src)+32), in
 characters: runaway repetition or a dropped half; the +32 keeps short strings from tripping it),
-boxed_answer_missing / boxed_answer_changed (scored against the gold with eval's scoring), wrong_script
+options_lost (the lines of a multiple-choice prompt starting with a label "A." / "A)" / "(A)", A-J, are not
+the source prompt's, in order; a question's own "I." line counts too),
+boxed_answer_missing / boxed_answer_changed (scored against the gold with the evaluation's scoring), wrong_script
 (for languages in SCRIPTS: in the prompt or in the response, under --min-script-fraction of the letters
 outside \\boxed{} and LaTeX commands are in the language's Unicode blocks).
 
@@ -47,22 +48,21 @@ NOTE: a resumed run samples its remaining batches afresh (seed per batch), so wi
 set can differ slightly from an uninterrupted run's; every kept row is still verified.
 """
 import argparse
-import ast
 import contextlib
+import hashlib
 import json
 import os
 import re
 import sys
-import time
 import unicodedata
 from pathlib import Path
 
 from tqdm import tqdm
 
-from data.parallel import load_parallel_jsonl, tokenize_samples
-from eval import TEMPLATES, build_prompt, extract_boxed, parse_number, read_rows, score_output
+from evaluation.benchmarks import TEMPLATES
+from evaluation.scoring import extract_boxed, score_output
+from data.questions import load_questions, load_translation_file, mc_prompt, translation_notes  # noqa: F401
 
-LETTERS = "ABCDEFGHIJ"
 LANG_NAMES = {"en": "English", "zh": "Chinese", "sw": "Swahili", "hi": "Hindi", "bn": "Bengali", "te": "Telugu",
               "ne": "Nepali", "am": "Amharic", "yo": "Yoruba", "ha": "Hausa", "zu": "Zulu", "xh": "Xhosa",
               "ig": "Igbo", "so": "Somali", "ny": "Chichewa", "fr": "French", "es": "Spanish", "de": "German",
@@ -80,145 +80,23 @@ TRANSLATE_PROMPT = ("Translate the following text from {source} into {target}. K
 
 
 # -----------------------------------------------------------------------------
-# question files -> items {"group", "source", "question", "choices" (list) or None, "answer", "prompt"}
-
-def _options(row, where):
-    if "options" in row:
-        opts = row["options"]
-        if isinstance(opts, str):  # a CSV cell: a JSON list, or a Python list literal
-            try:
-                opts = json.loads(opts)
-            except json.JSONDecodeError:
-                try:
-                    opts = ast.literal_eval(opts)
-                except (ValueError, SyntaxError):
-                    raise ValueError(f"{where}: 'options' is not a list: {opts[:80]!r}") from None
-        opts = list(opts) if not isinstance(opts, (str, dict)) and hasattr(opts, "__iter__") else None
-        if opts is None:
-            raise ValueError(f"{where}: 'options' must be a list of strings")
-    else:
-        opts = [row[f"option_{i}"] for i in range(10) if row.get(f"option_{i}") not in (None, "")]
-    opts = [str(o) for o in opts]
-    while opts and opts[-1].strip() == "N/A":  # MMLU-Pro v1.1 pads to 10 with "N/A"
-        opts.pop()
-    if not 2 <= len(opts) <= len(LETTERS):
-        raise ValueError(f"{where}: {len(opts)} options; expected 2 to {len(LETTERS)}")
-    return opts
-
-
-def _mc_gold(row, n, where):
-    letter = index = None
-    if row.get("answer") not in (None, ""):
-        letter = str(row["answer"]).strip().strip("()").rstrip(".").upper()
-        if len(letter) != 1 or letter not in LETTERS[:n]:
-            raise ValueError(f"{where}: answer {row['answer']!r} is not one of {LETTERS[0]}-{LETTERS[n - 1]}")
-    if row.get("answer_index") not in (None, ""):
-        try:
-            index = int(row["answer_index"])
-        except (TypeError, ValueError):
-            index = -1
-        if not 0 <= index < n:
-            raise ValueError(f"{where}: answer_index {row['answer_index']!r} is not in 0-{n - 1}")
-    if letter is None and index is None:
-        raise ValueError(f"{where}: no gold answer (answer or answer_index)")
-    if letter is not None and index is not None and LETTERS[index] != letter:
-        raise ValueError(f"{where}: answer {letter!r} and answer_index {index} disagree")
-    return letter or LETTERS[index]
-
-
-def _math_gold(row, where):
-    text = str(row["answer"])
-    if "####" not in text:
-        raise ValueError(f"{where}: answer has no '#### <number>' (GSM8K format)")
-    gold = text.rsplit("####", 1)[1].strip()
-    if parse_number(gold) is None:
-        raise ValueError(f"{where}: the answer after '####' is not a number: {gold!r}")
-    return gold
-
-
-def mc_prompt(question, choices):
-    """The Global-MMLU instruction with this item's letters; for 4 options exactly eval's prompt."""
-    letters = LETTERS[:len(choices)]
-    listing = ", ".join(letters[:-1]) + " or " + letters[-1]
-    head = TEMPLATES["global_mmlu"].split("\n\n")[0]
-    if "(A, B, C or D)" not in head:
-        raise RuntimeError("eval's global_mmlu template changed: update stage1.mc_prompt")
-    head = head.replace("(A, B, C or D)", f"({listing})")
-    return head + "\n\n" + question + "\n\n" + "\n".join(f"{l}. {c}" for l, c in zip(letters, choices))
-
-
-def row_to_item(row, kind, source, index, where):
-    if not isinstance(row, dict) or not str(row.get("question") or "").strip():
-        raise ValueError(f"{where}: no 'question'")
-    if kind == "mc":
-        choices = _options(row, where)
-        answer = _mc_gold(row, len(choices), where)
-        item_id = str(row.get("question_id") if row.get("question_id") not in (None, "") else index)
-        prompt = mc_prompt(row["question"], choices)
-    else:
-        choices, answer, item_id = None, _math_gold(row, where), str(index)
-        prompt = build_prompt(dict(question=row["question"], passage=None, choices=None), TEMPLATES["mgsm"])
-    return dict(group=f"{source}-{item_id}", source=source, question=row["question"], choices=choices,
-                answer=answer, prompt=prompt)
-
-
-def _row_places(path, n):
-    """Where each row of a file is, for error messages: JSONL lines skip blanks as read_rows does."""
-    if path.suffix.lower() in (".jsonl", ".json"):
-        text = path.read_text(encoding="utf-8")
-        if not text.lstrip().startswith("["):
-            lines = [i for i, l in enumerate(text.splitlines(), 1) if l.strip()]
-            return [f"{path}:{i}" for i in lines]
-    return [f"{path} row {i}" for i in range(1, n + 1)]
-
-
-def load_questions(spec):
-    """--questions "name=path,path2" -> items of every file, in file order. Raises ValueError naming
-    the file and line of the first bad row, or the columns found when a file's kind is unknown."""
-    items, seen = [], {}
-    for part in [p for p in spec.split(",") if p.strip()]:
-        name, path = part.split("=", 1) if "=" in part else (Path(part).stem, part)
-        path, name = Path(path.strip()), re.sub(r"[^\w.]+", "_", name.strip())
-        if not path.is_file():
-            raise ValueError(f"--questions: {path}: no such file")
-        rows = read_rows(path)
-        if not rows:
-            raise ValueError(f"{path}: no rows")
-        cols = set(rows[0]) if isinstance(rows[0], dict) else set()
-        if "options" in cols or "option_0" in cols:
-            kind = "mc"
-        elif {"question", "answer"} <= cols:
-            kind = "math"
-        else:
-            raise ValueError(f"{path}: unknown question format, columns {sorted(cols)}; expected MMLU-Pro "
-                             "(question, options or option_0..9, answer/answer_index) or GSM8K (question, answer)")
-        places = _row_places(path, len(rows))
-        for i, row in enumerate(rows):
-            it = row_to_item(row, kind, name, i + 1, places[i])
-            if it["group"] in seen:
-                raise ValueError(f"{places[i]}: duplicate id {it['group']!r} (first at {seen[it['group']]})")
-            seen[it["group"]] = places[i]
-            items.append(it)
-    return items
-
-
-# -----------------------------------------------------------------------------
 # the filter and the translation checks
 
-def _eval_item(item):
-    return dict(choices=item["choices"], answer=item["answer"])
+def _eval_item(item, lang):
+    """The fields the evaluation's score_output reads (lang: how a number's digit grouping is read)."""
+    return dict(choices=item["choices"], answer=item["answer"], lang=lang)
 
 
-# Whether the evaluation's normaliser reads letters past D (probed, not assumed: it is eval's to decide)
+# Whether the evaluation's normaliser reads letters past D (probed, not assumed: it is the evaluation's call)
 _PROBE = dict(choices=list("0123456789"), answer="J")
 EVAL_READS_ALL_LETTERS = score_output(_PROBE, "\\boxed{J}", "generative")[1]
 
 
-def judge_answer(item, text):
+def judge_answer(item, text, lang="en"):
     """-> (pred, reason): reason None = keep; else wrong_answer / no_boxed_answer / gold_unreadable."""
     if item["choices"] is not None and item["answer"] not in "ABCD" and not EVAL_READS_ALL_LETTERS:
         return None, "gold_unreadable"
-    pred, correct = score_output(_eval_item(item), text, "generative")
+    pred, correct = score_output(_eval_item(item, lang), text, "generative")
     if correct:
         return pred, None
     return pred, "wrong_answer" if pred is not None else "no_boxed_answer"
@@ -239,6 +117,11 @@ def script_fraction(text, lang):
     return inside / len(letters)
 
 
+def _option_letters(prompt):
+    """The option labels of a multiple-choice prompt, in order: lines starting "A." / "A)" / "(A)"."""
+    return re.findall(r"^\s*\(?([A-J])[.)]", prompt, flags=re.M)
+
+
 def check_translation(item, src, out, lang, *, min_ratio=0.15, max_ratio=3.0, min_script=0.5):
     """src, out: (prompt, response) in the source and the target language. -> None if the translation is
     accepted, else the reason (see the module docstring)."""
@@ -247,14 +130,17 @@ def check_translation(item, src, out, lang, *, min_ratio=0.15, max_ratio=3.0, mi
     if not out[1].strip() or (src[0].strip() and not out[0].strip()):
         return "empty"
     for s, t in zip(src, out):
-        if sum(c.isalpha() for c in s) >= 20 and s.strip() == t.strip():
+        if sum(c.isalpha() for c in s) >= 20 and s.strip() in t:  # also "Here is the translation:\n<source>"
             return "untranslated"
     for s, t in zip(src, out):
         if not min_ratio * (len(s) + 32) <= len(t) + 32 <= max_ratio * (len(s) + 32):
             return "length_ratio"
+    # the labelled lines of the source (its options, and any "I." / "A." lines of the question itself) in order
+    if item["choices"] is not None and _option_letters(out[0]) != _option_letters(src[0]):
+        return "options_lost"
     if extract_boxed(out[1]) is None:
         return "boxed_answer_missing"
-    if not score_output(_eval_item(item), out[1], "generative")[1]:
+    if not score_output(_eval_item(item, lang), out[1], "generative")[1]:
         return "boxed_answer_changed"
     if lang in SCRIPTS and any(script_fraction(t, lang) < min_script for t in out):
         return "wrong_script"
@@ -271,30 +157,9 @@ def responder_translator(respond, source_lang, lang_names, run=0):
 
     def translate(jobs):
         prompts = [fill(t, lang) for _, src, lang in jobs for t in src]
-        texts = respond(prompts, run)
+        texts = _same_length(respond(prompts, run), prompts, "respond (translating)")
         return [(texts[2 * j].strip(), texts[2 * j + 1].strip()) for j in range(len(jobs))]
     return translate
-
-
-def load_translation_file(path):
-    """A JSONL/CSV/Parquet file with id ("<group>-<lang>"), lang, prompt, response -> {(group, lang): (p, r)}."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"--translations {path}: no such file")
-    rows = read_rows(path)
-    places, table = _row_places(path, len(rows)), {}
-    for row, where in zip(rows, places):
-        missing = [k for k in ("id", "lang", "prompt", "response") if not isinstance(row, dict) or k not in row]
-        if missing:
-            raise ValueError(f"{where}: missing {missing}; a translation row needs id, lang, prompt, response")
-        rid, lang = str(row["id"]), str(row["lang"])
-        if not rid.endswith("-" + lang) or rid == "-" + lang:
-            raise ValueError(f"{where}: id {rid!r} does not end with '-{lang}' (ids are '<group>-<lang>')")
-        key = (rid[:-len(lang) - 1], lang)
-        if key in table:
-            raise ValueError(f"{where}: duplicate translation {rid!r}")
-        table[key] = (str(row["prompt"] or ""), str(row["response"] or ""))
-    return table
 
 
 def file_translator(table):
@@ -304,9 +169,24 @@ def file_translator(table):
 # -----------------------------------------------------------------------------
 # append-only journals
 
+class InputError(ValueError):
+    """An output directory whose contents do not fit this run (damaged journal, changed questions)."""
+
+
+def write_atomic(path, text):
+    """Write a whole file or nothing (a crash leaves the old one): a temporary file, fsync, rename."""
+    tmp = Path(str(path) + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 class Journal:
     """A JSONL file of records, one per key, appended and fsync'd batch by batch. Opening it cuts a torn
-    last line (a crash mid-write) and keeps the first record of a key (nothing counts twice)."""
+    last line (a crash mid-write) and keeps the first record of a key (nothing counts twice). A batch is
+    appended whole or not at all: a failed write (a full disk) is cut back before the error goes up."""
 
     def __init__(self, path, key):
         self.path, self.key, self.records = Path(path), key, {}
@@ -320,21 +200,32 @@ class Journal:
             for lineno, line in enumerate(data[:cut].decode("utf-8").splitlines(), 1):
                 try:
                     rec = json.loads(line)
-                except json.JSONDecodeError:
-                    raise ValueError(f"{self.path}:{lineno}: not JSON; the journal is damaged "
+                    k = key(rec)
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise InputError(f"{self.path}:{lineno}: not a journal record; the journal is damaged "
                                      "(not by a crash, which only tears the last line)") from None
-                self.records.setdefault(key(rec), rec)
+                self.records.setdefault(k, rec)
 
     def __contains__(self, k):
         return k in self.records
 
     def append(self, records):
         new = [r for r in records if self.key(r) not in self.records]
-        with open(self.path, "a", encoding="utf-8") as f:
-            for r in new:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in new).encode("utf-8")
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            start = os.fstat(fd).st_size
+            try:
+                view = memoryview(data)
+                while view:  # os.write may write part of it
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            except OSError as e:  # e.g. a full disk: leave no half batch behind
+                os.ftruncate(fd, start)
+                raise OSError(e.errno, f"{self.path}: could not append {len(new)} records ({e.strerror}); "
+                                       "they are not kept: fix the cause and rerun to resume") from e
+        finally:
+            os.close(fd)
         for r in new:
             self.records[self.key(r)] = r
 
@@ -352,17 +243,25 @@ def locked(out):
 
 
 def pin_settings(out, settings):
-    """run.json holds the settings that decide what the journals mean; a resume must match them."""
+    """run.json holds the settings that decide what the journals mean; a resume must match them. Before
+    any record is journaled it is rewritten (a run that failed at the start, e.g. on a wrong checkpoint
+    path, must not lock its --out to that path)."""
     path = out / "run.json"
-    if path.exists():
-        old = json.loads(path.read_text(encoding="utf-8"))
+    journaled = any(b"\n" in p.read_bytes() for p in (out / "answers.jsonl", out / "translations.jsonl")
+                    if p.exists())
+    if path.exists() and journaled:
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise SystemExit(f"{path}: damaged (not JSON); it pins the settings of the journals in {out}: "
+                             "restore it, or use another --out") from None
         diff = [f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in sorted(set(old) | set(settings))
                 if old.get(k) != settings.get(k)]
         if diff:
             raise SystemExit(f"{out} was made with other settings ({'; '.join(diff)}); "
                              "use another --out, or the same settings")
     else:
-        path.write_text(json.dumps(settings, indent=1, ensure_ascii=False), encoding="utf-8")
+        write_atomic(path, json.dumps(settings, indent=1, ensure_ascii=False))
 
 
 # -----------------------------------------------------------------------------
@@ -373,20 +272,34 @@ def _batches(seq, n):
         yield seq[i:i + n]
 
 
+def _same_length(outs, ins, what):
+    if len(outs) != len(ins):  # zip would silently pair answers with the wrong questions
+        raise RuntimeError(f"{what} returned {len(outs)} outputs for {len(ins)} inputs")
+    return outs
+
+
 def run_stage1(items, respond, translate, out, *, langs, source_lang="en", batch_size=16,
-               checks=None, progress=True):
+               checks=None, progress=True, redo_translations=False):
     """items from load_questions; respond(prompts, run) -> answers (built-in or engine responder), called
     lazily (None is fine when the journal already holds every answer); translate(jobs) -> translations.
-    Writes the journals, parallel.jsonl and summary.json in out; -> the summary dict."""
+    redo_translations: translate everything afresh instead of resuming (a translation file: a lookup,
+    and rows added to the file since the last run must count). Writes the journals, parallel.jsonl and
+    summary.json in out; -> the summary dict. InputError if the journal answered other questions."""
     out = Path(out)
     answers = Journal(out / "answers.jsonl", key=lambda r: r["group"])
+    for it in items:  # an edited question file must not keep answers (and verdicts) to the old question
+        a = answers.records.get(it["group"])
+        if a is not None and (a["prompt"], a["gold"]) != (it["prompt"], it["answer"]):
+            what = "gold answer" if a["prompt"] == it["prompt"] else "question or options"
+            raise InputError(f"{out / 'answers.jsonl'}: item {it['group']} was answered with another {what} "
+                             "than the question files now give; use another --out (or restore the file)")
     todo = [it for it in items if it["group"] not in answers]
     bar = tqdm(total=len(items), initial=len(items) - len(todo), desc="answer", unit="item", disable=not progress)
     for chunk in _batches(todo, batch_size):
-        texts = respond([it["prompt"] for it in chunk], 0)
+        texts = _same_length(respond([it["prompt"] for it in chunk], 0), chunk, "respond")
         recs = []
         for it, text in zip(chunk, texts):
-            pred, reason = judge_answer(it, text)
+            pred, reason = judge_answer(it, text, source_lang)
             recs.append(dict(group=it["group"], source=it["source"], prompt=it["prompt"], response=text,
                              gold=it["answer"], pred=pred, status=reason or "kept"))
         answers.append(recs)
@@ -394,13 +307,15 @@ def run_stage1(items, respond, translate, out, *, langs, source_lang="en", batch
     bar.close()
 
     kept = [it for it in items if answers.records[it["group"]]["status"] == "kept"]
+    if redo_translations:
+        (out / "translations.jsonl").unlink(missing_ok=True)
     trans = Journal(out / "translations.jsonl", key=lambda r: (r["group"], r["lang"]))
     jobs = [(it, (it["prompt"], answers.records[it["group"]]["response"]), lang)
             for it in kept for lang in langs if (it["group"], lang) not in trans]
     bar = tqdm(total=len(kept) * len(langs), initial=len(kept) * len(langs) - len(jobs), desc="translate",
-               unit="text", disable=not progress)
+               unit="translation", disable=not progress)
     for chunk in _batches(jobs, batch_size):
-        outs = translate(chunk)
+        outs = _same_length(translate(chunk), chunk, "translate")
         recs = []
         for (it, src, lang), o in zip(chunk, outs):
             reason = check_translation(it, src, o, lang, **(checks or {}))
@@ -421,14 +336,9 @@ def run_stage1(items, respond, translate, out, *, langs, source_lang="en", batch
             if t["status"] == "kept":
                 rows.append(dict(id=f"{it['group']}-{lang}", lang=lang, prompt=t["prompt"], response=t["response"],
                                  **anchor))
-    tmp = out / "parallel.jsonl.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out / "parallel.jsonl")
+    write_atomic(out / "parallel.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     summary = summarize(items, answers.records, trans.records, langs)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    write_atomic(out / "summary.json", json.dumps(summary, indent=1, ensure_ascii=False))
     return summary
 
 
@@ -461,62 +371,98 @@ def format_summary(summary):
 # -----------------------------------------------------------------------------
 # command line
 
+def parse_lang(part, flag):
+    """"sw" or "kin=Kinyarwanda" -> (code, name); a code outside LANG_NAMES needs its name (the translation
+    prompt names the languages)."""
+    code, _, name = (x.strip() for x in part.partition("="))
+    if not code or not re.fullmatch(r"[\w-]+", code):
+        raise SystemExit(f"{flag}: {part!r} is not a language code (e.g. sw, or kin=Kinyarwanda)")
+    if not name and code not in LANG_NAMES:
+        raise SystemExit(f"{flag}: unknown language {code!r}; give its name as {code}=Name "
+                         f"(known: {','.join(LANG_NAMES)})")
+    return code, name or LANG_NAMES[code]
+
+
 def parse_langs(spec, source_lang):
-    """"sw,hi,kin=Kinyarwanda" -> {code: name}; a code outside LANG_NAMES needs its name."""
+    """"sw,hi,kin=Kinyarwanda" -> {code: name}."""
     names = {}
     for part in [p.strip() for p in spec.split(",") if p.strip()]:
-        code, _, name = part.partition("=")
-        if not name and code not in LANG_NAMES:
-            raise SystemExit(f"--langs: unknown language {code!r}; give its name as {code}=Name "
-                             f"(known: {','.join(LANG_NAMES)})")
+        code, name = parse_lang(part, "--langs")
         if code == source_lang:
             raise SystemExit(f"--langs: {code} is the source language (--source-lang)")
-        names[code] = name or LANG_NAMES[code]
+        names[code] = name
     if not names:
         raise SystemExit("--langs: no target language")
     return names
 
 
-def _lazy(make):
-    """A responder built on first use: no model is loaded when the journals already hold the work."""
-    box = []
-
-    def respond(prompts, run):
-        if not box:
-            box.append(make())
-        return box[0](prompts, run)
-    return respond
-
-
-def _builtin_responders(args):
-    """-> make(max_new_tokens) -> a lazy built-in responder; all of them share one model, loaded once."""
+def _responders(args):
+    """-> make(max_new_tokens, url=None, name=None): a responder (an engine's if url is given, else the built-in
+    generator's), built on first use, so no model is loaded when the journals already hold the work. The
+    built-in ones share one model, loaded once."""
     loaded = []
 
-    def make(max_new_tokens):
-        def build():
-            from eval import load_model, load_tok, make_generative_responder  # TODO: checkpoint.load_model
-            if not loaded:
-                loaded.append((load_model(args.checkpoint, args.dtype, args.device),
-                               load_tok(args.checkpoint, args.tokenizer)))
-            model, tok = loaded[0]
-            return make_generative_responder(model, tok, max_new_tokens=max_new_tokens, temperature=args.temperature,
-                                             top_p=args.top_p, batch_size=args.batch_size, seed=args.seed,
-                                             system=args.system)
-        return _lazy(build)
+    def build(max_new_tokens, url, name):
+        if url:
+            from engine import make_engine_responder
+            return make_engine_responder(url, name, max_new_tokens=max_new_tokens, temperature=args.temperature,
+                                         top_p=args.top_p, seed=args.seed, concurrency=args.concurrency,
+                                         timeout=args.timeout, retries=args.retries, system=args.system)
+        import torch
+        from checkpoint import load_model
+        from eval import load_tok
+        from evaluation.generate import make_generative_responder
+        if not loaded:
+            loaded.append((load_model(args.checkpoint, getattr(torch, args.dtype) if args.dtype else None, args.device),
+                           load_tok(args.checkpoint, args.tokenizer)))
+        return make_generative_responder(*loaded[0], max_new_tokens=max_new_tokens, temperature=args.temperature,
+                                         top_p=args.top_p, batch_size=args.batch_size, seed=args.seed,
+                                         system=args.system)
+
+    def make(max_new_tokens, url=None, name=None):
+        box = []
+
+        def respond(prompts, run):
+            if not box:
+                box.append(build(max_new_tokens, url, name))
+            return box[0](prompts, run)
+        return respond
     return make
 
 
-def _engine_responder(args, url, model, max_new_tokens):
-    from engine import make_engine_responder
-    return make_engine_responder(url, model, max_new_tokens=max_new_tokens, temperature=args.temperature,
-                                 top_p=args.top_p, seed=args.seed, concurrency=args.concurrency,
-                                 timeout=args.timeout, retries=args.retries, system=args.system,
-                                 api_key=os.environ.get("OPENAI_API_KEY"))
+def check_flags(args):
+    """Numbers and paths that would fail late (after the model is loaded) or silently change the run."""
+    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--concurrency", args.concurrency, 1),
+                             ("--retries", args.retries, 0), ("--max-new-tokens", args.max_new_tokens, 1),
+                             ("--translate-max-new-tokens", args.translate_max_new_tokens, 1),
+                             ("--limit", 1 if args.limit is None else args.limit, 1)):
+        if value < low:
+            raise SystemExit(f"{flag} must be >= {low}, got {value}")
+    if not args.timeout > 0:
+        raise SystemExit(f"--timeout must be > 0 seconds, got {args.timeout}")
+    if not 0 <= args.min_ratio < args.max_ratio:
+        raise SystemExit(f"--min-ratio {args.min_ratio} / --max-ratio {args.max_ratio}: need 0 <= min < max")
+    if not 0 <= args.min_script_fraction <= 1:
+        raise SystemExit(f"--min-script-fraction must be in [0, 1], got {args.min_script_fraction}")
+    if args.dtype:
+        import torch
+        if not isinstance(getattr(torch, args.dtype, None), torch.dtype):
+            raise SystemExit(f"--dtype {args.dtype}: not a torch dtype (e.g. bfloat16, float16, float32)")
+    if args.tokenizer and not Path(args.tokenizer).exists():
+        raise SystemExit(f"--tokenizer {args.tokenizer}: no such file or directory")
+    out = Path(args.out)
+    for p in (out, *out.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise SystemExit(f"--out {out}: {p} is a file, not a directory")
+            break
 
 
 def cmd_build(args):
     # --- every check first: no model is loaded before the inputs are known to be good
-    langs = parse_langs(args.langs, args.source_lang)
+    source_lang, source_name = parse_lang(args.source_lang, "--source-lang")
+    langs = parse_langs(args.langs, source_lang)
+    check_flags(args)
     if (args.checkpoint is None) == (args.engine_url is None):
         raise SystemExit("pass exactly one of --checkpoint (built-in generator) or --engine-url (serving engine)")
     if args.engine_url and not args.engine_model:
@@ -527,12 +473,16 @@ def cmd_build(args):
         raise SystemExit("--translator engine needs --translate-url and --translate-model")
     if args.translator == "file" and not args.translations:
         raise SystemExit("--translator file needs --translations FILE")
+    if args.translations and args.translator != "file":
+        raise SystemExit("--translations is read by --translator file only")
     try:
         items = load_questions(args.questions)
         table = load_translation_file(args.translations) if args.translator == "file" else None
     except ValueError as e:
         raise SystemExit(str(e)) from None
     items = items[:args.limit] if args.limit else items
+    for note in translation_notes(table or {}, items, langs, args.translations):
+        print("note:", note, file=sys.stderr)
     from engine import EngineError, check_engine
     try:
         if args.engine_url:
@@ -543,79 +493,52 @@ def cmd_build(args):
         raise SystemExit(str(e)) from None
     checks = dict(min_ratio=args.min_ratio, max_ratio=args.max_ratio, min_script=args.min_script_fraction)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"--out {out}: cannot create the directory ({e.strerror})") from None
     answer_model = args.checkpoint or f"{args.engine_url} {args.engine_model}"
     translate_by = dict(model=answer_model, engine=f"{args.translate_url} {args.translate_model}",
-                        file=str(args.translations))[args.translator]
-    settings = dict(source_lang=args.source_lang, answer_model=answer_model, temperature=args.temperature,
-                    top_p=args.top_p, seed=args.seed, system=args.system, max_new_tokens=args.max_new_tokens,
-                    translator=args.translator, translate_by=translate_by,
-                    translate_max_new_tokens=args.translate_max_new_tokens, **checks)
+                        file="file")[args.translator]  # a file is re-read by every run: not pinned
+    settings = dict(source_lang=source_lang, answer_model=answer_model, dtype=args.dtype, tokenizer=args.tokenizer,
+                    temperature=args.temperature, top_p=args.top_p, seed=args.seed, system=args.system,
+                    max_new_tokens=args.max_new_tokens, translator=args.translator, translate_by=translate_by,
+                    translate_max_new_tokens=args.translate_max_new_tokens, **checks,
+                    prompts=hashlib.sha256((TEMPLATES["global_mmlu"] + TEMPLATES["mgsm"] + TRANSLATE_PROMPT)
+                                           .encode()).hexdigest()[:16],
+                    eval_reads_all_letters=EVAL_READS_ALL_LETTERS)
     # --- the work
     with locked(out):
         pin_settings(out, settings)
-        if args.checkpoint:
-            make = _builtin_responders(args)
-        else:
-            make = lambda n: _lazy(lambda: _engine_responder(args, args.engine_url, args.engine_model, n))
-        respond = make(args.max_new_tokens)
-        names = {args.source_lang: LANG_NAMES.get(args.source_lang, args.source_lang), **langs}
+        make = _responders(args)
+        respond = make(args.max_new_tokens, args.engine_url, args.engine_model)
+        names = {source_lang: source_name, **langs}
         if args.translator == "file":
             translate = file_translator(table)
-        elif args.translator == "engine":
-            translate = responder_translator(_lazy(lambda: _engine_responder(
-                args, args.translate_url, args.translate_model, args.translate_max_new_tokens)), args.source_lang, names)
-        else:  # the answering model itself, with the translation output budget
-            translate = responder_translator(make(args.translate_max_new_tokens), args.source_lang, names)
+        else:  # a second model's server, or the answering model itself, with the translation output budget
+            url, name = ((args.translate_url, args.translate_model) if args.translator == "engine"
+                         else (args.engine_url, args.engine_model))
+            translate = responder_translator(make(args.translate_max_new_tokens, url, name), source_lang, names)
         if not EVAL_READS_ALL_LETTERS and any(it["choices"] and it["answer"] not in "ABCD" for it in items):
             print("note: the evaluation's normalize_choice reads A-D only; items whose gold is E-J are rejected "
                   "as gold_unreadable", file=sys.stderr)
-        summary = run_stage1(items, respond, translate, out, langs=list(langs), source_lang=args.source_lang,
-                             batch_size=args.batch_size, checks=checks)
+        try:
+            summary = run_stage1(items, respond, translate, out, langs=list(langs), source_lang=source_lang,
+                                 batch_size=args.batch_size, checks=checks, progress=not args.quiet,
+                                 redo_translations=args.translator == "file")
+        except InputError as e:
+            raise SystemExit(str(e)) from None
+        except EngineError as e:  # a server that went away mid-run: say that nothing finished is lost
+            raise SystemExit(f"{e}\nThe finished batches are kept in {out}; rerun the same command to resume.") \
+                from None
     print(format_summary(summary))
     n = sum(1 for _ in open(out / "parallel.jsonl", encoding="utf-8"))
     print(f"wrote {out / 'parallel.jsonl'} ({n} rows); summary in {out / 'summary.json'}")
 
 
-def cmd_throughput(args):
-    """Decoding tokens/s of the built-in generator (eval.generate_batch: KV cache, left padding)."""
-    import torch
-    from eval import generate_batch, load_model
-    from model import MoEConfig, MoETransformer, qwen3_30b_a3b_config
-    torch.manual_seed(0)
-    if args.checkpoint:
-        model = load_model(args.checkpoint, args.dtype, args.device)
-    else:
-        if args.shape == "toy":  # train.py's toy model_config
-            cfg = MoEConfig(vocab_size=4096, hidden_size=128, n_layers=4, n_heads=4, n_kv_heads=2,
-                            intermediate_size=256, n_experts=8, top_k=2, moe_intermediate_size=128, qk_norm=True,
-                            norm_topk_prob=True, max_position_embeddings=512)
-        else:  # Qwen3-30B-A3B's dimensions with fewer layers
-            cfg = qwen3_30b_a3b_config(n_layers=args.n_layers)
-        dtype = getattr(torch, args.dtype or "float32")
-        model = MoETransformer(cfg).to(device=args.device, dtype=dtype).eval()
-    vocab = model.config.vocab_size
-    print(f"model: {args.checkpoint or args.shape}, {model.config.n_layers} layers, device {args.device}, "
-          f"dtype {next(model.parameters()).dtype}, threads {torch.get_num_threads()}; prompt {args.prompt_len} "
-          f"tokens, {args.new_tokens} new tokens per row (no early stop), temperature {args.temperature}")
-    print(f"{'batch':>6} {'seconds':>8} {'new tok/s':>10} {'ms/step':>8}")
-    for bs in [int(b) for b in args.batch_sizes.split(",")]:
-        prompts = torch.randint(0, vocab, (bs, args.prompt_len)).tolist()
-        gen = torch.Generator(args.device).manual_seed(0)
-        generate_batch(model, prompts, 2, args.temperature, 1.0, (), gen)  # warm-up
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        rows = generate_batch(model, prompts, args.new_tokens, args.temperature, 1.0, (), gen)
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-        n = sum(len(r) for r in rows)
-        print(f"{bs:>6} {dt:>8.2f} {n / dt:>10.1f} {1000 * dt / args.new_tokens:>8.1f}")
-
-
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     q = sub.add_parser("build", help="answer, filter, translate, check -> parallel.jsonl")
     q.add_argument("--questions", required=True, help="comma list of question files, each optionally name=path")
@@ -633,7 +556,7 @@ def build_parser():
     q.add_argument("--translate-model", default=None)
     q.add_argument("--translations", default=None, help="translation file for --translator file")
     q.add_argument("--batch-size", type=int, default=16, help="items per generation call and journal write")
-    q.add_argument("--concurrency", type=int, default=16, help="requests in flight (engine)")
+    q.add_argument("--concurrency", "--engine-concurrency", type=int, default=16, help="requests in flight (engine)")
     q.add_argument("--timeout", type=float, default=600.0, help="seconds per request (engine)")
     q.add_argument("--retries", type=int, default=3, help="retries per request (engine)")
     q.add_argument("--max-new-tokens", type=int, default=1024)
@@ -646,16 +569,7 @@ def build_parser():
     q.add_argument("--min-ratio", type=float, default=0.15)
     q.add_argument("--max-ratio", type=float, default=3.0)
     q.add_argument("--min-script-fraction", type=float, default=0.5)
-    t = sub.add_parser("throughput", help="tokens/s of the built-in generator at several batch sizes")
-    t.add_argument("--checkpoint", default=None, help="default: a random-init model of --shape")
-    t.add_argument("--shape", choices=("toy", "qwen3"), default="toy")
-    t.add_argument("--n-layers", type=int, default=4, help="decoder layers for --shape qwen3")
-    t.add_argument("--batch-sizes", default="1,16,64")
-    t.add_argument("--prompt-len", type=int, default=64)
-    t.add_argument("--new-tokens", type=int, default=64)
-    t.add_argument("--temperature", type=float, default=0.1)
-    t.add_argument("--dtype", default=None)
-    t.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
 
@@ -666,7 +580,7 @@ def _cuda():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    {"build": cmd_build, "throughput": cmd_throughput}[args.cmd](args)
+    cmd_build(args)
 
 
 if __name__ == "__main__":

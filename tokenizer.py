@@ -7,7 +7,7 @@ Two backends behind the same small class:
   tiktoken.Encoding built from that dict (nothing is downloaded, nothing registered globally);
 - a checkpoint's `tokenizer.json` (Qwen3, Phi-3.5), run by the `tokenizers` package.
 
-Chat formats (ARCHITECTURES.md, "Tokenizers and chat formats"); `|` marks the prompt/response split:
+Chat formats (docs/architectures.md, "Tokenizers and chat formats"); `|` marks the prompt/response split:
   qwen3  [<|im_start|>system\n{system}<|im_end|>\n]<|im_start|>user\n{prompt}<|im_end|>\n
          <|im_start|>assistant\n<think>\n\n</think>\n\n | {response}<|im_end|>      (thinking disabled)
   phi35  [<|system|>\n{system}<|end|>\n]<|user|>\n{prompt}<|end|>\n<|assistant|>\n | {response}<|end|>
@@ -34,9 +34,8 @@ statement of how a conversation is laid out, and Hugging Face's apply_chat_templ
 endpoint tokenize its rendering with add_special_tokens=False: a BOS is in a chat iff the template
 writes `bos_token`. So, for a tokenizer.json whose directory has a chat template (tokenizer_config.json
 `chat_template`, or chat_template.jinja), BOS = the template's rendering starts with `bos_token`. The
-released Phi-3.5-MoE-instruct template writes no BOS (its tokenizer_config.json also says
-add_bos_token false; its tokenizer.json post_processor would add <s> to plain `encode` calls), so
-its chats have none. Without a template: BOS iff the file's post_processor is a TemplateProcessing
+Phi-3.5 instruct template writes no BOS, so its chats have none, whatever `add_bos_token` or the
+tokenizer.json post_processor (`<s> $A`) say about plain encode calls. Without a template: BOS iff the file's post_processor is a TemplateProcessing
 whose single-sequence template starts with a special token (`<s> $A`), unless tokenizer_config.json
 has an explicit boolean `add_bos_token`. qwen3 and toy have none. `encode(text)` never adds BOS or
 any special token.
@@ -365,18 +364,22 @@ def chat_template(chat_format, bos=False):
     assert rest.startswith(sys_close) and sys_close.startswith(end), chat_format
     gen, sep = rest[len(sys_close):], sys_close[len(end):]
 
-    def lit(s):
+    def lit(s):  # a Jinja string literal
         return "'" + s.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
-    return (
-        ("{{- bos_token -}}" if bos else "")
-        + "{%- for message in messages -%}"
-        + "{%- if message['role'] == 'system' -%}{{- " + lit(sys_open) + " + message['content'] + " + lit(sys_close) + " -}}"
-        + "{%- elif message['role'] == 'user' -%}{{- " + lit(user_open) + " + message['content'] + " + lit(sys_close) + " -}}"
-        + "{%- elif message['role'] == 'assistant' -%}{{- " + lit(gen) + " + message['content'] + " + lit(end) + " -}}"
-        + "{%- if not loop.last -%}{{- " + lit(sep) + " -}}{%- endif -%}"
-        + "{%- else -%}{{- raise_exception('unknown role ' + message['role'] + ': system, user, assistant') -}}"
-        + "{%- endif -%}{%- endfor -%}"
-        + "{%- if add_generation_prompt -%}{{- " + lit(gen) + " -}}{%- endif -%}")
+
+    def turn(opening, closing):  # one message: opening + content + closing
+        return "{{- " + lit(opening) + " + message['content'] + " + lit(closing) + " -}}"
+    return "".join([
+        "{{- bos_token -}}" if bos else "",
+        "{%- for message in messages -%}",
+        "{%- if message['role'] == 'system' -%}", turn(sys_open, sys_close),
+        "{%- elif message['role'] == 'user' -%}", turn(user_open, sys_close),
+        "{%- elif message['role'] == 'assistant' -%}", turn(gen, end),
+        "{%- if not loop.last -%}{{- ", lit(sep), " -}}{%- endif -%}",
+        "{%- else -%}{{- raise_exception('roles: system, user, assistant; got ' + message['role']) -}}",
+        "{%- endif -%}{%- endfor -%}",
+        "{%- if add_generation_prompt -%}{{- ", lit(gen), " -}}{%- endif -%}",
+    ])
 
 
 def toy_to_hf(path):
@@ -404,7 +407,7 @@ def toy_to_hf(path):
 
 def _bytes_to_unicode():
     """GPT-2's byte -> printable character map, used by the ByteLevel pre-tokenizer."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -436,6 +439,10 @@ def save_hf_tokenizer(tok, out_dir, model_max_length=None):
     if tok.path is None:
         raise ValueError("save_hf_tokenizer: this Tokenizer has no source file (build it with load_tokenizer)")
     src = Path(tok.path)
+    model_vocab = _read_json_if_file(out_dir / "config.json").get("vocab_size")
+    if model_vocab is not None and model_vocab < tok.vocab_size:
+        raise ValueError(f"{out_dir / 'config.json'}: vocab_size {model_vocab} is smaller than the "
+                         f"tokenizer's {tok.vocab_size} ({src}): the ids would not fit the model")
     written = []
     gen = {"eos_token_id": [tok.eos_id] + sorted(tok.stop_ids - {tok.eos_id}), "pad_token_id": tok.pad_id}
     if tok.bos_id is not None:
@@ -483,8 +490,9 @@ def save_hf_tokenizer(tok, out_dir, model_max_length=None):
 
 
 def _string_of(tok, token_id):
-    return {i: s for s, i in tok.special_ids.items()}[token_id] if token_id in tok.special_ids.values() \
-        else tok.decode([token_id])
+    """A token's string: the special's name, or (a BOS outside the chat specials) its decoding."""
+    names = {i: s for s, i in tok.special_ids.items()}
+    return names[token_id] if token_id in names else tok.decode([token_id])
 
 
 def _write_json(file, obj):

@@ -3,44 +3,48 @@ SARA fine-tuning (Dong et al., Findings of ACL 2026), from a CPU toy run to torc
 
     python train.py                                   # the toy experiment, CPU, a few minutes
     python train.py configs/toy.py --lambda_js=0.0    # the same run without the SARA term
-    torchrun --nproc_per_node 8 train.py configs/phi35.py
+    torchrun --nproc_per_node 8 train.py configs/phi35.py --init_from=DIR --data_path=FILE
 
-The paper's three stages (design/METHOD.md):
+The paper's three stages (docs/method.md):
   1. data: parallel samples, target language + its anchor (English) -- data/parallel.py
   2. anchors: one offline pass of the ORIGINAL model, eval mode, no grad, over the anchor
-     samples -> pooled routing distribution per sample per MoE layer, cached on disk
-  3. fine-tune: L = L_CE(response) + lambda_lb * L_LB + lambda_js * L_JS(layer band)
+     samples -> pooled routing distribution per sample per MoE layer, cached -- anchors.py
+  3. fine-tune: L = L_CE + lambda_LB * L_LB + lambda_JS * L_JS (JS over the layer band)
 A toy run that starts from scratch has no "original model": stage 0 first pretrains one briefly
 on all languages (LM loss only), and that model plays the released checkpoint.
 
-Defaults below are plain globals; a config file (python) is exec'd over them, then --key=value
-overrides (types checked, unknown keys rejected). lambda_js=0 is exactly plain fine-tuning: same
-data order, same everything, only the loss term differs (the ablation reviewers asked for).
+Settings are the globals below; config files and --key=value overrides replace them
+(configurator.py), and every value is checked before any data or model is loaded. lambda_js=0 is
+exactly plain fine-tuning: same data order, same everything, only the loss term differs.
+A run is identified by a fingerprint of everything that decides its trajectory (data digest,
+tokenizer, model, settings); a checkpoint of another run is never resumed (checkpoint.py).
 """
 import glob
 import hashlib
 import json
 import math
 import os
-import shutil
 import sys
 import time
-from ast import literal_eval
 from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data.parallel import load_parallel_jsonl, split_train_val, tokenize_samples, collate, with_anchor_lang
-from checkpoint import load_model, save_hf
+from anchors import anchor_fingerprint, forward_and_pool, build_anchors, load_or_build_anchors, lookup_anchors
+from checkpoint import (CheckpointError, check_fingerprint, file_digest, load_base, load_model, load_training_state, read_checkpoint_meta,
+                        recover_checkpoint, save_base, save_hf_state, save_training_state)
+from configurator import ConfigError, at_least, configure, in_range, one_of, validate
+from hf_config import config_from_hf
+from data.parallel import collate, load_parallel_jsonl, split_train_val, step_batches, tokenize_samples, with_anchor_lang
 from model import MoEConfig, MoETransformer
-from optim import AdamWBF16
-from sara_loss import pool_routing, sara_loss, layer_divergence
+from optim import lr_at, make_optimizer
+from sara_loss import layer_band, layer_divergence, moe_positions, pool_routing, sara_loss
 from tokenizer import load_tokenizer
 
 # -----------------------------------------------------------------------------
-# defaults: the toy experiment (configs/toy.py restates the ones that matter)
+# settings: the toy experiment (configs/toy.py restates the ones that matter)
 out_dir = "out/toy"
 init_from = "scratch"  # "scratch" (toy: stage 0 pretraining) or a Hugging Face checkpoint dir
 model_config = dict(vocab_size=4096, hidden_size=128, n_layers=4, n_heads=4, n_kv_heads=2,
@@ -53,17 +57,19 @@ pretrain_target_fraction = 1.0  # stage 0 keeps this fraction of each target lan
 # data
 data_path = "data/udhr/parallel.jsonl"
 tokenizer_path = "data/udhr/bpe.tiktoken"  # "" = the checkpoint's tokenizer.json
-train_langs = ["sw", "hi", "bn", "te", "ne"]  # target languages to fine-tune on
+train_langs = ["sw", "hi", "bn", "te", "ne"]  # target languages to fine-tune on (codes as in the data)
 anchor_lang = "en"
 val_fraction = 0.15
 max_len = 256
 system_prompt = ""
 # SARA
 lambda_js = 1.0  # lambda_JS; the paper uses 1.5 for both models; 0 = plain fine-tuning
-lambda_lb = -1.0  # lambda_LB; < 0 = the model's own router_aux_loss_coef
-sara_layers = [1, 2]  # inclusive (start, end) band of decoder layers to align
+lambda_lb = -1.0  # lambda_LB; -1 = the model's own router_aux_loss_coef
+sara_band = (1, 2)  # inclusive, 0-based (start, end) band of decoder layers to align
 sara_layer_list = []  # if given: exactly these decoder layers instead (e.g. a random set, an ablation)
-anchor_mode = "offline"  # "offline" (frozen original model, cached) or "online" (current model)
+anchor_mode = "offline"  # "offline" (frozen original model, cached) or "online" (current model, ablation)
+min_anchor_fraction = 0.25  # SARA needs anchors: fewer training samples with one is an error
+router_clean_logits = False  # sparsemixer with input jitter (Phi-3.5): pool softmax(h W_g) of the un-jittered input
 # optimisation
 epochs = 8
 global_batch = 16  # sequences per optimizer step, over all ranks and micro-steps
@@ -92,44 +98,52 @@ ckpt_interval = 50
 export_hf = True  # write out_dir/hf (Hugging Face layout) at the end
 inject_nan_at_iter = -1  # testing only: poison the loss at this iteration to exercise the guard
 # -----------------------------------------------------------------------------
-config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, list, dict))]
-
-
-def apply_overrides(argv, namespace, keys):
-    """configs/X.py files (exec'd) and --key=value pairs, in order. Unknown keys and wrong types
-    are errors that list what is valid."""
-    for arg in argv:
-        if not arg.startswith("--"):
-            scope = {}
-            exec(open(arg).read(), scope)
-            updates = {k: v for k, v in scope.items() if not k.startswith("_") and not callable(v)
-                       and type(v).__name__ != "module"}
-            where = arg
-        else:
-            if "=" not in arg:
-                raise SystemExit(f"override {arg!r}: expected --key=value")
-            key, value = arg[2:].split("=", 1)
-            try:
-                value = literal_eval(value)
-            except (ValueError, SyntaxError):
-                pass  # a bare string
-            updates, where = {key: value}, "command line"
-        for key, value in updates.items():
-            if key not in keys:
-                raise SystemExit(f"{where}: unknown config key {key!r}; valid keys: {', '.join(sorted(keys))}")
-            default = namespace[key]
-            if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            if type(value) is not type(default):
-                raise SystemExit(f"{where}: {key}={value!r} is a {type(value).__name__}, expected {type(default).__name__}")
-            namespace[key] = value
-
-
-apply_overrides(sys.argv[1:], globals(), config_keys)
-config = {k: globals()[k] for k in config_keys}
-for _key in ("init_from", "data_path"):
-    if not globals()[_key]:
-        raise SystemExit(f"{_key} is empty: set --{_key}=... (a checkpoint directory or 'scratch'; a JSONL file)")
+# config: files and --key=value overrides, then every value checked (nothing is loaded yet)
+_defaults = {k: v for k, v in globals().items() if not k.startswith("_")
+             and isinstance(v, (int, float, bool, str, list, tuple, dict))}
+settings, sources = configure(sys.argv[1:], _defaults, renamed=dict(
+    sara_layers="use sara_band=(start, end), an inclusive pair, or sara_layer_list=[...] for exact layers"))
+globals().update(settings)
+_positive = in_range(0, math.inf, lo_open=True)
+_str_list = lambda v: None if v and all(isinstance(x, str) and x for x in v) else "must be a non-empty list of strings"
+validate(settings, sources, dict(
+    init_from=lambda v: None if v else "is empty: a checkpoint directory, or 'scratch'",
+    data_path=lambda v: None if v else "is empty: a JSONL file of parallel samples",
+    pretrain_iters=at_least(0), pretrain_lr=_positive, pretrain_target_fraction=in_range(0, 1, lo_open=True),
+    train_langs=_str_list, anchor_lang=lambda v: None if v else "is empty",
+    val_fraction=in_range(0, 1, hi_open=True), max_len=at_least(2),
+    lambda_js=in_range(0, math.inf), lambda_lb=lambda v: None if v >= 0 or v == -1 else "must be >= 0, or -1 (the model's own)",
+    sara_band=lambda v: None if len(v) == 2 and all(type(x) is int for x in v) and 0 <= v[0] <= v[1]
+    else "must be an inclusive pair (start, end) of layer indices with 0 <= start <= end",
+    sara_layer_list=lambda v: None if all(type(x) is int and x >= 0 for x in v) and len(set(v)) == len(v)
+    else "must be distinct layer indices >= 0",
+    anchor_mode=one_of("offline", "online"), min_anchor_fraction=in_range(0, 1),
+    epochs=at_least(1), global_batch=at_least(1), micro_batch=at_least(1), lr=_positive,
+    warmup_frac=in_range(0, 1), min_lr_frac=in_range(0, 1), weight_decay=at_least(0),
+    beta1=in_range(0, 1, hi_open=True), beta2=in_range(0, 1, hi_open=True), grad_clip=_positive,
+    optimizer_states=one_of("fp32", "bf16_sr"), device=one_of("auto", "cpu", "cuda"),
+    dtype=one_of("float32", "bfloat16"), parallel=one_of("ddp", "fsdp"), loss_chunk_size=at_least(0),
+    peak_tflops=_positive, log_interval=at_least(1), eval_interval=at_least(1), ckpt_interval=at_least(1)))
+# the model's shape is known before any weight is read: check the band and max_len against it
+try:
+    if init_from == "scratch":
+        model_cfg = MoEConfig(**{**model_config, "router_clean_logits": router_clean_logits})
+    else:
+        with open(os.path.join(init_from, "config.json")) as _f:
+            model_cfg = config_from_hf(json.load(_f))
+        model_cfg.router_clean_logits = router_clean_logits
+except (OSError, ValueError, TypeError) as err:  # (CheckpointError and JSON errors are ValueErrors)
+    _key = "model_config" if init_from == "scratch" else "init_from"
+    raise ConfigError(f"{_key} ({sources[_key]}): {err}") from None
+try:
+    band_layers = list(sara_layer_list) or list(layer_band(*sara_band))
+    band = moe_positions(model_cfg.moe_layers, band_layers)  # positions in out.router_logits
+except ValueError as err:
+    _key = "sara_layer_list" if sara_layer_list else "sara_band"
+    raise ConfigError(f"{_key}={settings[_key]!r} ({sources[_key]}): {err}") from None
+if max_len > model_cfg.max_position_embeddings:
+    raise ConfigError(f"max_len={max_len} ({sources['max_len']}) exceeds the model's context "
+                      f"max_position_embeddings={model_cfg.max_position_embeddings}")
 
 # -----------------------------------------------------------------------------
 # distributed setup
@@ -145,15 +159,23 @@ if ddp:
 else:
     rank, world = 0, 1
 master = rank == 0
+sharded = ddp and parallel == "fsdp"
 if global_batch % (micro_batch * world):
-    raise SystemExit(f"global_batch={global_batch} must be a multiple of micro_batch*world = {micro_batch * world}")
+    raise ConfigError(f"global_batch={global_batch} ({sources['global_batch']}) must be a multiple of "
+                      f"micro_batch * world = {micro_batch} * {world}")
 accum = global_batch // (micro_batch * world)
 torch.manual_seed(seed + rank)
 device_type = "cuda" if "cuda" in device else "cpu"
 autocast = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16" and optimizer_states == "fp32" else nullcontext()
 param_dtype = torch.bfloat16 if optimizer_states == "bf16_sr" else torch.float32
+metrics_path = os.path.join(out_dir, "metrics.jsonl")
 if master:
     os.makedirs(out_dir, exist_ok=True)
+    for ckpt in ("ckpt_pretrain", "ckpt"):  # finish or undo a commit a crash interrupted
+        for note in recover_checkpoint(os.path.join(out_dir, ckpt)):
+            tqdm.write(f"checkpoint recovery: {note}")
+if ddp:
+    dist.barrier()  # nobody reads a checkpoint before rank 0 has repaired it
 
 
 def log(msg):
@@ -161,49 +183,44 @@ def log(msg):
         tqdm.write(msg)
 
 
-def barrier():
-    if ddp:
-        dist.barrier()
-
-
-def file_digest(paths):
-    h = hashlib.sha256()
-    for p in sorted(paths):
-        h.update(os.path.basename(p).encode())
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                h.update(block)
-    return h.hexdigest()[:16]
-
-
 # -----------------------------------------------------------------------------
 # data (stage 1 happens upstream: the JSONL holds the translated, filtered samples)
 tok = load_tokenizer(tokenizer_path or init_from)
-samples = load_parallel_jsonl(data_path)
+try:
+    samples = load_parallel_jsonl(data_path)
+except (OSError, ValueError) as err:
+    raise SystemExit(f"data_path: {err}") from None
+present = sorted({s["lang"] for s in samples})
+absent = [l for l in train_langs if l not in present]
+if absent:  # (codes are matched exactly: "SW" is not "sw")
+    _case = [p for p in present if p.lower() in {a.lower() for a in absent}]
+    raise ConfigError(f"train_langs ({sources['train_langs']}): {absent} not in {data_path}; its languages are "
+                      f"{present}" + (f" (codes are case-sensitive: the data spells {_case})" if _case else ""))
 if any(s["anchor_lang"] != anchor_lang for s in samples):  # e.g. the paper's zh-anchor track
     samples = with_anchor_lang(samples, anchor_lang)  # items with no row in that language: no anchor
 train_samples, val_samples = split_train_val(samples, val_fraction, seed=0)
-targets = lambda rows: [s for s in rows if s["lang"] in train_langs]
-train_set, train_stats = tokenize_samples(tok, targets(train_samples), max_len, system_prompt or None)
-val_set, _ = tokenize_samples(tok, targets(val_samples), max_len, system_prompt or None)
+targets = [s for s in train_samples if s["lang"] in train_langs]
+train_set, train_stats = tokenize_samples(tok, targets, max_len, system_prompt or None)
+val_set, _ = tokenize_samples(tok, [s for s in val_samples if s["lang"] in train_langs], max_len, system_prompt or None)
 if not train_set:
-    raise SystemExit(f"{data_path}: no training samples in languages {train_langs}")
+    raise ConfigError(f"max_len={max_len}: no training sample of {train_langs} fits (every prompt fills max_len)")
 log(f"data: {len(train_set)} train / {len(val_set)} val samples in {train_langs}; {train_stats}")
+n_anchored = sum(e["has_anchor"] for e in train_set)
+if lambda_js > 0 and n_anchored < max(1, min_anchor_fraction * len(train_set)):
+    by_lang = {l: (sum(e["has_anchor"] for e in train_set if e["lang"] == l), sum(e["lang"] == l for e in train_set))
+               for l in train_langs}
+    raise ConfigError(f"SARA needs anchors: {n_anchored} of {len(train_set)} training samples have an anchor in "
+                      f"anchor_lang={anchor_lang!r} (per language, with/total: {by_lang}; min_anchor_fraction="
+                      f"{min_anchor_fraction}). Check anchor_lang against the data, or set lambda_js=0 for plain fine-tuning.")
+data_digest, tok_digest = file_digest([data_path]), tok.fingerprint()
+# the settings that decide a phase's trajectory (the others, e.g. micro_batch or log_interval, may change)
+_shared_keys = ["train_langs", "val_fraction", "max_len", "system_prompt", "global_batch", "warmup_frac",
+                "min_lr_frac", "weight_decay", "beta1", "beta2", "grad_clip", "optimizer_states", "dtype", "seed"]
 
 
-def batches(examples, n_steps, start_step, per_step, shuffle_seed):
-    """The micro-batches of optimizer steps start_step.. for this rank. The order is a function
-    of (seed, epoch) only, so a resumed run and a run with another lambda_js see the same data.
-    Each step takes per_step examples, split into accum micro-batches per rank."""
-    n = len(examples)
-    steps_per_epoch = max(1, n // per_step)
-    for step in range(start_step, n_steps):
-        epoch, pos = divmod(step, steps_per_epoch)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(shuffle_seed + epoch)).tolist()
-        chunk = [examples[i] for i in perm[pos * per_step:(pos + 1) * per_step]]
-        chunk += [examples[i] for i in perm[:per_step - len(chunk)]]  # n < per_step: wrap around
-        micro = [chunk[j * micro_batch:(j + 1) * micro_batch] for j in range(accum * world)]
-        yield step, micro[rank::world]  # micro-batch j goes to rank j % world
+def fingerprint(keys, **extra):
+    """What decides a phase's trajectory: the data, the tokenizer, the given settings (as JSON)."""
+    return json.loads(json.dumps(dict(data=data_digest, tokenizer=tok_digest, **extra, **{k: settings[k] for k in keys})))
 
 
 # -----------------------------------------------------------------------------
@@ -212,462 +229,255 @@ def build_model():
     """-> (model, full_weights). Under FSDP a 30-42B model must not be materialised once per
     GPU: the model is built on the meta device, rank 0 alone reads the checkpoint into host
     memory (full_weights), and wrap() shards it and broadcasts the weights into the shards."""
-    if not init_from:
-        raise SystemExit("init_from is empty: set it to a checkpoint directory, or 'scratch'")
     if init_from == "scratch":
         torch.manual_seed(seed)  # identical initial weights on every rank
-        return MoETransformer(MoEConfig(**model_config)), None
-    if ddp and parallel == "fsdp":
-        from checkpoint import config_from_hf
-        with open(os.path.join(init_from, "config.json")) as f:
-            cfg = config_from_hf(json.load(f))
+        return MoETransformer(model_cfg), None
+    if sharded:
         with torch.device("meta"):
-            model = MoETransformer(cfg)
+            meta_model = MoETransformer(model_cfg)
         full = load_model(init_from, dtype=param_dtype).state_dict() if master else {}
-        return model.to(dtype=param_dtype), full
-    model = load_model(init_from, dtype=param_dtype, device="cpu" if cpu_offload else device)
-    return model, None
+        return meta_model.to(dtype=param_dtype), full
+    return load_model(init_from, dtype=param_dtype, device="cpu" if cpu_offload else device,
+                      router_clean_logits=router_clean_logits).train(), None
 
 
-def wrap(model, full_weights=None):
+def wrap(net, weights_on_rank0=None):
     """DDP, or FSDP2 with one shard group per block; returns the module to call."""
-    model.config.gradient_checkpointing = gradient_checkpointing
-    model.config.loss_chunk_size = loss_chunk_size
-    if tok.vocab_size > model.config.vocab_size:
-        raise SystemExit(f"tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {model.config.vocab_size}")
-    if full_weights is None:  # (a meta model is materialised after sharding, below)
-        model = model.to(device=device if not cpu_offload else "cpu", dtype=param_dtype)
+    net.config.gradient_checkpointing = gradient_checkpointing
+    net.config.loss_chunk_size = loss_chunk_size
+    if tok.vocab_size > net.config.vocab_size:
+        raise SystemExit(f"tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {net.config.vocab_size}")
+    if weights_on_rank0 is None:  # (a meta model is materialised after sharding, below)
+        net = net.to(device=device if not cpu_offload else "cpu", dtype=param_dtype)
     if not ddp:
-        return model
+        return net
     if parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy, CPUOffloadPolicy
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, StateDictOptions
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if dtype == "bfloat16" else None,
-                                  reduce_dtype=torch.float32)
-        kw = dict(mp_policy=mp, offload_policy=CPUOffloadPolicy() if cpu_offload else None)
-        kw = {k: v for k, v in kw.items() if v is not None}
-        for block in model.layers:
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if dtype == "bfloat16" else None, reduce_dtype=torch.float32)
+        kw = dict(mp_policy=mp, **(dict(offload_policy=CPUOffloadPolicy()) if cpu_offload else {}))
+        for block in net.layers:
             fully_shard(block, **kw)
-        fully_shard(model, **kw)
-        if full_weights is not None:  # meta model: allocate the shards, fill them from rank 0
-            model.to_empty(device="cpu" if cpu_offload else device)
-            set_model_state_dict(model, full_weights, options=StateDictOptions(
-                full_state_dict=True, broadcast_from_rank0=True))
-        return model
+        fully_shard(net, **kw)
+        if weights_on_rank0 is not None:  # meta model: allocate the shards, fill them from rank 0
+            net.to_empty(device="cpu" if cpu_offload else device)
+            set_model_state_dict(net, weights_on_rank0, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        return net
     from torch.nn.parallel import DistributedDataParallel as DDP
-    return DDP(model, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None)
+    return DDP(net, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None)
 
 
-def moe_positions(cfg, layers):
-    """Decoder-layer indices -> positions in out.router_logits (which lists MoE layers only)."""
-    moe = cfg.moe_layers
-    bad = [l for l in layers if l not in moe]
-    if bad:
-        raise SystemExit(f"sara_layers: layers {bad} are not MoE layers (MoE layers: {moe})")
-    return [moe.index(l) for l in layers]
-
-
-# -----------------------------------------------------------------------------
-# optimizer: AdamW, or AdamW on bf16 parameters with fp32 states and stochastic rounding (optim.py)
-def make_optimizer(model, lr_value):
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]  # norms and biases
-    groups = [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
-    if optimizer_states == "bf16_sr":
-        return AdamWBF16(groups, lr=lr_value, betas=(beta1, beta2), weight_decay=weight_decay)
-    return torch.optim.AdamW(groups, lr=lr_value, betas=(beta1, beta2), fused=device_type == "cuda")
-
-
-def lr_at(step, total, peak):
-    """Linear warmup over warmup_frac of the steps, then cosine to min_lr_frac * peak."""
-    warmup = max(1, int(warmup_frac * total))
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * (min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-# -----------------------------------------------------------------------------
-# checkpoints: atomic (write to a temp name, fsync, rename); resume restores everything
-def save_checkpoint(model, optimizer, step, path):
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = dict(model=model_sd, optimizer=optim_sd, step=step, config=config)
-    tmp = path + ".tmp"
-    if parallel == "fsdp" and ddp:
-        import torch.distributed.checkpoint as dcp
-        if master and os.path.exists(tmp):
-            shutil.rmtree(tmp)
-        barrier()
-        dcp.save(state, checkpoint_id=tmp)
-        torch.save(rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
-    elif master:
-        os.makedirs(tmp, exist_ok=True)
-        _atomic_torch_save(state, os.path.join(tmp, "state.pt"))
-    if not (parallel == "fsdp" and ddp):
-        rngs = [None] * world
-        if ddp:
-            dist.all_gather_object(rngs, rng_state())
-        else:
-            rngs = [rng_state()]
-        if master:
-            for r, s in enumerate(rngs):
-                torch.save(s, os.path.join(tmp, f"rng_rank{r}.pt"))
-    barrier()
-    if master:  # the rename is the commit point: a crash before it leaves the old checkpoint
-        with open(os.path.join(tmp, "COMPLETE"), "w") as f:
-            f.write(str(step))
-            f.flush()
-            os.fsync(f.fileno())
-        old = path + ".old"
-        if os.path.exists(path):
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if os.path.exists(old):
-            shutil.rmtree(old)
-    barrier()
-
-
-def full_state_dict(model):
+def full_state_dict(net):
     """Unsharded weights on CPU (rank 0 gets them under FSDP; a collective: call on all ranks)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, StateDictOptions
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def _atomic_torch_save(obj, path):
-    with open(path + ".part", "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".part", path)
-
-
-# what must be the same to resume a run (the rest, e.g. log_interval, may change)
-RUN_KEYS = ["init_from", "model_config", "pretrain_iters", "pretrain_target_fraction", "data_path",
-            "train_langs", "anchor_lang", "lambda_js", "lambda_lb", "sara_layers", "sara_layer_list",
-            "anchor_mode", "epochs", "global_batch", "lr", "seed"]
-
-
-def rng_state():
-    return dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-
-
-def load_checkpoint(model, optimizer, path):
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-    if not os.path.exists(os.path.join(path, "COMPLETE")):
-        raise SystemExit(f"{path}: incomplete checkpoint (no COMPLETE marker)")
-    if parallel == "fsdp" and ddp:
-        import torch.distributed.checkpoint as dcp
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = dict(model=model_sd, optimizer=optim_sd, step=0, config=config)
-        dcp.load(state, checkpoint_id=path)
-    else:
-        state = torch.load(os.path.join(path, "state.pt"), map_location=device, weights_only=False)
-    changed = {k: (state["config"].get(k), config[k]) for k in RUN_KEYS if state["config"].get(k) != config[k]}
-    if changed:
-        raise SystemExit(f"{path} belongs to another run: {changed} (saved, now). Use a new out_dir.")
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-    rng = torch.load(os.path.join(path, f"rng_rank{rank}.pt"), weights_only=False)
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    return state["step"]
-
-
-# -----------------------------------------------------------------------------
-# one training phase: the loop shared by stage 0 (LM pretraining, toy) and stage 3 (SARA)
-def reshard(model):
-    """FSDP2 keeps the root's parameters gathered after a forward that no backward follows
-    (eval, anchors): free them again, and let model.parameters() be the shards once more."""
-    if hasattr(model, "reshard"):
-        model.reshard()
-
-
-def to_device(batch):
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def forward_losses(model, examples, band, js_weight, anchors):
-    """CE, LB and JS of one micro-batch. anchors: {id: (L, E)}, "online", or None (no JS term)."""
-    batch = to_device(collate(examples, tok.pad_id))
-    # a single sequence has no padding: no mask lets attention use its fused causal kernel
-    mask = batch["attention_mask"] if len(examples) > 1 else None
-    with autocast:
-        out = model(batch["input_ids"], attention_mask=mask, labels=batch["labels"])
-    losses = dict(ce=out.loss, lb=out.aux_loss if out.aux_loss is not None else torch.zeros((), device=device))
-    if out.z_loss is not None:
-        losses["z"] = out.z_loss
-    if anchors is not None:
-        target_dist = pool_routing(out.router_logits, mask, check=False)  # (B, L, E)
-        if anchors == "online":  # ablation: anchors from the CURRENT model, no grad, eval mode
-            anchors = compute_anchors(model, examples)
-        anchor_dist, has_anchor = lookup_anchors(anchors, examples, target_dist)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and js_weight > 0):
-            # eq. 9 over the band; with lambda_js = 0 it is logged, never differentiated
-            losses["js"] = sara_loss(target_dist, anchor_dist, band, anchor_mask=has_anchor, check=False)
-        losses["_per_layer"] = (target_dist.detach(), anchor_dist, has_anchor)
-    return losses
-
-
-def lookup_anchors(anchors, examples, like):
-    """(B, L, E) anchor distributions for a micro-batch and the (B,) mask of who has one."""
-    rows, has = [], []
-    for e in examples:
-        a = anchors.get(e["id"]) if e["has_anchor"] else None
-        rows.append(a if a is not None else torch.full(like.shape[1:], float("nan")))
-        has.append(a is not None)
-    return torch.stack(rows).to(like.device), torch.tensor(has, device=like.device)
+    return get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 @torch.no_grad()
-def evaluate(model, examples, band, anchors):
-    """Mean CE, JS over the band, and per-layer JS (target vs anchor) on held-out samples."""
-    model.eval()
-    ce, js, per_layer, n, n_js = 0.0, 0.0, None, 0, 0
-    for i in range(0, len(examples), micro_batch):
-        chunk = examples[i:i + micro_batch]
-        losses = forward_losses(model, chunk, band, 0.0, anchors)
-        ce += losses["ce"].item() * len(chunk)
-        n += len(chunk)
-        if "js" in losses:
-            target, anchor, has = losses["_per_layer"]
-            n_has = int(has.sum())
-            if n_has:  # the JS means are over samples that have an anchor
-                js += losses["js"].item() * n_has
-                layer_js = layer_divergence(anchor[has], target[has]) * n_has  # (L,)
-                per_layer = layer_js if per_layer is None else per_layer + layer_js
-                n_js += n_has
-    model.train()
-    reshard(model)
-    res = dict(val_ce=ce / max(n, 1))
-    if per_layer is not None:
-        res["val_js"] = js / n_js
-        res["val_js_per_layer"] = [round(x, 5) for x in (per_layer / n_js).tolist()]
-    return res
+def evaluate(net, examples, anchor_table, phase, step):
+    """Held-out CE (mean over micro-batches of their token-mean CE, weighted by size), and JS
+    between anchor and target routing (band mean, and per MoE layer) over samples with an anchor;
+    logged and written to metrics.jsonl (step -1: before fine-tuning)."""
+    out = forward_and_pool(net, [e["input_ids"] for e in examples], labels=[e["labels"] for e in examples],
+                           pad_id=tok.pad_id, batch_size=micro_batch, autocast=autocast, device=device)
+    ce = sum(out.nll[i:i + micro_batch].sum().item() / out.n_targets[i:i + micro_batch].sum().item()
+             * len(examples[i:i + micro_batch]) for i in range(0, len(examples), micro_batch))
+    res = dict(val_ce=ce / max(len(examples), 1))
+    if anchor_table == "online":  # ablation: the current model's own routing on the anchors
+        anchor_table = build_anchors(net, examples, pad_id=tok.pad_id, batch_size=micro_batch, autocast=autocast, device=device)
+    anchor_dist, has = lookup_anchors(anchor_table, examples, out.routing)
+    if has.any():  # the means are over samples that have an anchor
+        res["val_js"] = sara_loss(out.routing[has], anchor_dist[has], band, check=False).item()
+        res["val_js_per_layer"] = [round(x, 5) for x in layer_divergence(anchor_dist[has], out.routing[has]).tolist()]
+    log(f"{phase} {'before fine-tuning' if step < 0 else f'step {step}'}: val CE {res['val_ce']:.4f}  val JS(band) "
+        f"{res.get('val_js', math.nan):.4f}  JS per MoE layer {res.get('val_js_per_layer')}")
+    write_metrics(dict(phase=phase, step=step, **res))
 
 
-def train_phase(model, raw_model, examples, n_steps, peak_lr, js_weight, band, anchors,
-                ckpt_path, metrics_path, phase):
-    optimizer = make_optimizer(model, peak_lr)
+def write_metrics(record):
+    if master:
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+# -----------------------------------------------------------------------------
+# the training loop, shared by stage 0 (LM pretraining, toy) and stage 3 (SARA)
+def train_phase(phase, net, examples, total_steps, peak_lr, js_weight, anchor_table, ckpt_dir, phase_id):
+    """Train `net` for total_steps optimizer steps on examples; js_weight: lambda_JS (0: the
+    JS term is logged, never differentiated); anchor_table: {id: (L, E)}, "online" or None (no JS)."""
+    core = net.module if hasattr(net, "module") else net
+    optimizer = make_optimizer(net, optimizer_states, peak_lr, (beta1, beta2), weight_decay, fused=device_type == "cuda")
     start = 0
-    if ckpt_path and os.path.exists(os.path.join(ckpt_path, "COMPLETE")):
-        start = load_checkpoint(model, optimizer, ckpt_path)
-        log(f"{phase}: resumed from {ckpt_path} at step {start}")
-    lb_weight = lambda_lb if lambda_lb >= 0 else raw_model.config.router_aux_loss_coef
-    z_weight = raw_model.config.router_z_loss_coef
-    # 6 N per token (forward 2N + backward 4N), N = active parameters without the embedding
-    # lookup (not a matmul); attention's T^2 term is left out: small at these lengths
-    flops_per_token = 6 * (raw_model.num_params(active=True) - raw_model.embed_tokens.weight.numel())
-    if start == 0 and anchors is not None and val_set:  # the "before" point of the JS curves
-        res = evaluate(model, val_set, band, anchors)
-        log(f"{phase} before fine-tuning: val CE {res['val_ce']:.4f}  val JS(band) {res.get('val_js', float('nan')):.4f}  "
-            f"JS per MoE layer {res.get('val_js_per_layer')}")
-        if master:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(dict(phase=phase, step=-1, **res)) + "\n")
-    bar = tqdm(total=n_steps, initial=start, desc=phase, disable=not master, dynamic_ncols=True)
-    t0, tokens_since_log = time.time(), 0
-    for step, micro_batches in batches(examples, n_steps, start, global_batch, seed):
-        lr_now = lr_at(step, n_steps, peak_lr)
+    if os.path.exists(ckpt_dir):
+        try:
+            saved_id = read_checkpoint_meta(ckpt_dir)["fingerprint"]
+        except (CheckpointError, KeyError) as err:
+            raise SystemExit(f"{ckpt_dir}: no run fingerprint ({err}); written by an older train.py? Use a new out_dir.")
+        check_fingerprint(ckpt_dir, saved_id, phase_id)
+        start = load_training_state(ckpt_dir, net, optimizer, rank=rank, sharded=sharded, device=device)
+        log(f"{phase}: resumed from {ckpt_dir} at step {start}")
+        if master and os.path.exists(metrics_path):  # steps after the checkpoint are redone: log them once
+            rows = [json.loads(l) for l in open(metrics_path)]
+            keep = [r for r in rows if r.get("phase") != phase or r["step"] < start]
+            with open(metrics_path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in keep)
+    lb_weight = lambda_lb if lambda_lb >= 0 else core.config.router_aux_loss_coef
+    z_weight = core.config.router_z_loss_coef
+    if start == 0 and anchor_table is not None and val_set:  # the "before" point of the JS curves
+        evaluate(net, val_set, anchor_table, phase, -1)
+    bar = tqdm(total=total_steps, initial=start, desc=phase, disable=not master, dynamic_ncols=True)
+    t0, tokens_since_log, flops_since_log = time.time(), 0, 0
+    for step, step_indices in step_batches(len(examples), total_steps, start, global_batch, micro_batch, seed):
+        lr_now = lr_at(step, total_steps, peak_lr, warmup_frac, min_lr_frac)
         for group in optimizer.param_groups:
             group["lr"] = lr_now
-        stats, n_tokens, seen = {}, 0, hashlib.sha256()
-        for j, micro in enumerate(micro_batches):
-            last = j == len(micro_batches) - 1
+        micro_batches = [[examples[i] for i in m] for m in step_indices]
+        # L_JS over the whole step: the mean over ALL anchored samples of all micro-batches and
+        # ranks, so a micro-batch without anchors does not dilute lambda_JS
+        n_js = sum(e["has_anchor"] and (anchor_table == "online" or e["id"] in anchor_table)
+                   for m in micro_batches for e in m) if anchor_table is not None else 0
+        stats, seen = {}, hashlib.sha256()
+        mine = micro_batches[rank::world]  # micro-batch j goes to rank j % world
+        for j, micro in enumerate(mine):
+            last = j == len(mine) - 1
             if ddp and parallel == "ddp":
-                model.require_backward_grad_sync = last  # sync grads on the last micro-step only
+                net.require_backward_grad_sync = last  # sync grads on the last micro-step only
             elif ddp:
-                model.set_requires_gradient_sync(last)
-            losses = forward_losses(model, micro, band, js_weight, anchors)
-            total = losses["ce"] + lb_weight * losses["lb"] + z_weight * losses.get("z", 0.0)
-            if js_weight > 0 and "js" in losses:
-                total = total + js_weight * losses["js"]
+                net.set_requires_gradient_sync(last)
+            batch = {k: v.to(device, non_blocking=True) for k, v in collate(micro, tok.pad_id).items()}
+            mask = batch["attention_mask"] if len(micro) > 1 else None  # one sequence: no padding, fused kernel
+            with autocast:
+                out = net(batch["input_ids"], attention_mask=mask, labels=batch["labels"])
+            # eq. 12: L = L_CE + lambda_LB * L_LB (+ router z-loss, ST-MoE) + lambda_JS * L_JS
+            losses = dict(ce=out.loss, lb=out.aux_loss if out.aux_loss is not None else torch.zeros((), device=device))
+            total = losses["ce"] + lb_weight * losses["lb"] + (z_weight * out.z_loss if out.z_loss is not None else 0.0)
+            if anchor_table is not None:
+                target_dist = pool_routing(out.router_logits, mask, check=False)  # (B, L, E)
+                table = anchor_table if anchor_table != "online" else build_anchors(
+                    net, micro, pad_id=tok.pad_id, batch_size=len(micro), autocast=autocast, device=device)
+                anchor_dist, has = lookup_anchors(table, micro, target_dist)
+                with torch.set_grad_enabled(js_weight > 0):
+                    js_sum = sara_loss(target_dist, anchor_dist, band, anchor_mask=has, check=False, reduction="sum")
+                    # DDP/FSDP average gradients over ranks: scale by world so that the result is
+                    # the sum over every rank's anchored samples divided by their number
+                    losses["js"] = js_sum / (max(n_js, 1) / world)
+                total = total + js_weight * losses["js"] * len(mine) if js_weight > 0 else total
             if step == inject_nan_at_iter:
-                total = total * float("nan")
-            (total / len(micro_batches)).backward()
-            for k in ("ce", "lb", "js"):
-                if k in losses:
-                    stats[k] = stats.get(k, 0.0) + losses[k].detach() / len(micro_batches)
-            stats["loss"] = stats.get("loss", 0.0) + total.detach() / len(micro_batches)
-            n_tokens += sum(len(e["input_ids"]) for e in micro)
+                total = total * math.nan
+            (total / len(mine)).backward()
+            for k, v in losses.items():  # js is already the step's mean: summed, not averaged
+                stats[k] = stats.get(k, 0.0) + v.detach() * (len(mine) if k == "js" else 1) / len(mine)
+            stats["loss"] = stats.get("loss", 0.0) + total.detach() / len(mine)
+            tokens_since_log += sum(len(e["input_ids"]) for e in micro) * world  # (rank 0's count times world)
+            flops_since_log += sum(len(e["input_ids"]) * core.flops_per_token(len(e["input_ids"])) for e in micro) * world
             seen.update(" ".join(e["id"] for e in micro).encode())
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor, already the global norm
             grad_norm = grad_norm.full_tensor()
         values = torch.stack([stats[k] for k in sorted(stats)] + [grad_norm.float().to(stats["loss"].device)])
         if ddp:
             dist.all_reduce(values)
             values /= world
-        values = values.tolist()  # one host sync per step
-        logged = dict(zip(sorted(stats) + ["grad_norm"], values))
-        if not math.isfinite(logged["loss"]):
-            bar.close()
-            raise SystemExit(f"{phase} step {step}: loss is {logged['loss']} -- stopping. The last good "
-                             f"checkpoint ({ckpt_path}) is untouched; lower lr or check the data.")
+        logged = dict(zip(sorted(stats) + ["grad_norm"], values.tolist()))  # one host sync per step
+        if not (math.isfinite(logged["loss"]) and math.isfinite(logged["grad_norm"])):
+            bar.close()  # stop BEFORE the optimizer step: the weights and checkpoints are untouched
+            what = f"loss is {logged['loss']}" if not math.isfinite(logged["loss"]) else f"grad norm is {logged['grad_norm']}"
+            raise SystemExit(f"{phase} step {step}: {what} -- stopping before the optimizer step; nothing was "
+                             f"written, the last checkpoint ({ckpt_dir}) is the last good one. Lower lr or check the data.")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         bar.update(1)
-        bar.set_postfix(loss=f"{logged['loss']:.4f}", js=f"{logged.get('js', 0):.4f}")
-        tokens_since_log += n_tokens * world  # (rank 0's count times world: an estimate)
-        if step % log_interval == 0 or step == n_steps - 1:
-            dt = time.time() - t0
-            t0, tokens, tokens_since_log = time.time(), tokens_since_log, 0
-            record = dict(phase=phase, step=step, lr=lr_now, **logged, tokens_per_s=tokens / max(dt, 1e-9),
+        bar.set_postfix(loss=f"{logged['loss']:.4f}", **({"js": f"{logged['js']:.4f}"} if "js" in logged else {}))
+        if step % log_interval == 0 or step == total_steps - 1:
+            dt = max(time.time() - t0, 1e-9)
+            record = dict(phase=phase, step=step, lr=lr_now, **logged, tokens_per_s=tokens_since_log / dt,
                           batch=seen.hexdigest()[:12])  # which samples rank 0 saw, to compare runs
             if device_type == "cuda":
                 record["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
-                record["mfu"] = flops_per_token * tokens / max(dt, 1e-9) / (peak_tflops * 1e12)
-            if master:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-        if (step + 1) % eval_interval == 0 or step == n_steps - 1:
-            if anchors is not None and val_set:
-                res = evaluate(model, val_set, band, anchors)
-                if master:
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(dict(phase=phase, step=step, **res)) + "\n")
-                log(f"{phase} step {step}: val CE {res['val_ce']:.4f}  val JS(band) {res.get('val_js', float('nan')):.4f}  "
-                    f"JS per MoE layer {res.get('val_js_per_layer')}")
-        if ckpt_path and ((step + 1) % ckpt_interval == 0 or step == n_steps - 1):
-            save_checkpoint(model, optimizer, step + 1, ckpt_path)
+                record["mfu"] = flops_since_log / dt / (peak_tflops * 1e12)
+            write_metrics(record)
+            t0, tokens_since_log, flops_since_log = time.time(), 0, 0
+        if (step + 1) % eval_interval == 0 or step == total_steps - 1:
+            if anchor_table is not None and val_set:
+                evaluate(net, val_set, anchor_table, phase, step)
+        if (step + 1) % ckpt_interval == 0 or step == total_steps - 1:
+            save_training_state(ckpt_dir, net, optimizer, step + 1, dict(fingerprint=phase_id, phase=phase),
+                                rank=rank, world=world, sharded=sharded)
     bar.close()
 
 
 # -----------------------------------------------------------------------------
-# stage 2: anchors
-@torch.no_grad()
-def compute_anchors(model, examples):
-    """{sample id: (L, E) fp32}: pooled routing of `model` (eval mode, no grad) on the ANCHOR
-    side of each example that has one; the others get no entry, never a made-up one."""
-    with_anchor = [e for e in examples if e["has_anchor"]]
-    if not with_anchor:
-        return {}
-    was_training = model.training
-    model.eval()
-    batch = to_device(collate([dict(input_ids=e["anchor_input_ids"]) for e in with_anchor], tok.pad_id))
-    with autocast:
-        out = model(batch["input_ids"], attention_mask=batch["attention_mask"])
-    model.train(was_training)
-    reshard(model)
-    dists = pool_routing(out.router_logits, batch["attention_mask"], check=False).float()  # (b, L, E)
-    return {e["id"]: d for e, d in zip(with_anchor, dists)}
-
-
-def build_anchors(model, examples):
-    """Stage 2 over a whole set; each rank does a share, the results are gathered."""
-    mine = [e for e in examples if e["has_anchor"]][rank::world]
-    n_rounds = -(-sum(e["has_anchor"] for e in examples) // (micro_batch * world))
-    result = {}
-    for i in range(n_rounds):  # the same number of forwards on every rank (FSDP needs it)
-        chunk = mine[i * micro_batch:(i + 1) * micro_batch]
-        dists = compute_anchors(model, chunk or mine[:1] or [e for e in examples if e["has_anchor"]][:1])
-        result.update({e["id"]: dists[e["id"]].cpu() for e in chunk})
-    if ddp:
-        parts = [None] * world
-        dist.all_gather_object(parts, result)
-        result = {k: v for p in parts for k, v in p.items()}
-    return result
-
-
-def anchors_fingerprint(model_digest, examples):
-    h = hashlib.sha256()
-    h.update(model_digest.encode())
-    h.update(tok.fingerprint().encode())
-    for e in examples:
-        if e["has_anchor"]:
-            h.update(e["id"].encode())
-            h.update(json.dumps(e["anchor_input_ids"]).encode())
-    return h.hexdigest()[:16]
-
-
-def get_anchors(model, examples, model_digest):
-    """Load the anchor cache if its fingerprint matches (model, data, chat format), else rebuild."""
-    path = os.path.join(out_dir, "anchors.pt")
-    want = anchors_fingerprint(model_digest, examples)
-    if os.path.exists(path):
-        cached = torch.load(path, weights_only=False)
-        if cached["fingerprint"] == want:
-            log(f"anchors: {len(cached['anchors'])} loaded from {path}")
-            return cached["anchors"]
-        log(f"anchors: {path} is stale (fingerprint {cached['fingerprint']} != {want}); rebuilding")
-    t0 = time.time()
-    anchors = build_anchors(model, examples)
-    if master:
-        _atomic_torch_save(dict(fingerprint=want, anchors=anchors), path)
-    barrier()
-    missing = sum(not e["has_anchor"] for e in examples)
-    log(f"anchors: {len(anchors)} computed in {time.time() - t0:.1f}s ({missing} samples have no anchor "
-        f"and are left out of the JS term)")
-    return anchors
-
-
-# -----------------------------------------------------------------------------
-# main
-metrics_path = os.path.join(out_dir, "metrics.jsonl")
+# stage 0 (toy only): a brief LM pretraining on every language stands in for the released model
 raw_model, full_weights = build_model()
 log(f"model: {raw_model.num_params() / 1e6:.2f}M parameters ({raw_model.num_params(active=True) / 1e6:.2f}M active), "
-    f"MoE layers {raw_model.config.moe_layers}, device {device}, world {world}, grad accum {accum}")
-
+    f"MoE layers {model_cfg.moe_layers}, device {device}, world {world}, grad accum {accum}")
 if init_from == "scratch":
-    # stage 0 (toy only): a brief LM pretraining on every language stands in for the released model
     base_path = os.path.join(out_dir, "base.pt")
+    base_id = fingerprint(_shared_keys + ["model_config", "pretrain_iters", "pretrain_lr", "pretrain_target_fraction"])
     if not os.path.exists(base_path):
         # scarce targets: keep a fixed fraction of each target language's items (by group hash)
         keep = lambda s: s["lang"] not in train_langs or int(hashlib.sha256(
             f"{seed}:{s['id']}".encode()).hexdigest()[:8], 16) < pretrain_target_fraction * 16 ** 8
         pretrain_set, _ = tokenize_samples(tok, [s for s in train_samples if keep(s)], max_len, system_prompt or None)
         model = wrap(raw_model)
-        train_phase(model, raw_model, pretrain_set, pretrain_iters, pretrain_lr, 0.0, [], None,
-                    os.path.join(out_dir, "ckpt_pretrain"), metrics_path, "pretrain")
+        train_phase("pretrain", model, pretrain_set, pretrain_iters, pretrain_lr, 0.0, None,
+                    os.path.join(out_dir, "ckpt_pretrain"), base_id)
         weights = full_state_dict(model)  # collective under FSDP
         if master:
-            _atomic_torch_save(dict(model=weights, config=raw_model.config.to_dict()), base_path)
-        barrier()
+            save_base(base_path, weights, raw_model.config, fingerprint=base_id)
+        if ddp:
+            dist.barrier()
         del model
-    base = torch.load(base_path, map_location="cpu", weights_only=False)
-    raw_model = MoETransformer(MoEConfig.from_dict(base["config"]))
-    raw_model.load_state_dict(base["model"])
+    try:
+        raw_model, base_meta = load_base(base_path, router_clean_logits=router_clean_logits)
+    except CheckpointError as err:
+        raise SystemExit(str(err)) from None
+    check_fingerprint(base_path, base_meta.get("fingerprint", {}), base_id)
+    raw_model.train()
     model_digest = file_digest([base_path])
 else:
     model_digest = file_digest(glob.glob(os.path.join(init_from, "*.safetensors")) + [os.path.join(init_from, "config.json")])
-
 model = wrap(raw_model, full_weights)
 del full_weights
-band_layers = sara_layer_list or list(range(sara_layers[0], sara_layers[1] + 1))
-band = moe_positions(raw_model.config, band_layers)
-if anchor_mode not in ("offline", "online"):
-    raise SystemExit(f"anchor_mode={anchor_mode!r}: expected 'offline' or 'online'")
+
+# -----------------------------------------------------------------------------
+# stage 2: anchors from the ORIGINAL model (not yet fine-tuned), eval mode, no grad
 anchors = None
 if anchor_mode == "offline":
-    # stage 2: the ORIGINAL model (not yet fine-tuned), eval mode, no grad
-    anchors = get_anchors(model, train_set + val_set, model_digest)
+    t0 = time.time()
+    try:
+        anchors = load_or_build_anchors(
+            os.path.join(out_dir, "anchors.pt"), model, train_set + val_set, pad_id=tok.pad_id, batch_size=micro_batch,
+            fingerprint=anchor_fingerprint(model_digest, tok_digest, train_set + val_set), rank=rank, world=world,
+            autocast=autocast, device=device, log=log)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    missing = sum(not e["has_anchor"] for e in train_set + val_set)
+    log(f"anchors: {len(anchors)} ready in {time.time() - t0:.1f}s ({missing} samples have no anchor "
+        f"and are left out of the JS term)")
+elif anchor_mode == "online":
+    anchors = "online"
 if compile:
     model = torch.compile(model)
 
-if anchor_mode == "online":
-    anchors = "online"
-
+# -----------------------------------------------------------------------------
+# stage 3: fine-tune
 steps_per_epoch = max(1, len(train_set) // global_batch)
 n_steps = epochs * steps_per_epoch
 log(f"stage 3: {n_steps} steps ({epochs} epochs x {steps_per_epoch}), lambda_js={lambda_js}, "
     f"aligned decoder layers {band_layers}")
-train_phase(model, raw_model, train_set, n_steps, lr, lambda_js, band, anchors,
-            os.path.join(out_dir, "ckpt"), metrics_path, "sara" if lambda_js > 0 else "finetune")
+run_id = fingerprint(_shared_keys + ["anchor_lang", "lambda_js", "lambda_lb", "anchor_mode", "epochs", "lr", "router_clean_logits"],
+                     model=model_digest, band=band_layers)
+train_phase("sara" if lambda_js > 0 else "finetune", model, train_set, n_steps, lr, lambda_js, anchors,
+            os.path.join(out_dir, "ckpt"), run_id)
 
 if export_hf:
-    full = full_state_dict(model)
+    full = full_state_dict(model)  # a collective under FSDP
     if master:
-        with torch.device("meta"):
-            export = MoETransformer(raw_model.config)
-        export.load_state_dict(full, assign=True)
-        if export.config.tie_word_embeddings:  # assign=True replaced the shared Parameter
-            export.lm_head.weight = export.embed_tokens.weight
-        try:
-            # the tokenizer travels with the weights, so that sample.py / eval.py need only the dir
-            hf_dir = os.path.join(out_dir, "hf")
-            save_hf(export, hf_dir, copy_from=None if init_from == "scratch" else init_from)
-            if tokenizer_path:
-                shutil.copy(tokenizer_path, hf_dir)
+        hf_dir = os.path.join(out_dir, "hf")
+        try:  # the tokenizer travels with the weights: sample.py / eval.py need only the directory
+            save_hf_state(full, raw_model.config, hf_dir, copy_from=None if init_from == "scratch" else init_from,
+                          extra_files=[tokenizer_path] if tokenizer_path else [])
             log(f"exported the fine-tuned model to {hf_dir} (Hugging Face layout)")
         except (ImportError, ValueError) as err:
             log(f"HF export skipped: {err}")

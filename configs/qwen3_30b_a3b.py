@@ -1,4 +1,4 @@
-# SARA on Qwen3-30B-A3B (48 layers, 128 experts, top-8), the paper's setting (design/METHOD.md).
+# SARA on Qwen3-30B-A3B (48 layers, 128 experts, top-8), the paper's setting (docs/method.md).
 #   torchrun --nproc_per_node 8 train.py configs/qwen3_30b_a3b.py --init_from=/path/to/Qwen3-30B-A3B \
 #            --data_path=/path/to/parallel_sw.jsonl
 # Per-GPU memory on 8 x 80 GB (FSDP2, fp32 master weights, AdamW): 30.5B params x 16 B / 8
@@ -15,7 +15,7 @@ anchor_lang = "en"
 max_len = 2048
 lambda_js = 1.5
 lambda_lb = -1.0  # the model's own router_aux_loss_coef (0.001)
-sara_layers = [7, 34]  # inclusive, 0-based
+sara_band = (7, 34)  # inclusive, 0-based (docs/method.md)
 anchor_mode = "offline"
 epochs = 2
 global_batch = 256

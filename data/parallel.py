@@ -9,7 +9,7 @@ File format (JSONL, one object per line, UTF-8; blank lines are ignored; extra k
    "anchor_lang": "en",       # language of the anchor side
    "anchor_prompt": str | null, "anchor_response": str | null}  # both null or both strings
 The anchor pair is the same item in the anchor language; SARA's routing prior is computed from it
-(METHOD.md stage 2). A row without an anchor has both fields null and is never given a fake one:
+(docs/method.md, stage 2). A row without an anchor has both fields null and is never given a fake one:
 tokenize_samples marks it has_anchor=False and counts it, and the JS term must skip it.
 Anchor-language rows (lang == anchor_lang) are their own anchor.
 
@@ -62,8 +62,12 @@ def _check_sample(obj):
 def load_parallel_jsonl(path):
     """-> list of sample dicts. Raises ValueError "path:LINE: what is wrong" for the first bad line."""
     samples, first_line = [], {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r})") from None
             if not line.strip():
                 continue
             try:
@@ -137,7 +141,7 @@ def tokenize_sample(tok, prompt, response, max_len, system=None):
 def tokenize_anchor(tok, sample, max_len, system=None):
     """The anchor side of a sample (anchor_prompt + anchor_response, same chat format) -> input_ids
     truncated to max_len, or None if the sample has no anchor. SARA's routing prior is the mean
-    over all of these tokens (eq. 6-7), so no labels are needed."""
+    over all of these tokens, so no labels are needed."""
     if sample["anchor_response"] is None:
         return None
     prompt_ids, response_ids = tok.encode_chat(sample["anchor_prompt"], sample["anchor_response"],
@@ -192,3 +196,22 @@ def collate(batch, pad_id, padding_side="right", pad_to_multiple_of=1):
     if with_labels:
         out["labels"] = labels
     return out
+
+
+# -----------------------------------------------------------------------------
+# the order of training
+def step_batches(n_examples, n_steps, start_step, global_batch, micro_batch, seed):
+    """-> iterator of (step, micro-batches) for optimizer steps start_step..n_steps-1, each a list
+    of global_batch // micro_batch lists of example indices (micro-batch j goes to rank j % world,
+    so every rank can see the whole step). The order is a function of (seed, epoch) only: a resumed
+    run, a run on another number of ranks, and a run with another lambda_js see the same data."""
+    if global_batch % micro_batch:
+        raise ValueError(f"global_batch={global_batch} is not a multiple of micro_batch={micro_batch}")
+    steps_per_epoch = max(1, n_examples // global_batch)
+    for step in range(start_step, n_steps):
+        epoch, pos = divmod(step, steps_per_epoch)
+        perm = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        chunk = perm[pos * global_batch:(pos + 1) * global_batch]
+        chunk += perm[:global_batch - len(chunk)]  # fewer examples than global_batch: wrap around
+        yield step, [chunk[j:j + micro_batch] for j in range(0, global_batch, micro_batch)]
+

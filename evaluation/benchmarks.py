@@ -70,7 +70,7 @@ def read_rows(path, headerless=None):
     path = Path(path)
     ext = path.suffix.lower()
     if ext in (".jsonl", ".json"):
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
         if ext == ".json" and text.lstrip().startswith("["):
             return json.loads(text)
         rows = []
@@ -82,7 +82,7 @@ def read_rows(path, headerless=None):
                     raise ValueError(f"{path}:{lineno}: invalid JSON: {e}") from None
         return rows
     if ext in (".csv", ".tsv"):
-        with open(path, encoding="utf-8", newline="") as f:
+        with open(path, encoding="utf-8-sig", newline="") as f:
             if ext == ".tsv":  # the public MGSM files are unquoted: a '"' is an ordinary character
                 reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
             else:
@@ -232,7 +232,7 @@ def load_templates(path, benchmark):
     """A --templates JSON file -> {key: {lang | "default": template}} (see the module docstring)."""
     if not path:
         return {}
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         spec = json.load(f)
     keys = set(BENCHMARKS) | {f"{b}/loglik" for b in BENCHMARKS}
     if not any(k in keys for k in spec):  # {"sw": "...", "default": "..."} for the benchmark being run

@@ -15,6 +15,7 @@ import torch
 from data.parallel import collate
 from evaluation.scoring import LETTERS
 
+
 def generate_batch(model, prompt_ids, max_new_tokens, temperature, top_p, stop_ids, generator=None):
     """A list of prompt id lists -> a list of new-token id lists (stop id removed), one model.generate
     call with left padding (the prompts keep their own positions: position ids come from the mask)."""

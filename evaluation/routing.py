@@ -3,8 +3,8 @@ Routing analysis (the paper's Figure 5) and the choice of the SARA band.
 
 On parallel text in the data/parallel.py format: each sequence is the chat-formatted prompt + response (as
 SARA's anchors), the model runs in eval mode, and its dense router softmax is averaged over the real tokens
-(anchors.forward_and_pool -> sara_loss.pool_routing: the same pooling as the loss). Only groups present in both the language and the
-anchor language are used (paired). Per MoE layer and language:
+(anchors.forward_and_pool -> sara_loss.pool_routing: the same pooling as the loss). Only groups present in
+both the language and the anchor language are used (paired). Per MoE layer and language:
   js        JS(mean over the language's sequences || mean over the same items' anchor sequences)
             (sara_loss.pooled_layer_divergence: the language-level comparison of Figure 5)
   js_paired mean over items of JS(item || its anchor) (sara_loss.layer_divergence: what L_JS measures per layer)

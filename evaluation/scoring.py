@@ -57,13 +57,16 @@ def _unwrap(s):
     return s.replace("$", "").replace("**", "").strip()
 
 
-def normalize_choice(s):
-    """Boxed content -> "A".."D" or None. Accepts B, b, (B), B., (B)., \\text{B}, and "B. text",
-    "B) text", "(B) text"; not a bare "B text" (an article in English) nor option text alone."""
+def normalize_choice(s, n_options=4):
+    """Boxed content -> one of the first n_options letters of A..J, or None. Accepts B, b, (B), B.,
+    (B)., \\text{B}, and "B. text", "B) text", "(B) text"; not a bare "B text" (an article in
+    English) nor option text alone. n_options: 4 for Global-MMLU / BELEBELE, up to 10 for MMLU-Pro."""
     if s is None:
         return None
+    last = "ABCDEFGHIJ"[n_options - 1]
     s = _unwrap(s)
-    m = re.fullmatch(r"\(?([A-Da-d])\)?[.:]?", s) or re.match(r"(?:\(([A-D])\)|([A-D])[.:)])(?:\s|$)", s)
+    m = (re.fullmatch(rf"\(?([A-{last}a-{last.lower()}])\)?[.:]?", s)
+         or re.match(rf"(?:\(([A-{last}])\)|([A-{last}])[.:)])(?:\s|$)", s))
     if not m:
         return None
     return next(g for g in m.groups() if g).upper()
@@ -116,7 +119,7 @@ def score_output(item, output, protocol):
         return pred, pred == item["answer"]
     boxed = extract_boxed(output)
     if item["choices"] is not None:
-        pred = normalize_choice(boxed)
+        pred = normalize_choice(boxed, len(item["choices"]))
         return pred, pred == item["answer"]
     pred, gold = parse_number(boxed, item.get("lang")), parse_number(item["answer"])
     correct = pred is not None and abs(pred - gold) <= 1e-6 * max(1.0, abs(gold))

@@ -1,6 +1,7 @@
 """A stand-in for a serving engine's OpenAI-compatible protocol, on 127.0.0.1 (tests only): GET /v1/models
 and POST /v1/chat/completions. `reply(payload) -> text` answers each request; `script` (a list, consumed
-in order) can first answer with (status, body) pairs or ("sleep", seconds) to play failures."""
+in order) can first answer with (status, body) or (status, body, headers) or ("sleep", seconds) to play
+failures; `api_key`, when set, is required as "Authorization: Bearer <key>" (else 401)."""
 import json
 import threading
 import time
@@ -11,15 +12,26 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, *args):  # keep the test output clean
         pass
 
-    def _send(self, status, body):
+    def _send(self, status, body, headers=None):
         body = body if isinstance(body, bytes) else json.dumps(body).encode()
         self.send_response(status)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
 
+    def _unauthorized(self):
+        key = self.server.fake.api_key
+        if key and self.headers.get("Authorization") != f"Bearer {key}":
+            self._send(401, {"error": {"message": "invalid api key"}})
+            return True
+        return False
+
     def do_GET(self):
+        if self._unauthorized():
+            return
         if self.path == "/v1/models":
             self._send(200, {"object": "list", "data": [{"id": m, "object": "model"} for m in self.server.fake.models]})
         else:
@@ -28,6 +40,8 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         fake = self.server.fake
         payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self._unauthorized():
+            return
         with fake.lock:
             fake.requests.append(payload)
             step = fake.script.pop(0) if fake.script else None
@@ -44,8 +58,9 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class FakeEngine:
-    def __init__(self, reply, models=("m",)):
+    def __init__(self, reply, models=("m",), api_key=None):
         self.reply, self.models, self.script, self.requests = reply, list(models), [], []
+        self.api_key = api_key
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self.server.daemon_threads = True

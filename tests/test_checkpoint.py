@@ -450,3 +450,117 @@ def test_sample_py_takes_a_training_pt_with_a_tokenizer(tmp_path, capsys):
     prompt_ids, _ = tok.encode_chat("hello")
     expected = model.generate(torch.tensor([prompt_ids]), 4, stop_ids=tok.stop_ids)[0]
     assert new_ids == [t for t in expected if t not in tok.stop_ids]
+
+
+# -----------------------------------------------------------------------------
+# training state: crash-safe commit and recovery
+
+class _Crash(Exception):
+    pass
+
+
+def _tiny_training():
+    torch.manual_seed(0)
+    model = MoETransformer(MoEConfig(vocab_size=50, hidden_size=16, n_layers=1, n_heads=2, n_kv_heads=1,
+                                     n_experts=2, top_k=1, moe_intermediate_size=8))
+    from optim import make_optimizer
+    opt = make_optimizer(model, "fp32", 1e-2, (0.9, 0.95), 0.0)
+
+    def train_step():
+        model(torch.randint(0, 50, (2, 5)), labels=torch.randint(0, 50, (2, 5))).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model, opt, train_step
+
+
+@pytest.mark.parametrize("crash, resumed_step", [
+    ("before_complete", 1), ("written", 2), ("old_renamed", 2), ("committed", 2), ("deleting_old", 2)])
+def test_crash_at_each_commit_step_resumes_from_newest_complete(tmp_path, monkeypatch, crash, resumed_step):
+    """A crash at every point of the commit of step 2 (over a complete step 1): the next start
+    repairs the directory (finishing the commit when the new checkpoint was complete), loads the
+    newest complete checkpoint, and its next save is not blocked by leftovers. (The crash is an
+    exception raised at the crash point: the files are left exactly as a kill would leave them.
+    tests/test_train.py kills a real process at one of these points.)"""
+    path = str(tmp_path / "ckpt")
+    model, opt, train_step = _tiny_training()
+    weights = {}
+    for step in (1, 2):
+        train_step()
+        weights[step] = {k: v.clone() for k, v in model.state_dict().items()}
+        if step == 2:
+            def crash_point(name, at, _want=crash):
+                if name == _want:
+                    raise _Crash
+            monkeypatch.setattr(checkpoint, "_crash_point", crash_point)
+        try:
+            checkpoint.save_training_state(path, model, opt, step, dict(fingerprint={"run": 1}))
+        except _Crash:
+            pass
+    monkeypatch.undo()
+    model, opt, train_step = _tiny_training()  # a fresh process
+    notes = checkpoint.recover_checkpoint(path)
+    assert notes  # what was repaired is reported
+    assert not os.path.exists(path + ".tmp") and not os.path.exists(path + ".old")
+    assert checkpoint.load_training_state(path, model, opt) == resumed_step
+    assert all(torch.equal(p, weights[resumed_step][n]) for n, p in model.state_dict().items())
+    assert checkpoint.read_checkpoint_meta(path) == {"fingerprint": {"run": 1}, "step": resumed_step}
+    train_step()
+    checkpoint.save_training_state(path, model, opt, 3, dict(fingerprint={"run": 1}))
+    assert checkpoint.checkpoint_step(path) == 3 and not os.path.exists(path + ".old")
+
+
+def test_directory_without_complete_marker_is_an_error(tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    with pytest.raises(CheckpointError, match="without a COMPLETE marker"):
+        checkpoint.recover_checkpoint(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("content, pattern", [
+    ([1, 2], "expected a JSON object, got a list"),
+    ({"model_type": "qwen3_moe", "vocab_size": "4096"}, r"vocab_size='4096' \(expected a positive integer\)"),
+])
+def test_bad_config_json_names_the_problem(tmp_path, content, pattern):
+    (tmp_path / "config.json").write_text(json.dumps(content))
+    with pytest.raises(CheckpointError, match=pattern):
+        load_model(tmp_path)
+
+
+def test_index_without_weight_map_and_nan_weights(tmp_path):
+    model = make("qwen")
+    save_hf(model, tmp_path / "a", max_shard_size="20KB")
+    (tmp_path / "a" / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(CheckpointError, match="no 'weight_map'"):
+        load_model(tmp_path / "a")
+    with torch.no_grad():
+        model.layers[0].mlp.down_proj[0, 0, 0] = float("nan")
+    save_hf(model, tmp_path / "b")
+    with pytest.raises(CheckpointError, match=r"non-finite .* layers.0.mlp.down_proj"):
+        load_model(tmp_path / "b")
+    assert not torch.isfinite(load_model(tmp_path / "b", check_finite=False).layers[0].mlp.down_proj).all()
+
+
+def test_base_pt_round_trip_and_corrupt_file(tmp_path):
+    model = make("qwen")
+    checkpoint.save_base(tmp_path / "base.pt", model.state_dict(), model.config, fingerprint={"a": 1})
+    loaded, meta = checkpoint.load_base(tmp_path / "base.pt")
+    assert meta == {"fingerprint": {"a": 1}} and not loaded.training
+    ids = torch.randint(0, 97, (1, 7))
+    assert torch.equal(load_model(tmp_path / "base.pt")(ids).logits, model.eval()(ids).logits)
+    (tmp_path / "bad.pt").write_bytes(b"not a torch file")
+    with pytest.raises(CheckpointError, match="bad.pt: not a readable base model file"):
+        load_model(tmp_path / "bad.pt")
+
+
+@pytest.mark.parametrize("extra, pattern", [
+    (["--temperature=-1"], r"temperature=-1.0 \(command line\): must be >= 0"),
+    (["--max_new_tokens=100000"], r"max_new_tokens=100000 .* exceed the model's context of 4096 tokens"),
+    (["--top_p=0"], r"top_p=0.0 .*must be in \(0, 1\]"),
+])
+def test_sample_py_rejects_bad_settings(tmp_path, extra, pattern):
+    import sample
+    model = make("qwen")
+    checkpoint.save_base(tmp_path / "base.pt", model.state_dict(), model.config)
+    args = ["--checkpoint", str(tmp_path / "base.pt"), "--prompt", "hello", "--device", "cpu",
+            "--tokenizer", str(Path(__file__).parents[1] / "data" / "udhr" / "bpe.tiktoken")]
+    with pytest.raises(SystemExit, match=pattern):
+        sample.main(args + extra)

@@ -14,15 +14,20 @@ def test_overrides_in_order_with_sources(tmp_path):
     assert src["lr"] == f"{f}:2" and src["epochs"] == "command line" and src["cfg"] == "default"
 
 
+def test_key_space_value_form():
+    s, _ = configure(["--epochs", "3", "--name", "a b"], DEFAULTS)
+    assert s["epochs"] == 3 and s["name"] == "a b"
+
+
 def test_int_for_float_and_str_text_verbatim():
     s, _ = configure(["--lr=1", "--name=42"], DEFAULTS)
     assert s["lr"] == 1.0 and type(s["lr"]) is float and s["name"] == "42"
 
 
 @pytest.mark.parametrize("arg, pattern", [
-    ("--lrr=1", r"command line: unknown setting 'lrr'.*valid settings: band, cfg"),
-    ("--epochs=2.5", r"epochs=2.5 is a float, expected a int"),
-    ("--flag=1", r"flag=1 is a int, expected a bool"),
+    ("--lrr=1", r"command line: unknown config key 'lrr'.*valid keys: band, cfg"),
+    ("--epochs=2.5", r"epochs=2.5 is a float, expected int"),
+    ("--flag=1", r"flag=1 is a int, expected bool"),
     ("--epochs", r"expected --key=value"),
     ("epochs=3", r"neither a config file"),
 ])
@@ -42,7 +47,7 @@ def test_config_file_errors_name_file_and_line(tmp_path):
         configure([str(boom)], DEFAULTS)
     typo = tmp_path / "typo.py"
     typo.write_text("lr = 1e-3\nepoch = 2\n")
-    with pytest.raises(ConfigError, match=rf"{typo}:2: unknown setting 'epoch'"):
+    with pytest.raises(ConfigError, match=rf"{typo}:2: unknown config key 'epoch'"):
         configure([str(typo)], DEFAULTS)
     with pytest.raises(ConfigError, match="cannot be read"):
         configure([str(tmp_path / "missing.py")], DEFAULTS)
@@ -59,3 +64,8 @@ def test_validate_reports_every_problem_with_its_source(tmp_path):
     assert f"name='bf16' ({f}:1): must be one of ['float32', 'bfloat16']" in msg
     assert "epochs=-24 (command line): must be >= 1" in msg and "lr=0.0 (command line): must be in (0, 1]" in msg
     validate(DEFAULTS | dict(name="float32"), {}, rules)  # fine: no error
+
+
+def test_renamed_key_says_what_to_use():
+    with pytest.raises(ConfigError, match="'old' was renamed: use new"):
+        configure(["--old=1"], DEFAULTS, renamed=dict(old="use new"))

@@ -190,3 +190,26 @@ def test_udhr_zh_track_and_split(udhr, toy):
     train, val = split_train_val(udhr, 0.1, seed=0)
     assert {group_key(s) for s in train}.isdisjoint({group_key(s) for s in val})
     assert len({group_key(s) for s in val}) == 6
+
+
+def test_non_utf8_line_names_file_and_line(tmp_path):
+    good = open(PARALLEL, "rb").readlines()[:2]
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(b"".join(good) + '{"id": "x-sw", "lang": "sw", "prompt": "caf\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.jsonl:3: not UTF-8"):
+        load_parallel_jsonl(bad)
+
+
+def test_step_batches_cover_each_epoch_once_and_resume_identically():
+    from data.parallel import step_batches
+    steps = list(step_batches(10, 6, 0, global_batch=4, micro_batch=2, seed=5))
+    assert [s for s, _ in steps] == list(range(6))
+    assert all(len(m) == 2 and all(len(x) == 2 for x in m) for _, m in steps)
+    epoch0 = [i for _, m in steps[:2] for x in m for i in x]  # 10 // 4 = 2 steps per epoch
+    assert len(set(epoch0)) == 8  # no repeat inside an epoch
+    assert list(step_batches(10, 6, 3, 4, 2, 5)) == steps[3:]  # a resumed run sees the same data
+    assert list(step_batches(10, 6, 0, 4, 4, 5))[1][1] == [sum(steps[1][1], [])]  # other split, same step
+    wrap = list(step_batches(3, 1, 0, 4, 2, 0))[0][1]  # fewer examples than a step: wrap around
+    assert sorted(sum(wrap, [])[:3]) == [0, 1, 2] and len(sum(wrap, [])) == 4
+    with pytest.raises(ValueError, match="global_batch=4 is not a multiple of micro_batch=3"):
+        list(step_batches(10, 1, 0, 4, 3, 0))

@@ -1,15 +1,22 @@
 """Tests for engine.py against a stand-in server on 127.0.0.1 (tests/fake_engine.py): the request it sends,
 order under concurrency, retries, each failure's message, and the same benchmark records as the built-in
 generator when the server returns the built-in generator's own completions."""
+import email.utils
+import itertools
 import json
 import socket
+import struct
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-import eval as E
+from evaluation.accuracy import run_benchmark
+from evaluation.benchmarks import TEMPLATES, build_prompt, load_benchmark
+from evaluation.generate import make_generative_responder
+import engine
 from engine import EngineError, check_engine, make_engine_responder, served_models
 from fake_engine import FakeEngine
 from model import MoEConfig, MoETransformer
@@ -53,6 +60,63 @@ def test_retries_then_success():
         assert len(fake.requests) == 3
 
 
+def test_retry_after_is_honoured():
+    """A 429/503 with Retry-After waits what the server asks (not the short backoff), capped at MAX_RETRY_AFTER."""
+    with FakeEngine(lambda p: "ok") as fake:
+        fake.script = [(429, {"error": "slow down"}, {"Retry-After": "1"})]
+        t0 = time.perf_counter()
+        assert make_engine_responder(fake.url, "m", concurrency=1, **FAST)(["q"], 0) == ["ok"]
+        assert time.perf_counter() - t0 >= 0.95
+    assert engine._retry_after("7") == 7 and engine._retry_after("junk") is None
+    assert engine._retry_after("100000") == engine.MAX_RETRY_AFTER
+    assert 0 <= engine._retry_after(email.utils.formatdate(time.time() + 5, usegmt=True)) <= 5
+
+
+def raw_server(handle):
+    """A bare TCP server on 127.0.0.1 whose handle(conn, n) plays the n-th connection (n = 0, 1, ...)."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+
+    def loop():
+        for n in itertools.count():
+            conn, _ = srv.accept()
+            conn.recv(65536)
+            handle(conn, n)
+            conn.close()
+    threading.Thread(target=loop, daemon=True).start()
+    return f"http://127.0.0.1:{srv.getsockname()[1]}/v1"
+
+
+def test_body_cut_short_and_reset():
+    body = json.dumps({"choices": [{"message": {"role": "assistant", "content": "whole"}}]}).encode()
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+
+    def cut_once(conn, n):  # the first answer stops after 10 bytes of body, the second is whole
+        conn.sendall(head + (body[:10] if n == 0 else body))
+    assert make_engine_responder(raw_server(cut_once), "m", concurrency=1, **FAST)(["q"], 0) == ["whole"]
+
+    def reset(conn, n):  # the server was reached: the message must not send the user looking for it
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    with pytest.raises(EngineError, match=r"/v1/chat/completions: connection failed \(.*reset.*\) after 3 attempts"):
+        make_engine_responder(raw_server(reset), "m", concurrency=1, **FAST)(["q"], 0)
+
+
+def test_first_failure_does_not_wait_for_slow_requests():
+    """A request that fails at once ends the call at once: not after the slow requests still in flight
+    (with the default timeout of 600 s and retries, Ctrl-C or an error could otherwise wait many minutes)."""
+    def reply(payload):
+        time.sleep(3.0)
+        return "slow"
+    with FakeEngine(reply) as fake:
+        fake.script = [(400, {"error": {"message": "bad request"}})]
+        t0 = time.perf_counter()
+        with pytest.raises(EngineError, match="HTTP 400"):
+            make_engine_responder(fake.url, "m", concurrency=4, **FAST)([f"q{i}" for i in range(8)], 0)
+        assert time.perf_counter() - t0 < 2.0
+        assert len(fake.requests) <= 4  # no new request after the failure
+
+
 def test_error_status_names_url_and_status():
     with FakeEngine(lambda p: "ok") as fake:
         fake.script = [(400, {"error": {"message": "max_tokens is too large"}})]
@@ -85,7 +149,17 @@ def test_malformed_bodies():
         fake.script = [(200, {"choices": [{"message": {"role": "assistant", "content": None}}]})]
         with pytest.raises(EngineError, match="reasoning-parser"):
             respond(["q"], 0)
-        assert len(fake.requests) == 3  # none retried
+        # an error body under status 200 (some proxies): the server's message, not "malformed"
+        fake.script = [(200, {"object": "error", "message": "maximum context length is 4096 tokens", "code": 400})]
+        with pytest.raises(EngineError, match=r"completions: the server answered with an error: maximum context"):
+            respond(["q"], 0)
+        fake.script = [(200, {"error": {"message": "model overloaded", "type": "server_error"}})]
+        with pytest.raises(EngineError, match=r"answered with an error: model overloaded"):
+            respond(["q"], 0)
+        assert len(fake.requests) == 5  # none retried
+        # a lone surrogate (valid JSON, not valid text) becomes U+FFFD instead of failing every later write
+        fake.script = [(200, b'{"choices": [{"message": {"content": "ok \\ud800 \\ud83d\\ude00"}}]}')]
+        assert respond(["q"], 0) == ["ok \ufffd \U0001F600"]
 
 
 def test_unreachable_and_model_check():
@@ -97,11 +171,25 @@ def test_unreachable_and_model_check():
         make_engine_responder(url, "m", max_new_tokens=8, retries=1, backoff=0.01)(["q"], 0)
     with pytest.raises(EngineError, match="unreachable"):
         check_engine(url, "m")
+    with pytest.raises(ValueError, match="retries must be >= 0"):
+        make_engine_responder(url, "m", max_new_tokens=8, retries=-1)
     with FakeEngine(lambda p: "ok", models=["sara-sw"]) as fake:
+        with pytest.raises(EngineError, match=r"/models: HTTP 404 Not Found.*does the URL end in /v1\?"):
+            check_engine(fake.url[:-len("/v1")], "sara-sw")
         assert served_models(fake.url) == ["sara-sw"]
         check_engine(fake.url, "sara-sw")
         with pytest.raises(EngineError, match=r"model 'qwen' is not served; the server lists \['sara-sw'\]"):
             check_engine(fake.url, "qwen")
+
+
+def test_api_key_from_the_environment(monkeypatch):
+    """A server started with --api-key: OPENAI_API_KEY is sent by every call, check_engine included."""
+    with FakeEngine(lambda p: "ok", api_key="sk-test") as fake:
+        with pytest.raises(EngineError, match="HTTP 401"):
+            check_engine(fake.url, "m")
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+        check_engine(fake.url, "m")
+        assert make_engine_responder(fake.url, "m", **FAST)(["q"], 0) == ["ok"]
 
 
 def test_same_records_as_builtin_generator():
@@ -112,14 +200,46 @@ def test_same_records_as_builtin_generator():
     model = MoETransformer(MoEConfig(vocab_size=tok.vocab_size, hidden_size=32, n_layers=2, n_heads=2,
                                      n_kv_heads=1, intermediate_size=64, n_experts=4, top_k=2,
                                      moe_intermediate_size=32, max_position_embeddings=512)).eval()
-    items, _ = E.load_benchmark("global_mmlu", ROOT / "tests" / "fixtures" / "global_mmlu", "sw")
-    builtin = E.make_generative_responder(model, tok, max_new_tokens=6, temperature=0.1, seed=0)
+    items, _ = load_benchmark("global_mmlu", ROOT / "tests" / "fixtures" / "global_mmlu", "sw")
+    builtin = make_generative_responder(model, tok, max_new_tokens=6, temperature=0.1, seed=0)
     kw = dict(benchmark="global_mmlu", protocol="generative", runs=2)
-    want = E.run_benchmark({"sw": items}, builtin, **kw)
-    prompts = [E.build_prompt(it, E.TEMPLATES["global_mmlu"]) for it in items]
+    want = run_benchmark({"sw": items}, builtin, **kw)
+    prompts = [build_prompt(it, TEMPLATES["global_mmlu"]) for it in items]
     table = {(p, run): builtin(prompts, run)[i] for run in range(2) for i, p in enumerate(prompts)}
     with FakeEngine(lambda payload: table[(user_text(payload), payload["seed"])]) as fake:
         engine = make_engine_responder(fake.url, "m", max_new_tokens=6, seed=0, concurrency=4)
-        got = E.run_benchmark({"sw": items}, engine, **kw)
+        got = run_benchmark({"sw": items}, engine, **kw)
     assert json.dumps(got) == json.dumps(want)
     assert len({r["output"] for r in got}) > 1  # real, varied completions, not one constant
+
+
+def test_eval_bench_cli_same_outputs_through_an_engine(tmp_path):
+    """`eval.py bench` end to end: on a tiny checkpoint, then with --engine-url against a server that returns
+    the checkpoint's own completions. predictions.jsonl and table.csv are byte-identical."""
+    import shutil
+    import eval as E
+    from checkpoint import save_hf
+    tok_path = ROOT / "data" / "udhr" / "bpe.tiktoken"
+    torch.manual_seed(0)
+    model = MoETransformer(MoEConfig(vocab_size=4096, hidden_size=32, n_layers=2, n_heads=2, n_kv_heads=1,
+                                     intermediate_size=64, n_experts=4, top_k=2, moe_intermediate_size=32,
+                                     qk_norm=True, max_position_embeddings=512))
+    save_hf(model, tmp_path / "hf")
+    shutil.copy(tok_path, tmp_path / "hf")
+    data = ROOT / "tests" / "fixtures" / "global_mmlu"
+    common = ["bench", "--benchmark", "global_mmlu", "--data", str(data), "--langs", "sw,hi", "--runs", "2",
+              "--max-new-tokens", "6"]
+    E.main(common + ["--checkpoint", str(tmp_path / "hf"), "--out", str(tmp_path / "a")])
+    by_prompt = {}
+    for lang in ("sw", "hi"):
+        items, _ = load_benchmark("global_mmlu", data, lang)
+        for it in items:
+            by_prompt[build_prompt(it, TEMPLATES["global_mmlu"])] = (lang, it["id"])
+    outputs = {}
+    for line in (tmp_path / "a" / "predictions.jsonl").read_text(encoding="utf-8").splitlines():
+        r = json.loads(line)
+        outputs[(r["lang"], r["id"], r["run"])] = r["output"]
+    with FakeEngine(lambda p: outputs[(*by_prompt[user_text(p)], p["seed"])], models=["tiny"]) as fake:
+        E.main(common + ["--engine-url", fake.url, "--engine-model", "tiny", "--out", str(tmp_path / "b")])
+    for name in ("predictions.jsonl", "table.csv"):
+        assert (tmp_path / "b" / name).read_bytes() == (tmp_path / "a" / name).read_bytes()

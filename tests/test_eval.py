@@ -67,7 +67,7 @@ def test_cli_routing_band_and_figures(checkpoint, tmp_path, capsys):
     table = R.read_routing_csv(out / "routing.csv")
     assert len(table) == 18 and R.models_in(table) == ["before", "after"]
     printed = capsys.readouterr().out
-    assert "--sara_layers=[" in printed
+    assert "--sara_band=[" in printed  # train.py's inclusive (start, end) band
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -162,10 +162,15 @@ def test_cli_bench_with_an_engine_responder(tmp_path, monkeypatch, capsys):
         gold = {"sw": ["8", "8", "180"]}["sw"]
         return lambda prompts, run: [f"so \\boxed{{{g}}}" for g in gold[:len(prompts)]]
 
-    monkeypatch.setitem(sys.modules, "engine", types.SimpleNamespace(make_engine_responder=make_engine_responder))
+    def check_engine(base_url, model):  # bench asks the server for the model before any work
+        calls.update(checked=(base_url, model))
+
+    monkeypatch.setitem(sys.modules, "engine", types.SimpleNamespace(make_engine_responder=make_engine_responder,
+                                                                     check_engine=check_engine))
     s = E.main(["bench", "--engine-url", "http://localhost:8000/v1", "--engine-model", "sara", "--benchmark", "mgsm",
                 "--data", str(FIX / "mgsm"), "--langs", "sw", "--runs", "2", "--max-new-tokens", "64",
                 "--out", str(tmp_path / "e")])
+    assert calls.pop("checked") == ("http://localhost:8000/v1", "sara")
     assert calls == dict(base_url="http://localhost:8000/v1", model="sara", max_new_tokens=64, temperature=0.1,
                          top_p=1.0, seed=0, concurrency=16, system=None)
     assert s["langs"]["sw"]["runs"] == [100.0, 100.0]

@@ -110,3 +110,13 @@ def test_parallel_ids(tmp_path):
                                       answer="C")) + "\n", encoding="utf-8")
     item = B.load_benchmark("global_mmlu", no_ids, "sw")[0][0]
     assert item["id"] == "0" and item["parallel"] is False
+
+
+def test_byte_order_mark_is_not_part_of_the_first_column(tmp_path):
+    """Excel saves CSVs with a UTF-8 byte-order mark; it must not become part of the first column's name."""
+    from evaluation.benchmarks import read_rows
+    csv_path, jsonl_path = tmp_path / "q.csv", tmp_path / "q.jsonl"
+    csv_path.write_bytes("\ufeffquestion,answer\nTwo plus two?,4\n".encode("utf-8"))
+    jsonl_path.write_bytes('\ufeff{"question": "q", "answer": "1"}\n'.encode("utf-8"))
+    assert read_rows(csv_path)[0]["question"] == "Two plus two?"
+    assert read_rows(jsonl_path) == [{"question": "q", "answer": "1"}]

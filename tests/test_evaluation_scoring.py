@@ -27,6 +27,22 @@ def test_normalize_choice(s, want):
     assert SC.normalize_choice(s) == want
 
 
+
+@pytest.mark.parametrize("s, n, want", [
+    ("E", 5, "E"), ("(J).", 10, "J"), ("j", 10, "J"), ("J. Paris", 10, "J"), ("E", 4, None),
+    ("K", 10, None), ("F", 5, None), ("I", 10, "I"), ("I think", 10, None),
+])
+def test_normalize_choice_up_to_ten_options(s, n, want):
+    """MMLU-Pro / MMLU-ProX items have up to 10 options (A-J): only the item's own letters count."""
+    assert SC.normalize_choice(s, n) == want
+
+
+def test_score_output_reads_the_letters_of_the_item():
+    ten = dict(choices=[str(i) for i in range(10)], answer="J")
+    assert SC.score_output(ten, r"so \boxed{J}", "generative") == ("J", True)
+    four = dict(choices=list("wxyz"), answer="D")
+    assert SC.score_output(four, r"\boxed{E}", "generative") == (None, False)
+
 @pytest.mark.parametrize("s, want", [
     ("42", 42.0), ("42.0", 42.0), ("42.", 42.0), ("1,234", 1234.0), ("-3", -3.0), ("\u22125", -5.0),
     ("$18", 18.0), (r"18\%", 18.0), (r"\frac{1}{2}", 0.5), ("3/4", 0.75), (r"\text{18 dollars}", 18.0),

@@ -1,10 +1,9 @@
 """
 Exports are usable Hugging Face directories (tokenizer.py save_hf_tokenizer + checkpoint.py
-save_pretrained). transformers is the oracle: AutoTokenizer gives our ids on every bundled language
+save_hf). transformers is the oracle: AutoTokenizer gives our ids on every bundled language
 and on random text, apply_chat_template gives encode_chat's ids, generation_config.json carries the
 stop ids, and AutoModelForCausalLM gives our logits on a chat-formatted input.
 """
-import functools
 import json
 from pathlib import Path
 
@@ -16,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig  # noqa: E402
 
 import tokenizer as T  # noqa: E402
-from checkpoint import save_pretrained  # noqa: E402
+from checkpoint import save_hf  # noqa: E402
 from model import MoEConfig, MoETransformer  # noqa: E402
 from tokenizer import TOY_SPECIAL_TOKENS, load_tokenizer, save_hf_tokenizer  # noqa: E402
 
@@ -28,12 +27,11 @@ ROWS = [json.loads(line) for line in PARALLEL.read_text(encoding="utf-8").splitl
 ALPHABET = sorted(set("".join(r["prompt"] + r["response"] for r in ROWS)) | set(" \t\n\r\n'0123456789.,;!?-"))
 
 
-@functools.lru_cache(maxsize=None)
-def _export():
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
     """(our toy tokenizer, its exported directory, transformers' AutoTokenizer on it)."""
-    import tempfile
     tok = load_tokenizer(TOY)
-    out = Path(tempfile.mkdtemp()) / "hf"
+    out = tmp_path_factory.mktemp("export") / "hf"
     save_hf_tokenizer(tok, out, model_max_length=512)
     return tok, out, AutoTokenizer.from_pretrained(out)
 
@@ -44,8 +42,8 @@ def _chat_ids(hf, messages, **kw):
 
 # -----------------------------------------------------------------------------
 # the toy tokenizer, converted
-def test_export_files_and_autotokenizer_basics():
-    tok, out, hf = _export()
+def test_export_files_and_autotokenizer_basics(exported):
+    tok, out, hf = exported
     assert {p.name for p in out.iterdir()} == {"tokenizer.json", "tokenizer_config.json",
                                                "generation_config.json", "bpe.tiktoken"}
     assert len(hf) == tok.vocab_size == 4096  # (the issue: an export without it loaded as length 1)
@@ -58,8 +56,8 @@ def test_export_files_and_autotokenizer_basics():
     assert hf.model_max_length == 512
 
 
-def test_autotokenizer_ids_equal_ours_on_every_bundled_language():
-    tok, _, hf = _export()
+def test_autotokenizer_ids_equal_ours_on_every_bundled_language(exported):
+    tok, _, hf = exported
     langs = {r["lang"] for r in ROWS}
     assert len(langs) == 11
     for lang in sorted(langs):
@@ -71,15 +69,15 @@ def test_autotokenizer_ids_equal_ours_on_every_bundled_language():
 
 @settings(max_examples=150, deadline=None)
 @given(st.one_of(st.text(), st.text(alphabet=st.sampled_from(ALPHABET), max_size=200)))
-def test_autotokenizer_ids_equal_ours_on_random_text(text):
-    tok, _, hf = _export()
+def test_autotokenizer_ids_equal_ours_on_random_text(exported, text):
+    tok, _, hf = exported
     assume(not any(s in text for s in TOY_SPECIAL_TOKENS))  # HF reads those as control tokens
     assert hf.encode(text, add_special_tokens=False) == tok.encode(text)
 
 
 @pytest.mark.parametrize("system", [None, "Be brief.", "Jibu kwa ufupi."])
-def test_apply_chat_template_equals_encode_chat(system):
-    tok, _, hf = _export()
+def test_apply_chat_template_equals_encode_chat(exported, system):
+    tok, _, hf = exported
     for row in ROWS[::97]:  # a spread of languages
         p, r = tok.encode_chat(row["prompt"], row["response"], system=system)
         msgs = ([] if system is None else [{"role": "system", "content": system}])
@@ -88,8 +86,26 @@ def test_apply_chat_template_equals_encode_chat(system):
         assert _chat_ids(hf, msgs + [{"role": "assistant", "content": row["response"]}]) == p + r, row["id"]
 
 
-def test_exported_tokenizer_json_loads_back_as_the_toy(tmp_path):
-    tok, out, _ = _export()
+TEXT = st.one_of(st.text(max_size=40), st.text(alphabet=st.sampled_from(ALPHABET), max_size=80))
+
+
+@settings(max_examples=100, deadline=None)
+@given(TEXT, TEXT, st.one_of(st.none(), TEXT))
+def test_apply_chat_template_equals_encode_chat_on_random_turns(exported, prompt, response, system):
+    tok, _, hf = exported
+    assume(not any(s in t for t in (prompt, response, system or "") for s in TOY_SPECIAL_TOKENS))
+    # a response that starts with whitespace may merge with the generation prompt's "\n" in a
+    # whole-string encoding; encode_chat keeps prompt_ids as generation sees them (tokenizer.py)
+    assume(not response[:1].isspace())
+    p, r = tok.encode_chat(prompt, response, system=system)
+    msgs = ([] if system is None else [{"role": "system", "content": system}])
+    msgs += [{"role": "user", "content": prompt}]
+    assert _chat_ids(hf, msgs, add_generation_prompt=True) == p
+    assert _chat_ids(hf, msgs + [{"role": "assistant", "content": response}]) == p + r
+
+
+def test_exported_tokenizer_json_loads_back_as_the_toy(exported, tmp_path):
+    tok, out, _ = exported
     only_json = tmp_path / "hf"
     only_json.mkdir()
     for f in ("tokenizer.json", "tokenizer_config.json"):  # no .tiktoken: the conversion is used
@@ -118,10 +134,17 @@ def test_a_conversion_that_disagrees_is_refused(tmp_path, monkeypatch):
     assert not (tmp_path / "out" / "tokenizer.json").exists()
 
 
+def test_a_tokenizer_larger_than_the_model_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_moe", "vocab_size": 4000}))
+    with pytest.raises(ValueError, match=r"config.json: vocab_size 4000 is smaller than the tokenizer's 4096"):
+        save_hf_tokenizer(load_tokenizer(TOY), tmp_path)
+    assert not (tmp_path / "tokenizer.json").exists()
+
+
 # -----------------------------------------------------------------------------
 # checkpoint tokenizers: their files are kept; a missing template or generation config is written
 def test_checkpoint_tokenizer_files_are_copied_unchanged(tmp_path):
-    from test_tokenizer import _phi_like
+    from test_tokenizer import PHI35_TEMPLATE, _phi_like
     src = _phi_like(tmp_path / "phi", add_bos_token=False)
     (src / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False, "chat_template": PHI35_TEMPLATE,
                                                            "bos_token": "<s>", "eos_token": "<|endoftext|>"}))
@@ -139,8 +162,11 @@ def test_checkpoint_tokenizer_without_template_gets_ours(which, tmp_path):
     src = (_qwen_like if which == "qwen" else _phi_like)(tmp_path / which)
     tok = load_tokenizer(src)
     out = tmp_path / "out"
-    with pytest.warns(UserWarning, match="no chat template"):
+    with pytest.warns(UserWarning) as caught:
         save_hf_tokenizer(tok, out)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 2 and "has no chat template" in messages[0]
+    assert "has no generation_config.json" in messages[1]
     hf = AutoTokenizer.from_pretrained(out)
     prompt, response, system = "What is article 3 about?", "Life, liberty and security.", "Be brief."
     p, r = tok.encode_chat(prompt, response, system=system)
@@ -160,7 +186,7 @@ def test_toy_export_logits_with_automodel(tmp_path):
                     max_position_embeddings=512, init_std=0.2)
     model = MoETransformer(cfg).eval()
     out = tmp_path / "hf"
-    save_pretrained(model, out)
+    save_hf(model, out)
     save_hf_tokenizer(tok, out, model_max_length=cfg.max_position_embeddings)
     hf_tok = AutoTokenizer.from_pretrained(out)
     hf_model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager",
@@ -176,12 +202,3 @@ def test_toy_export_logits_with_automodel(tmp_path):
     assert (ours - theirs).abs().max() <= 1e-5 * theirs.abs().max()
     assert hf_model.generation_config.eos_token_id == [tok.eos_id, tok.pad_id]
 
-
-# The chat template of the released Phi-3.5 instruct checkpoints (tokenizer_config.json), typed in
-# here as the oracle's input; test_tokenizer.py checks encode_chat's BOS against it.
-PHI35_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] == 'system' and message['content'] %}"
-    "{{'<|system|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'user' %}"
-    "{{'<|user|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'assistant' %}"
-    "{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}")

@@ -246,6 +246,11 @@ def test_ours_save_hf_loads_in_transformers(tmp_path, name):
         save_hf(mine, path, max_shard_size="40KB")  # sharded
         index = json.loads((path / "model.safetensors.index.json").read_text())
         assert len(set(index["weight_map"].values())) > 2
+        # the architecture name of the released checkpoints (vLLM's registry keys on it; transformers
+        # picks its class from model_type, as oracle() below shows by loading it)
+        written = json.loads((path / "config.json").read_text())["architectures"]
+        assert written == [config_4x(name)["architectures"][0]] == [
+            {"phi": "PhiMoEForCausalLM", "qwen": "Qwen3MoeForCausalLM"}[name]]
         a, b = run_both(oracle(path, dtype), mine, ids)
         check_parity(a, b, mine.config.router_aux_loss_coef, exact=dtype == torch.bfloat16)
         # and back: transformers' own (sharded) save of it loads in ours to the same model, bit for bit

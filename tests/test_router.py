@@ -44,7 +44,7 @@ def test_topk_router_gradcheck():
 
 
 def _sparsemixer_reference(scores, eps):
-    """ARCHITECTURES.md's inference formulas, row by row, float64 numpy."""
+    """The inference formulas of docs/architectures.md, row by row, float64 numpy."""
     weights, ids = [], []
     for s in scores:
         m1, i1 = s.max(), int(s.argmax())
@@ -185,3 +185,25 @@ def test_router_z_loss_matches_float64():
     want = np.mean([zz[m].mean() for zz in z])
     assert abs(router_z_loss(layers, mask).item() - want) < 1e-6
     assert abs(router_z_loss(layers).item() - np.mean([zz.mean() for zz in z])) < 1e-6
+
+
+def test_sparsemixer_clean_logits_are_the_unjittered_gate():
+    """SARA's eq. 1-2 is softmax(h W_g): with clean_logits the returned logits are exactly the gate
+    of the un-jittered input, while the routing (same RNG draw) is the jittered one; without it, the
+    logits carry the jitter."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 16)
+    plain = SparseMixerRouter(16, 4, input_jitter=0.01).train()
+    clean = SparseMixerRouter(16, 4, input_jitter=0.01, clean_logits=True).train()
+    clean.load_state_dict(plain.state_dict())
+    torch.manual_seed(1)
+    w_p, ids_p, logits_p = plain(x)
+    torch.manual_seed(1)
+    w_c, ids_c, logits_c = clean(x)
+    want = x @ plain.gate.weight.T
+    assert logits_c.shape == (3, 5, 4) and logits_c._base is None
+    torch.testing.assert_close(logits_c, want, rtol=0, atol=1e-6)
+    assert not torch.allclose(logits_p, want, rtol=0, atol=1e-6)  # the jitter moved them
+    assert torch.equal(ids_p, ids_c) and torch.equal(w_p, w_c)  # routing unchanged
+    clean.eval()
+    assert torch.equal(clean(x)[2], plain.eval()(x)[2])  # eval: no jitter, identical

@@ -2,6 +2,7 @@
 translation checks on hand-made cases, a tiny model answering local items end to end into a JSONL that
 data/parallel.py and train.py's tokenize path accept, the engine path, crash (exception and kill -9) and
 resume without duplicates, and validation before any model is loaded."""
+import errno
 import json
 import os
 import shutil
@@ -12,10 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import eval as E
+from evaluation.benchmarks import TEMPLATES, build_prompt
 import stage1 as S
 from data.parallel import load_parallel_jsonl, split_train_val, tokenize_samples
 from fake_engine import FakeEngine
+from checkpoint import save_hf
 from model import MoEConfig, MoETransformer
 from tokenizer import load_tokenizer
 
@@ -55,8 +57,8 @@ def test_question_formats(tmp_path, questions):
     assert "(A, B, C, D or E)" in items[1]["prompt"] and "\nE. 8" in items[1]["prompt"]
     # four options: exactly the prompt the evaluation sends for Global-MMLU; math: eval's MGSM prompt
     ev = dict(question=items[0]["question"], passage=None, choices=items[0]["choices"])
-    assert items[0]["prompt"] == E.build_prompt(ev, E.TEMPLATES["global_mmlu"])
-    assert items[2]["prompt"] == E.TEMPLATES["mgsm"].replace("{question}", items[2]["question"])
+    assert items[0]["prompt"] == build_prompt(ev, TEMPLATES["global_mmlu"])
+    assert items[2]["prompt"] == TEMPLATES["mgsm"].replace("{question}", items[2]["question"])
     # CSV with option_0..option_9 and answer_index only; a JSON list in an `options` cell
     (tmp_path / "prox.csv").write_text(
         "question_id,question,option_0,option_1,option_2,answer_index\n9,Pick one,x,y,z,2\n", encoding="utf-8")
@@ -64,6 +66,10 @@ def test_question_formats(tmp_path, questions):
     a, b = S.load_questions(f"{tmp_path / 'prox.csv'},{tmp_path / 'pro.csv'}")
     assert (a["group"], a["choices"], a["answer"]) == ("prox-9", ["x", "y", "z"], "C")
     assert (b["group"], b["choices"], b["answer"]) == ("pro-1", ["a", "b"], "B")
+    # "N/A" padding goes, but never the gold option itself
+    na = write_jsonl(tmp_path / "na.jsonl", [dict(question="Which is not a number?", answer="C",
+                                                  options=["1", "2", "N/A", "N/A"])])
+    assert S.load_questions(str(na))[0]["choices"] == ["1", "2", "N/A"]
 
 
 @pytest.mark.parametrize("row, message", [
@@ -72,6 +78,15 @@ def test_question_formats(tmp_path, questions):
     (dict(question="q", options=["a"], answer="A"), "1 options; expected 2 to 10"),
     (dict(question="q", options=["a", "b"]), "no gold answer"),
     (dict(question="", options=["a", "b"], answer="A"), "no 'question'"),
+    (dict(question="q", option_0="a", option_1="", option_2="c", answer="A"), "option_1 is empty but later options are not"),
+    (dict(question="q", options="a, b", answer="A"), "'options' is not a list"),
+    # wrong types are errors, not text such as "None" or "['q']" in a prompt, nor an index rounded down
+    (dict(question=["q"], options=["a", "b"], answer="A"), "'question' must be text, got list"),
+    (dict(question="q", options=["a", None, "c"], answer="A"), r"option 2 is None; options must be text"),
+    (dict(question="q", options=["a", ["b"]], answer="A"), r"option 2 is list; options must be text"),
+    (dict(question="q", options=["a", "b", "c"], answer_index=1.5), "answer_index 1.5 is not in 0-2"),
+    (dict(question="q", options=["a", "b", "c"], answer_index=True), "answer_index True is not in 0-2"),
+    (dict(question="q", answer="#### 5"), r"no 'options' \(nor option_0\.\.option_9\); the file's first row"),
 ])
 def test_bad_mc_rows_are_named(tmp_path, row, message):
     good = dict(question="ok", options=["a", "b"], answer="A")
@@ -91,6 +106,19 @@ def test_bad_files_are_named(tmp_path):
     other = write_jsonl(tmp_path / "o.jsonl", [dict(prompt="p", completion="c")])
     with pytest.raises(ValueError, match=r"o.jsonl: unknown question format, columns \['completion', 'prompt'\]"):
         S.load_questions(str(other))
+    bad = tmp_path / "latin1.csv"
+    bad.write_bytes("question,answer\nq,#### 5\ncaf\u00e9 au lait,#### 6\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.csv:3: not UTF-8 \(byte 0xe9 at offset 28\)"):
+        S.load_questions(str(bad))
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    one = [dict(question="q", answer="#### 5")]
+    two = f"{write_jsonl(tmp_path / 'a' / 'train.jsonl', one)},{write_jsonl(tmp_path / 'b' / 'train.jsonl', one)}"
+    with pytest.raises(ValueError, match=r"b/train.jsonl:1: duplicate id 'train-1' .*give the files names"):
+        S.load_questions(two)
+    assert [it["group"] for it in S.load_questions(f"a={tmp_path / 'a' / 'train.jsonl'},b={tmp_path / 'b' / 'train.jsonl'}")] == ["a-1", "b-1"]
+    (tmp_path / "run=3").mkdir()  # an "=" in a directory name is part of the path, not a name=path
+    eq = write_jsonl(tmp_path / "run=3" / "gsm.jsonl", one)
+    assert [it["group"] for it in S.load_questions(f"{eq},x={eq}")] == ["gsm-1", "x-1"]
     dup = write_jsonl(tmp_path / "d.jsonl", [dict(question_id=1, question="q", options=["a", "b"], answer="A")] * 2)
     with pytest.raises(ValueError, match=r"d.jsonl:2: duplicate id 'd-1' \(first at .*d.jsonl:1\)"):
         S.load_questions(str(dup))
@@ -144,6 +172,7 @@ ITEM = dict(choices=None, answer="7")
     (("", SW[1]), "sw", "empty"),
     ((SW[0], "  "), "sw", "empty"),
     ((SRC[0], SW[1]), "sw", "untranslated"),
+    (("Here is the translation:\n\n" + SRC[0], SW[1]), "sw", "untranslated"),  # the source, wrapped
     ((SW[0], SW[1] + " Jibu ni 7." * 40), "sw", "length_ratio"),  # runaway repetition
     ((SW[0], "Ana tufaha 3 + 4 = 7. Jibu ni saba, tufaha saba kwa jumla."), "sw", "boxed_answer_missing"),
     ((SW[0], "Ana tufaha 3 + 4 = 7. Jibu ni \\boxed{8}."), "sw", "boxed_answer_changed"),
@@ -152,6 +181,25 @@ ITEM = dict(choices=None, answer="7")
 ])
 def test_translation_checks(out, lang, want):
     assert S.check_translation(ITEM, SRC, out, lang) == want
+
+
+def test_options_must_survive_translation():
+    item = dict(choices=["Oxygen", "Carbon dioxide", "Helium", "Neon"], answer="B")
+    src = (S.mc_prompt("Which gas do plants take in?", item["choices"]), "Plants take in CO2: \\boxed{B}.")
+    ok = "Mimea huchukua gesi gani?\n\nA. Oksijeni\nB. Kaboni dioksidi\nC. Heliamu\nD. Neon"
+    resp = "Mimea huchukua CO2: \\boxed{B}."
+    assert S.check_translation(item, src, (ok, resp), "sw") is None
+    assert S.check_translation(item, src, (ok.replace("B. ", "(B) ").replace("C. ", "C) "), resp), "sw") is None
+    assert S.check_translation(item, src, (ok.replace("\nC. ", " C. "), resp), "sw") == "options_lost"
+    assert S.check_translation(item, src, (ok.replace("B. ", "Б. "), resp), "sw") == "options_lost"
+    # a question with its own "I." / "II." statement lines (common in MMLU-Pro) keeps them: not options_lost
+    q = "Which statements are true?\nI. The sky is blue.\nII. Grass is green."
+    item = dict(choices=["I only", "II only", "I and II", "neither"], answer="C")
+    src = (S.mc_prompt(q, item["choices"]), "Both hold: \\boxed{C}.")
+    sw = src[0].replace("Which statements are true?", "Taarifa zipi ni za kweli?").replace("The sky", "Anga")
+    assert S.check_translation(item, src, (sw, "Zote mbili ni kweli: \\boxed{C}."), "sw") is None
+    assert S.check_translation(item, src, (sw.replace("\nI. ", " I. "), "Zote ni kweli: \\boxed{C}."), "sw") \
+        == "options_lost"  # the statement line merged away: the structure changed
 
 
 def test_length_ratio_catches_a_dropped_half():
@@ -200,34 +248,49 @@ def tok():
 @pytest.fixture(scope="module")
 def checkpoint(tok, tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "hf"
-    chain_model(tok).save_pretrained(path)
+    save_hf(chain_model(tok), path)
     shutil.copy(TOK_PATH, path)
     return path
 
 
 def test_end_to_end_builtin_generator(tmp_path, questions, checkpoint, tok, capsys):
-    """The tiny model answers "\\boxed{B}" to everything (and "translates" everything into that too): the MMLU
-    item with gold B is kept, the others are rejected for the right reasons; its Swahili "translation" passes
-    the cheap checks, its Hindi one is rejected for its script. The JSONL loads and tokenizes as train.py does."""
+    """The tiny model answers "\\boxed{B}" to everything: the MMLU item with gold B is kept, the others are
+    rejected for the right reasons. Translations come from a file (one good, one that lost its box); the
+    JSONL loads and tokenizes as train.py does. Then the model itself as translator: what it returns is no
+    translation of a multiple-choice prompt, and the checks say so."""
     out = tmp_path / "out"
-    S.main(["build", "--questions", questions, "--checkpoint", str(checkpoint), "--langs", "sw,hi", "--out", str(out),
-            "--max-new-tokens", "24", "--translate-max-new-tokens", "24", "--temperature", "0", "--batch-size", "3"])
+    trans = write_jsonl(tmp_path / "t.jsonl", [
+        dict(id="mmlu-70-sw", lang="sw", prompt="Mimea huchukua gesi gani?\n\nA. Oksijeni\nB. Kaboni dioksidi\n"
+             "C. Heliamu\nD. Neon", response="Jibu ni \\boxed{B}."),
+        dict(id="mmlu-70-hi", lang="hi", prompt="पौधे कौन सी गैस लेते हैं?\n\nA. ऑक्सीजन\nB. कार्बन डाइऑक्साइड\n"
+             "C. हीलियम\nD. नियॉन", response="उत्तर है।"),
+    ])
+    common = ["--questions", questions, "--checkpoint", str(checkpoint), "--langs", "sw,hi", "--max-new-tokens", "24",
+              "--translate-max-new-tokens", "24", "--temperature", "0", "--batch-size", "3"]
+    S.main(["build", *common, "--out", str(out), "--translator", "file", "--translations", str(trans)])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["answer"]["mmlu"] == dict(items=2, kept=1, rejected={"wrong_answer": 1})
     assert summary["answer"]["gsm8k"] == dict(items=2, kept=0, rejected={"no_boxed_answer": 2})
     assert summary["translate"] == {"sw": dict(items=1, kept=1, rejected={}),
-                                    "hi": dict(items=1, kept=0, rejected={"wrong_script": 1})}
+                                    "hi": dict(items=1, kept=0, rejected={"boxed_answer_missing": 1})}
     assert "translate hi" in capsys.readouterr().out
     rows = load_parallel_jsonl(out / "parallel.jsonl")
     assert [(r["id"], r["lang"]) for r in rows] == [("mmlu-70-en", "en"), ("mmlu-70-sw", "sw")]
     en, sw = rows
     assert en["response"] == ANSWER and en["prompt"].startswith("Answer the following multiple choice question.")
     assert sw["anchor_prompt"] == en["prompt"] and sw["anchor_response"] == en["response"]
-    assert sw["anchor_lang"] == "en" and sw["prompt"] == ANSWER  # what the toy model "translated" to
+    assert sw["anchor_lang"] == "en" and sw["response"] == "Jibu ni \\boxed{B}."
     examples, stats = tokenize_samples(tok, rows, max_len=256)
     assert stats["kept"] == 2 and all(e["has_anchor"] for e in examples)
     train, val = split_train_val(rows, 0.5)
     assert len(train) + len(val) == 2 and len(val) in (0, 2)  # one group: both languages on one side
+
+    S.main(["build", *common, "--out", str(tmp_path / "self"), "--limit", "1"])
+    summary = json.loads((tmp_path / "self" / "summary.json").read_text())
+    assert summary["translate"] == {"sw": dict(items=1, kept=0, rejected={"options_lost": 1}),
+                                    "hi": dict(items=1, kept=0, rejected={"options_lost": 1})}
+    got = [json.loads(l) for l in (tmp_path / "self" / "translations.jsonl").read_text().splitlines()]
+    assert [(t["prompt"], t["response"]) for t in got] == [(ANSWER, ANSWER)] * 2  # what the model "translated" to
 
 
 def fake_answers(prompts, run):
@@ -236,7 +299,7 @@ def fake_answers(prompts, run):
     for p in prompts:
         if p.startswith("Translate"):
             text = p.split("\n\n", 1)[1]
-            outs.append("[sw] " + text)
+            outs.append("[sw] " + text.replace("a", "á"))  # changed, with boxes and option labels kept
         elif "Carbon dioxide" in p:
             outs.append("Plants take in CO2. \\boxed{B}")
         elif "2 + 3" in p:
@@ -257,7 +320,7 @@ def test_engine_path(tmp_path, questions):
         assert {r["max_tokens"] for r in fake.requests} == {1024, 2048}  # answers, translations
     rows = load_parallel_jsonl(tmp_path / "out" / "parallel.jsonl")
     assert len(rows) == 8 and sorted({r["lang"] for r in rows}) == ["en", "sw"]
-    assert rows[1]["response"] == "[sw] Plants take in CO2. \\boxed{B}"
+    assert rows[1]["response"] == "[sw] Plánts táke in CO2. \\boxed{B}"
 
 
 # -----------------------------------------------------------------------------
@@ -295,40 +358,105 @@ def test_crash_and_resume_without_duplicates(tmp_path, questions):
         assert (out / name).read_text() == (ref / name).read_text()
     # a resume with everything done asks for nothing
     assert run(out, questions, respond=None) == want
+    # a responder that loses an output is an error, not a silent shift of answers against questions
+    (tmp_path / "short").mkdir()
+    with pytest.raises(RuntimeError, match="respond returned 0 outputs for 1 inputs"):
+        run(tmp_path / "short", questions, lambda p, r: [])
+    with pytest.raises(RuntimeError, match=r"respond \(translating\) returned 1 outputs for 2 inputs"):
+        run(tmp_path / "short", questions, lambda p, r: fake_answers(p, r)[:1])
+
+
+KILLER = """
+import os, signal, sys
+sys.path[:0] = [{root!r}, {tests!r}]
+import test_stage1 as T
+n, translating = [], []
+real_fsync = os.fsync
+def fsync(fd):  # phase "fsync": killed after the journal write, before its fsync
+    if {phase!r} == "fsync" and len(translating) >= 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_fsync(fd)
+os.fsync = fsync
+def dying(prompts, r):
+    n.append(1)
+    translating.extend(p for p in prompts[:1] if p.startswith("Translate"))
+    if {phase!r} == "answer" and len(n) == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return T.fake_answers(prompts, r)
+T.run({out!r}, {questions!r}, dying)
+"""
 
 
 def test_kill_and_torn_line(tmp_path, questions):
-    """kill -9 in the middle of the answers, then a torn last line: the rerun redoes exactly what is missing."""
+    """kill -9 in the middle of the answers, then a torn last line, then kill -9 while translating, between a
+    journal write and its fsync: each rerun redoes exactly what is missing, nothing twice."""
     out = tmp_path / "out"
     out.mkdir()
-    script = f"""
-import os, signal, sys
-sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]
-import test_stage1 as T
-n = []
-def dying(prompts, r):
-    n.append(1)
-    if len(n) == 3:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return T.fake_answers(prompts, r)
-T.run({str(out)!r}, {questions!r}, dying)
-"""
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == -9, proc.stderr
+
+    def killed(phase):
+        script = KILLER.format(root=str(ROOT), tests=str(ROOT / "tests"), phase=phase, out=str(out),
+                               questions=questions)
+        proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == -9, proc.stderr
+    killed("answer")
     assert len(lines(out / "answers.jsonl")) == 2
     with open(out / "answers.jsonl", "a", encoding="utf-8") as f:
         f.write('{"group": "gsm8k-1", "source": "gsm8k", "prompt": "Tom h')  # a write cut short
-    calls = []
-    run(out, questions, lambda p, r: calls.append(p) or fake_answers(p, r))
+    killed("fsync")  # answers the 2 missing items, then dies in the 3rd translation's fsync
     answers = lines(out / "answers.jsonl")
     assert [a["group"] for a in answers] == ["mmlu-70", "mmlu-71", "gsm8k-1", "gsm8k-2"]
-    assert sum(not p[0].startswith("Translate") for p in calls) == 2
+    assert len(lines(out / "translations.jsonl")) == 3  # written, not fsync'd: a killed process loses nothing
+    calls = []
+    run(out, questions, lambda p, r: calls.append(p) or fake_answers(p, r))
+    assert len(calls) == 4 * 2 - 3 and all(p[0].startswith("Translate") for p in calls)
+    assert len(lines(out / "answers.jsonl")) == 4 and len(lines(out / "translations.jsonl")) == 8
     rows = load_parallel_jsonl(out / "parallel.jsonl")  # raises on a duplicate id
     assert len(rows) == 4 * 3
 
 
+def test_full_disk_leaves_no_half_batch(tmp_path, questions, monkeypatch):
+    """A write that fails half way (ENOSPC) is cut back, named, and the rerun finishes as if nothing happened."""
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    ref.mkdir(), out.mkdir()
+    run(ref, questions)
+    real_write, n = os.write, []
+
+    def full(fd, data):
+        n.append(1)
+        if len(n) == 2:  # the second batch: half of it reaches the disk, then the disk is full
+            real_write(fd, bytes(data[:len(data) // 2]))
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(OSError, match=r"answers.jsonl: could not append 1 records \(No space left on device\)"):
+        run(out, questions)
+    monkeypatch.setattr(os, "write", real_write)
+    assert [a["group"] for a in lines(out / "answers.jsonl")] == ["mmlu-70"]  # no torn second record
+    run(out, questions)
+    for name in ("answers.jsonl", "translations.jsonl", "parallel.jsonl", "summary.json"):
+        assert (out / name).read_text() == (ref / name).read_text()
+
+
+def test_edited_question_file_is_refused(tmp_path, questions):
+    """Answers (and their verdicts) belong to the question they answered: a changed gold or question in the
+    file is an error on resume, not a silently stale row."""
+    run(tmp_path, questions)
+    mc = tmp_path / "mmlu.jsonl"
+    rows = lines(mc)
+    write_jsonl(mc, [dict(rows[0], answer="A", answer_index=0), rows[1]])
+    with pytest.raises(S.InputError, match=r"answers.jsonl: item mmlu-70 was answered with another gold answer"):
+        run(tmp_path, questions)
+    write_jsonl(mc, [dict(rows[0], question="Which gas do plants give off?"), rows[1]])
+    with pytest.raises(S.InputError, match=r"item mmlu-70 was answered with another question or options"):
+        run(tmp_path, questions)
+
+
 def test_resume_refuses_other_settings_and_a_second_process(tmp_path):
-    S.pin_settings(tmp_path, dict(temperature=0.1, answer_model="a"))
+    S.pin_settings(tmp_path, dict(temperature=0.1, answer_model="typo"))
+    (tmp_path / "answers.jsonl").write_text('{"group": "a", "prom')  # a torn line only: nothing journaled
+    S.pin_settings(tmp_path, dict(temperature=0.1, answer_model="a"))  # nothing done yet: a fix is fine
+    assert json.loads((tmp_path / "run.json").read_text())["answer_model"] == "a"
+    (tmp_path / "answers.jsonl").write_text('{"group": "a"}\n')
     S.pin_settings(tmp_path, dict(temperature=0.1, answer_model="a"))
     with pytest.raises(SystemExit, match=r"other settings \(temperature: 0.1 -> 0.7\)"):
         S.pin_settings(tmp_path, dict(temperature=0.7, answer_model="a"))
@@ -337,8 +465,14 @@ def test_resume_refuses_other_settings_and_a_second_process(tmp_path):
             with S.locked(tmp_path):
                 pass
     (tmp_path / "answers.jsonl").write_text('{"group": "a"}\nnot json\n{"group": "b"}\n')
-    with pytest.raises(ValueError, match=r"answers.jsonl:2: not JSON; the journal is damaged"):
+    with pytest.raises(ValueError, match=r"answers.jsonl:2: not a journal record; the journal is damaged"):
         S.Journal(tmp_path / "answers.jsonl", key=lambda r: r["group"])
+    (tmp_path / "answers.jsonl").write_text('{"group": "a"}\n{"id": "b"}\n')
+    with pytest.raises(ValueError, match=r"answers.jsonl:2: not a journal record"):
+        S.Journal(tmp_path / "answers.jsonl", key=lambda r: r["group"])
+    (tmp_path / "run.json").write_text('{"temperature": 0.')  # e.g. edited by hand
+    with pytest.raises(SystemExit, match=r"run.json: damaged \(not JSON\)"):
+        S.pin_settings(tmp_path, dict(temperature=0.1, answer_model="a"))
 
 
 # -----------------------------------------------------------------------------
@@ -361,11 +495,105 @@ def test_validation_before_model_loading(tmp_path, questions):
     assert not (tmp_path / "o").exists()  # nothing written before the checks pass
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--limit", "0"], "--limit must be >= 1, got 0"),  # 0 used to mean "no limit"
+    (["--concurrency", "0"], "--concurrency must be >= 1"),
+    (["--retries", "-1"], "--retries must be >= 0"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    (["--timeout", "0"], "--timeout must be > 0"),
+    (["--min-ratio", "3", "--max-ratio", "1"], "need 0 <= min < max"),
+    (["--min-script-fraction", "1.5"], r"--min-script-fraction must be in \[0, 1\]"),
+    (["--dtype", "bf16"], "--dtype bf16: not a torch dtype"),
+    (["--tokenizer", "/nonexistent/tok"], "--tokenizer /nonexistent/tok: no such file"),
+    (["--langs", "sw,=Foo"], "--langs: '=Foo' is not a language code"),
+    (["--source-lang", "xx"], "--source-lang: unknown language 'xx'; give its name as xx=Name"),
+    (["--langs", "sw,en"], "--langs: en is the source language"),
+    (["--translations", "t.jsonl"], "--translations is read by --translator file only"),
+])
+def test_bad_flags_stop_before_any_work(tmp_path, questions, flags, message):
+    ckpt = tmp_path / "empty_dir"  # loading it would fail: the flag errors must come first
+    ckpt.mkdir()
+    argv = ["build", "--questions", questions, "--checkpoint", str(ckpt), "--out", str(tmp_path / "o"),
+            "--langs", "sw"]
+    with pytest.raises(SystemExit, match=message):
+        S.main(argv + flags)
+    assert not (tmp_path / "o").exists()
+
+
+def test_out_is_a_file(tmp_path, questions):
+    (tmp_path / "f").write_text("x")
+    for out in (tmp_path / "f", tmp_path / "f" / "sub"):
+        with pytest.raises(SystemExit, match=rf"--out {out}: {tmp_path / 'f'} is a file, not a directory"):
+            S.main(["build", "--questions", questions, "--checkpoint", str(tmp_path), "--out", str(out),
+                    "--langs", "sw"])
+
+
+def test_server_failing_mid_run(tmp_path, questions):
+    """The server answers two items, then errors: a clear stop that says the work is kept; the rerun resumes."""
+    with FakeEngine(lambda payload: fake_answers([payload["messages"][-1]["content"]], 0)[0]) as fake:
+        argv = ["build", "--questions", questions, "--engine-url", fake.url, "--engine-model", "m", "--langs", "sw",
+                "--out", str(tmp_path / "o"), "--batch-size", "1", "--concurrency", "1", "--retries", "0", "--quiet"]
+        fake.script = [("sleep", 0), ("sleep", 0), (500, {"error": "GPU lost"})]  # 2 answers, then an error
+        with pytest.raises(SystemExit, match=r"HTTP 500.*GPU lost.*\nThe finished batches are kept in .*; rerun the"):
+            S.main(argv)
+        assert len(lines(tmp_path / "o" / "answers.jsonl")) == 2
+        S.main(argv)
+    assert len(lines(tmp_path / "o" / "answers.jsonl")) == 4
+
+
+def test_translation_file_completed_later(tmp_path, questions):
+    """--translator file re-reads the file on every run: rows added after a first run (no_translation then)
+    count on the rerun, which asks the model nothing new."""
+    trans = tmp_path / "t.jsonl"
+    sw = dict(id="gsm8k-1-sw", lang="sw", prompt="Tom ana tufaha 3 na ananunua 4 zaidi. Ana tufaha ngapi?",
+              response="3 + 4 = 7. \\boxed{7}")
+    write_jsonl(trans, [sw])
+    with FakeEngine(lambda payload: fake_answers([payload["messages"][-1]["content"]], 0)[0]) as fake:
+        argv = ["build", "--questions", questions, "--engine-url", fake.url, "--engine-model", "m", "--langs", "sw",
+                "--out", str(tmp_path / "out"), "--translator", "file", "--translations", str(trans), "--quiet"]
+        S.main(argv)
+        summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+        assert summary["translate"]["sw"] == dict(items=4, kept=1, rejected={"no_translation": 3})
+        write_jsonl(trans, [sw, dict(sw, id="gsm8k-2-sw", prompt="Gari linagharimu dola 1,200; magari mawili?",
+                                     response="2 * 1200 = \\boxed{2400}")])
+        n = len(fake.requests)
+        S.main(argv)
+        assert len(fake.requests) == n  # the answers came from the journal
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["translate"]["sw"] == dict(items=4, kept=2, rejected={"no_translation": 2})
+    assert [r["id"] for r in load_parallel_jsonl(tmp_path / "out" / "parallel.jsonl") if r["lang"] == "sw"] == \
+        ["gsm8k-1-sw", "gsm8k-2-sw"]
+
+
+def test_bad_translation_files(tmp_path, questions, capsys):
+    t = tmp_path / "t.jsonl"
+    write_jsonl(t, [dict(id="mmlu-70-sw", lang="sw", prompt=["Mimea?"], response="\\boxed{B}")])
+    with pytest.raises(ValueError, match=r"t.jsonl:1: 'prompt' is list, not text"):
+        S.load_translation_file(t)
+    write_jsonl(t, [dict(id=70, lang="sw", prompt="p", response="r")])
+    with pytest.raises(ValueError, match=r"t.jsonl:1: 'id' is int, not text"):
+        S.load_translation_file(t)
+    t.write_bytes(b'{"id": "mmlu-70-sw", "lang": "sw", "prompt": "Mimea", "response": "Jibu \xe9"}\n')
+    with pytest.raises(ValueError, match=r"t.jsonl:1: not UTF-8"):
+        S.load_translation_file(t)
+    # rows that match nothing are announced before the run (every item would be no_translation)
+    write_jsonl(t, [dict(id="prox-70-sw", lang="sw", prompt="p", response="r"),
+                    dict(id="mmlu-70-swa", lang="swa", prompt="p", response="r")])
+    with pytest.raises(SystemExit, match="unreachable"):  # no server: stops right after the notes
+        S.main(["build", "--questions", questions, "--langs", "sw", "--out", str(tmp_path / "o"), "--translator",
+                "file", "--translations", str(t), "--engine-url", "http://127.0.0.1:1/v1", "--engine-model", "m"])
+    err = capsys.readouterr().err
+    assert "has rows in languages not in --langs: swa" in err
+    assert "1 rows of" in err and "match no item of --questions" in err and "e.g. 'mmlu-70-sw'" in err
+
+
 def test_translation_file(tmp_path, questions):
     """--translator file: rows joined by id; a missing one is rejected as no_translation."""
     items = S.load_questions(questions)
     trans = write_jsonl(tmp_path / "t.jsonl", [
-        dict(id="mmlu-70-sw", lang="sw", prompt="Mimea huchukua gesi gani?", response="Mimea huchukua CO2. \\boxed{B}"),
+        dict(id="mmlu-70-sw", lang="sw", prompt="Mimea huchukua gesi gani?\nA. O2\nB. CO2\nC. He\nD. Ne",
+             response="Mimea huchukua CO2. \\boxed{B}"),
         dict(id="gsm8k-1-sw", lang="sw", prompt="Tom ana tufaha 3.", response="Jibu ni \\boxed{8}."),
     ])
     summary = S.run_stage1(items, fake_answers, S.file_translator(S.load_translation_file(trans)), tmp_path,

@@ -2,6 +2,7 @@
 lambda_js=0 ablation, and the failure modes (bad data, missing anchors, stale cache, typos, NaN)."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -20,7 +21,7 @@ TINY = ("--model_config={'vocab_size': 4096, 'hidden_size': 32, 'n_layers': 3, '
 def tiny_args(out_dir, **kw):
     args = dict(out_dir=str(out_dir), pretrain_iters=4, epochs=1, global_batch=8, micro_batch=4,
                 max_len=96, log_interval=1, eval_interval=1000, ckpt_interval=1000, export_hf=False,
-                train_langs=["sw", "hi"], sara_layers=[1, 2], lr=3e-3)
+                train_langs=["sw", "hi"], sara_band=(1, 2), lr=3e-3)
     args.update(kw)
     return [TINY] + [f"--{k}={v!r}" if isinstance(v, (str, list)) else f"--{k}={v}" for k, v in args.items()]
 
@@ -101,6 +102,8 @@ def test_kill_minus_9_then_resume_equals_uninterrupted(tmp_path):
     run_train(tiny_args(cut, **common))
     a = {r["step"]: r["loss"] for r in metrics(full, "sara")}
     b = {r["step"]: r["loss"] for r in metrics(cut, "sara")}  # includes the pre-kill steps too
+    steps = [r["step"] for r in metrics(cut, "sara")]
+    assert len(steps) == len(set(steps)), "metrics.jsonl logs re-done steps twice after a resume"
     assert set(a) == set(b)
     for step in a:
         assert a[step] == b[step], (step, a[step], b[step])
@@ -124,7 +127,7 @@ def test_missing_anchors_are_excluded_not_faked(tmp_path):
     out = tmp_path / "o"
     res = run_train(tiny_args(out, data_path=str(data)))
     assert "have no anchor" in res.stdout + res.stderr
-    anchors = torch.load(out / "anchors.pt", weights_only=False)["anchors"]
+    anchors = torch.load(out / "anchors.pt", weights_only=True)["anchors"]
     assert anchors and not any(k.endswith("-hi") for k in anchors)
     assert all(torch.isfinite(torch.tensor(r["js"])) for r in metrics(out, "sara"))
 
@@ -135,7 +138,7 @@ def test_stale_anchor_cache_is_rebuilt(single_run, tmp_path):
     res = run_train(tiny_args(tmp_path, epochs=1))
     assert "loaded from" in res.stdout + res.stderr  # same model, data, format: reused
     shutil.rmtree(tmp_path / "ckpt")
-    res = run_train(tiny_args(tmp_path, max_len=64))  # other token ids -> other fingerprint
+    res = run_train(tiny_args(tmp_path, anchor_lang="zh"))  # other anchor token ids -> other fingerprint
     assert "stale" in res.stdout + res.stderr
 
 
@@ -152,7 +155,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     ckpt = tmp_path / "ckpt"
     # the sara phase reaches step 13 after checkpoints at 2, 4, ..., 12
     assert (ckpt / "COMPLETE").read_text() == "12"
-    state = torch.load(ckpt / "state.pt", weights_only=False)
+    state = torch.load(ckpt / "state.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
@@ -212,6 +215,232 @@ def test_from_checkpoint_single_vs_fsdp_and_export(tiny_hf_checkpoint, tmp_path)
         assert abs(a["loss"] - b["loss"]) < 1e-4 * max(1.0, abs(a["loss"])), (a, b)
     from checkpoint import load_model
     exported = load_model(tmp_path / "one" / "hf")
-    state = torch.load(tmp_path / "one" / "ckpt" / "state.pt", weights_only=False)["model"]
+    state = torch.load(tmp_path / "one" / "ckpt" / "state.pt", weights_only=True)["model"]
     for name, p in exported.state_dict().items():
         assert torch.equal(p, state[name]), name
+
+
+# -----------------------------------------------------------------------------
+# settings are checked before anything is loaded, and the message names the culprit
+
+def run_in_process(monkeypatch, args):
+    """train.py in this process (no torch import per case): every case here stops before training."""
+    import runpy
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "argv", ["train.py", *args])
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(SystemExit) as err:
+        runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")
+    return str(err.value)
+
+
+@pytest.mark.parametrize("kw, pattern", [
+    (dict(dtype="bf16"), r"dtype='bf16' \(command line\): must be one of \['float32', 'bfloat16'\]"),
+    (dict(optimizer_states="bf16"), r"optimizer_states='bf16' \(command line\): must be one of"),
+    (dict(parallel="fsdp2"), r"parallel='fsdp2'"),
+    (dict(anchor_mode="offlne"), r"anchor_mode='offlne'"),
+    (dict(device="gpu"), r"device='gpu'"),
+    (dict(epochs=-24), r"epochs=-24 \(command line\): must be >= 1"),
+    (dict(global_batch=0), r"global_batch=0 \(command line\): must be >= 1"),
+    (dict(micro_batch=0), r"micro_batch=0 \(command line\): must be >= 1"),
+    (dict(global_batch=6, micro_batch=4), r"global_batch=6 \(command line\) must be a multiple of micro_batch"),
+    (dict(max_len=0), r"max_len=0 \(command line\): must be >= 2"),
+    (dict(max_len=100000), r"max_len=100000 .* exceeds the model's context max_position_embeddings=\d+"),
+    (dict(lambda_js=-1.0), r"lambda_js=-1.0 \(command line\): must be in \[0, inf\]"),
+    (dict(lr=0.0), r"lr=0.0 \(command line\): must be in \(0, inf\]"),
+    (dict(sara_band=(2, 1)), r"sara_band=\(2, 1\) \(command line\): must be an inclusive pair"),
+    (dict(sara_band=(1,)), r"sara_band=\(1,\) \(command line\): must be an inclusive pair"),
+    (dict(sara_band=(1, 7)), r"sara_band=\(1, 7\) \(command line\): layers \[3, 4, 5, 6, 7\] are not MoE layers"),
+    (dict(sara_layer_list=[0, 9]), r"sara_layer_list=\[0, 9\] \(command line\): layers \[9\] are not MoE"),
+    (dict(sara_layers=[1, 2]), r"'sara_layers' was renamed: use sara_band"),
+    (dict(train_langs=["sw", "xx"]), r"train_langs \(command line\): \['xx'\] not in .*parallel.jsonl"),
+    (dict(train_langs=["SW"]), r"\['SW'\] not in .* case-sensitive: the data spells \['sw'\]"),
+    (dict(anchor_lang="xx"), r"SARA needs anchors: 0 of \d+ training samples have an anchor in anchor_lang='xx'"),
+    (dict(init_from="/nonexistent"), r"init_from \(command line\): .*config.json"),
+])
+def test_bad_settings_fail_first_naming_the_key(monkeypatch, tmp_path, kw, pattern):
+    msg = run_in_process(monkeypatch, tiny_args(tmp_path / "o", **kw))
+    assert re.search(pattern, msg), msg
+    assert not (tmp_path / "o" / "base.pt").exists()  # nothing was trained
+
+
+def test_config_file_errors_name_file_and_line(monkeypatch, tmp_path):
+    cfg = tmp_path / "my.py"
+    cfg.write_text("lr = 1e-3\nepochs = (2\n")
+    assert f"{cfg}:2: syntax error" in run_in_process(monkeypatch, [str(cfg)])
+    cfg.write_text("lr = 1e-3\nwarmup_frac = 2.0\n")
+    assert f"warmup_frac=2.0 ({cfg}:2): must be in [0, 1]" in run_in_process(monkeypatch, [str(cfg)])
+
+
+
+# -----------------------------------------------------------------------------
+# run identity, resume for every optimizer, the non-finite guard, the JS mean of a step
+
+def test_base_and_checkpoint_belong_to_their_run(single_run, tmp_path):
+    shutil.copy(single_run / "base.pt", tmp_path / "base.pt")
+    res = run_train(tiny_args(tmp_path, max_len=64), check=False)  # stage 0 trained on other data
+    assert res.returncode != 0 and "base.pt belongs to another run" in res.stderr and "max_len: 96 -> 64" in res.stderr
+    shutil.copytree(single_run, tmp_path / "r", dirs_exist_ok=True)
+    res = run_train(tiny_args(tmp_path / "r", lambda_lb=0.5), check=False)  # a resume with another setting
+    assert res.returncode != 0 and "ckpt belongs to another run" in res.stderr and "lambda_lb: -1.0 -> 0.5" in res.stderr
+
+
+def test_bf16_sr_resume_equals_uninterrupted(tmp_path):
+    """AdamWBF16 states (and its stochastic rounding's RNG) survive a resume: the NaN guard stops
+    the run at step 7 (checkpoint at 5), the rerun resumes from 5, and every loss equals a run
+    that was never interrupted."""
+    common = dict(optimizer_states="bf16_sr", epochs=2, ckpt_interval=5, pretrain_iters=2, lr=1e-3)
+    run_train(tiny_args(tmp_path / "full", **common))
+    res = run_train(tiny_args(tmp_path / "cut", inject_nan_at_iter=7, **common), check=False)
+    assert res.returncode != 0 and "loss is nan" in res.stderr and "nothing was written" in res.stderr
+    assert (tmp_path / "cut" / "ckpt" / "COMPLETE").read_text() == "5"
+    res = run_train(tiny_args(tmp_path / "cut", **common))
+    assert "resumed from" in res.stdout + res.stderr
+    a = {r["step"]: r["loss"] for r in metrics(tmp_path / "full", "sara")}
+    b = {r["step"]: r["loss"] for r in metrics(tmp_path / "cut", "sara")}
+    assert a == b and len(a) >= 10
+
+
+def test_nan_gradient_with_finite_loss_is_never_applied(tmp_path):
+    """lr=1e4 blows the weights up until a gradient is NaN while its loss is still finite: the
+    step is not applied, and the checkpoint on disk holds the finite weights of the last good step."""
+    res = run_train(tiny_args(tmp_path, lr=1e4, epochs=4, ckpt_interval=1), check=False)
+    assert res.returncode != 0 and "stopping before the optimizer step" in res.stderr, res.stderr[-2000:]
+    bad_step = int(re.search(r"sara step (\d+): (loss|grad norm) is", res.stderr).group(1))
+    assert int((tmp_path / "ckpt" / "COMPLETE").read_text()) == bad_step  # checkpoints up to the last good step
+    state = torch.load(tmp_path / "ckpt" / "state.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_js_term_is_the_mean_over_anchored_samples_of_the_step(tmp_path):
+    """4 samples in one step of 4 micro-batches of 1, one without an anchor: the logged JS term is
+    the mean over the 3 anchored samples (not 3/4 of it). Hand computation: each sample's pooled
+    routing under the base model, JS against its anchor with scipy, mean over the band, then over
+    the three samples."""
+    from scipy.spatial.distance import jensenshannon
+    from checkpoint import load_model
+    from data.parallel import tokenize_samples
+    from tokenizer import load_tokenizer
+    rows = [json.loads(l) for l in open(os.path.join(ROOT, "data/udhr/parallel.jsonl"))]
+    sw = [r for r in rows if r["lang"] == "sw"][:4]
+    sw[2]["anchor_prompt"] = sw[2]["anchor_response"] = None
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in sw))
+    out = tmp_path / "o"
+    run_train(tiny_args(out, data_path=str(data), train_langs=["sw"], val_fraction=0.0, pretrain_iters=0,
+                        global_batch=4, micro_batch=1, epochs=1, max_len=512))
+    logged = metrics(out, "sara")[0]["js"]
+    model = load_model(out / "base.pt")
+    anchors = torch.load(out / "anchors.pt", weights_only=True)["anchors"]
+    examples, _ = tokenize_samples(load_tokenizer(os.path.join(ROOT, "data/udhr/bpe.tiktoken")), sw, 512)
+    assert len(examples) == 4  # one step of exactly these 4 samples
+    per_sample = []
+    for e in examples:
+        if not e["has_anchor"]:
+            continue
+        with torch.no_grad():
+            logits = model(torch.tensor([e["input_ids"]])).router_logits
+        target = [torch.softmax(l[0].double(), -1).mean(0).numpy() for l in logits]  # eq. 1-2, 6-7
+        anchor = anchors[e["id"]].double().numpy()
+        per_sample.append(sum(jensenshannon(anchor[l], target[l]) ** 2 for l in (1, 2)) / 2)
+    assert len(per_sample) == 3
+    assert logged == pytest.approx(sum(per_sample) / 3, rel=1e-4)
+
+
+FSDP_GRADS = """
+import os, sys, warnings, json
+import torch, torch.distributed as dist
+sys.path.insert(0, os.getcwd())
+from model import MoEConfig, MoETransformer
+from sara_loss import pool_routing, sara_loss
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+cfg = MoEConfig(vocab_size=64, hidden_size=32, n_layers=3, n_heads=2, n_kv_heads=1, n_experts=4, top_k=2,
+                moe_intermediate_size=16, intermediate_size=32, router=sys.argv[1], qk_norm=sys.argv[1] == "topk",
+                norm="rmsnorm" if sys.argv[1] == "topk" else "layernorm", input_jitter=0.0,
+                gradient_checkpointing=True)
+torch.manual_seed(0)
+ref = MoETransformer(cfg)
+fsdp = MoETransformer(cfg)
+fsdp.load_state_dict(ref.state_dict())
+from torch.distributed.fsdp import fully_shard
+for b in fsdp.layers:
+    fully_shard(b)
+fully_shard(fsdp)
+g = torch.Generator().manual_seed(1)
+ids = torch.randint(0, 64, (world, 2, 9), generator=g)
+anchor = torch.softmax(torch.randn(world, 2, 3, 4, generator=g), -1)
+torch.manual_seed(5)  # sparsemixer samples in training: same draws on both sides
+def loss_of(model, r):
+    out = model(ids[r], labels=ids[r])
+    return out.loss + 0.01 * out.aux_loss + 1.5 * sara_loss(pool_routing(out.router_logits), anchor[r], [0, 1, 2])
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    torch.manual_seed(100 + rank)
+    loss_of(fsdp, rank).backward()
+views = [str(w.message)[:120] for w in caught if "view tensor" in str(w.message)]
+# reference: the mean of every rank's loss in one process (each rank's sparsemixer draws as that rank
+# had them); and, to show the comparison can fail, rank 0's loss alone
+def ref_grads(weights):
+    ref.zero_grad()
+    total = 0
+    for r in range(world):
+        torch.manual_seed(100 + r)
+        total = total + loss_of(ref, r) * weights[r]
+    total.backward()
+    return {n: p.grad.clone() for n, p in ref.named_parameters()}
+def worst(want):
+    return max(((q.grad.full_tensor() - want[n]).abs().max() / (want[n].abs().max() + 1e-12)).item()
+               for n, q in fsdp.named_parameters())
+right = worst(ref_grads([1 / world] * world))
+wrong = worst(ref_grads([1.0] + [0.0] * (world - 1)))
+if rank == 0:
+    print(json.dumps(dict(views=views, worst_rel=right, rank0_only_rel=wrong)))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("router", ["topk", "sparsemixer"])
+def test_fsdp2_gradients_equal_single_process_and_no_view_outputs(tmp_path, router):
+    """Under FSDP2 (per-block fully_shard, gradient checkpointing) the gradients of CE + LB + the
+    SARA term equal one process's gradients of the mean loss over the ranks' batches, and no wrapped
+    module returns a view (FSDP2 warns: an in-place op on one would skip its hooks)."""
+    script = tmp_path / "grads.py"
+    script.write_text(FSDP_GRADS)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(30500 + os.getpid() % 1000 + (router == "topk")), str(script), router],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["views"] == [], got["views"]
+    assert got["worst_rel"] < 1e-5 and got["rank0_only_rel"] > 1e-2, got
+
+
+def test_adamw_bf16_state_dict_round_trip_keeps_fp32_moments():
+    from optim import AdamWBF16
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(100).to(torch.bfloat16))
+    opt = AdamWBF16([p], lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0)
+    p.grad = torch.randn(100).to(torch.bfloat16)
+    opt.step(closure=None)  # torch.distributed.checkpoint calls it so
+    saved = {k: v.clone() for k, v in opt.state[p].items()}
+    again = AdamWBF16([p], lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0)
+    again.load_state_dict(opt.state_dict())
+    assert again.state[p]["m"].dtype == torch.float32 and torch.equal(again.state[p]["m"], saved["m"])
+    assert torch.equal(again.state[p]["v"], saved["v"]) and float(again.state[p]["step"]) == 1
+
+
+def test_ddp_resume_matches_single_process(single_run, tmp_path):
+    """Two DDP ranks stopped by the NaN guard at step 5 (checkpoint at 4; stage 0 has 4 steps) and
+    resumed: every logged loss equals the single-process run's (the same global batch; fp32
+    reduction-order noise only)."""
+    res = run_train(tiny_args(tmp_path, parallel="ddp", ckpt_interval=2, inject_nan_at_iter=5), nproc=2, check=False)
+    assert res.returncode != 0 and "loss is nan" in res.stderr
+    res = run_train(tiny_args(tmp_path, parallel="ddp", ckpt_interval=2), nproc=2)
+    assert "resumed from" in res.stdout + res.stderr
+    one = {r["step"]: r["loss"] for r in metrics(single_run, "sara")}
+    two = {r["step"]: r["loss"] for r in metrics(tmp_path, "sara")}
+    assert one.keys() == two.keys()
+    for step in one:
+        assert abs(one[step] - two[step]) < 1e-4 * max(1.0, abs(one[step])), (step, one[step], two[step])
