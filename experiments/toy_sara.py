@@ -257,9 +257,10 @@ def main():
     steps_per_epoch = max(1, len(train_set) // settings["train"]["global_batch"])
     print(f"{len(train_set)} training / {len(val_set)} held-out items ({sum(kept)} reported: their text is no training prompt); seeds {seeds}; {args.jobs} jobs x {threads} threads")
 
-    # --- stage 0 per seed: the original model (epochs=0: pretrain, save base.pt, stop)
+    # --- stage 0 per seed: the original model (train.py writes base.pt after stage 0; it has no
+    # "stop after stage 0" switch and needs epochs >= 1, so this run also fine-tunes one epoch, unused)
     base_dir = lambda s: os.path.join(out, f"seed{s}", "base")
-    jobs = [(train_args(settings, base_dir(s), s, epochs=0, eval_interval=10 ** 6), base_dir(s), threads,
+    jobs = [(train_args(settings, base_dir(s), s, epochs=1, eval_interval=10 ** 6), base_dir(s), threads,
              os.path.join(base_dir(s), "base.pt")) for s in seeds]
     # all seeds at once: three 1-thread processes on 2 cores finish sooner than two rounds of two
     took_base = pool_map(run_train, jobs, min(len(seeds), 2 * args.jobs))
@@ -289,7 +290,7 @@ def main():
     for s in seeds:
         base_pt = os.path.join(base_dir(s), "base.pt")
         for c in CONDITIONS:
-            a = train_args(settings, run_dir(s, c), s, sara_layers=layers_of(c, s), eval_interval=steps_per_epoch,
+            a = train_args(settings, run_dir(s, c), s, sara_band=tuple(layers_of(c, s)), eval_interval=steps_per_epoch,
                            **({"lambda_js": 0.0} if c == "plain" else {}))
             copy_base = lambda src=base_pt, dst=os.path.join(run_dir(s, c), "base.pt"): shutil.copy(src, dst)
             # base.pt in out_dir: train.py skips stage 0 and every condition starts from the same weights

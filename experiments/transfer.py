@@ -5,10 +5,10 @@ asked in other languages. Runs on a CPU, in one process.
     python experiments/transfer.py            # the full study: 5 seeds x 5 conditions -> experiments/results/transfer/
     python experiments/transfer.py --quick    # 2 seeds, short training (CI: tests/test_transfer.py)
 
-The world (drawn per seed). Entities (proper nouns, one token each, SHARED by all languages) have
-one value for each of 4 relations (8 candidate values per relation, chance = 1/8). Facts are stated
-in 3 paraphrase templates and asked in 2 question/answer templates. Four languages say the same
-thing with their own tokens (only the entity names are shared):
+The world (drawn per seed; built in experiments/transfer_world.py). Entities (proper nouns, one
+token each, SHARED by all languages) have one value for each of 4 relations (8 candidate values per
+relation, chance = 1/8). Facts are stated in 3 paraphrase templates and asked in 2 question/answer
+templates. Four languages say the same thing with their own tokens (only entity names are shared):
     en   the anchor language, English-like;
     ren  every word renamed (its own token ids), same word order;
     ord  renamed and another word order (each run of words between punctuation reversed);
@@ -20,7 +20,13 @@ Entity splits (disjoint, drawn per seed):
              with its English version as the anchor (SARA's training data);
     control  never shown anywhere (leakage check: accuracy must be at chance).
 Pretraining: all English statements and Q/A of shared, test and bridge entities; target-language
-rows of shared entities are a small share of the batches (`target_share`).
+rows (shared entities only) are target_share = 20% of the rows, half of them English-target
+translation pairs of a statement (parallel text; the model's only direct view of the lexicons).
+Measured on seed 0 while sizing the study (one run each, 2-core machine shared with other jobs):
+with batch 64, 1,000 steps, lr 3e-3 or 1e-2 and no translation pairs, plain fine-tuning ended at
+English accuracy 0.42-0.48 and target accuracy 0.13-0.18 on the test facts; with the settings
+below (batch 32, 2,000 steps, lr 1e-2, translation pairs; several knobs changed at once): English
+0.94, target 0.25. A seed costs ~2.5 CPU-minutes; the full study took 26 min wall.
 
 Conditions, all from the identical base model of a seed, on identical batches (asserted):
     (a) plain     lambda_JS = 0 (the JS term is computed and logged, never differentiated)
@@ -57,15 +63,17 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import stats  # noqa: E402  seed-level t-interval, Holm, mean/std, minimum detectable effect
 from anchors import forward_and_pool  # noqa: E402
 from evaluation.routing import choose_band  # noqa: E402
 from model import MoEConfig, MoETransformer  # noqa: E402
 from sara_loss import js_divergence, layer_band, pool_routing, sara_loss  # noqa: E402
+from transfer_world import (RELATIONS, TARGETS, Vocab, assert_no_entity, build_world, eval_items,  # noqa: E402
+                            finetuning_data, pretraining_data)
 
 PRIMARY = ("band", "plain")  # the endpoint, declared before the runs
 SECONDARY = [("all", "plain"), ("other", "plain"), ("positive", "plain"), ("band", "other")]
@@ -84,168 +92,6 @@ FULL = dict(seeds=[0, 1, 2, 3, 4], model=MODEL, n_entities=dict(shared=24, test=
             warmup_frac=0.1, weight_decay=0.01, grad_clip=1.0)
 QUICK = {**FULL, "seeds": [0, 1], "n_entities": dict(shared=12, test=8, bridge=8, control=8), "pretrain_steps": 100,
          "pretrain_batch": 32, "finetune_epochs": 2}
-
-LANGS = ["en", "ren", "ord", "sub"]
-TARGETS = LANGS[1:]
-RELATIONS = {  # relation noun -> its 8 candidate values (English spelling)
-    "color": ["red", "blue", "green", "white", "black", "yellow", "brown", "gray"],
-    "job": ["baker", "farmer", "doctor", "singer", "tailor", "pilot", "judge", "miner"],
-    "food": ["rice", "bread", "fish", "beans", "corn", "soup", "cheese", "figs"],
-    "animal": ["cat", "dog", "horse", "goat", "owl", "fox", "bear", "wolf"],
-}
-# E = entity, R = relation noun, V = value; a question's answer is its value
-STATEMENTS = ["the R of E is V .", "E has V as its R .", "V is the R of E ."]
-QUESTIONS = ["question : what is the R of E ? answer :", "question : which R does E have ? answer :"]
-PUNCT = {".", "?", ":"}
-SYLLABLES = [c + v for c in "ptkmnsl" for v in "aiu"]  # the sub-token inventory of `sub` (21)
-
-
-# -----------------------------------------------------------------------------
-# languages and the tokenizer (word level: the languages are synthetic)
-def english_words():
-    words = {w for t in STATEMENTS + QUESTIONS for w in t.split() if w not in "ERV"}
-    return sorted(words | set(RELATIONS) | {v for vs in RELATIONS.values() for v in vs})
-
-
-def entity_names(n):
-    rng = np.random.default_rng(12345)  # fixed: names are part of the vocabulary, not of a seed
-    names = []
-    while len(names) < n:
-        name = "".join(rng.choice(["ba", "do", "ki", "lu", "me", "no", "ra", "si", "tu", "vo", "ze"], 3)).capitalize()
-        if name not in names:
-            names.append(name)
-    return names
-
-
-def sub_lexicon():
-    """Each English word -> two syllables (unique pair): a fixed, arbitrary spelling."""
-    words = english_words()
-    pairs = np.random.default_rng(777).permutation(len(SYLLABLES) ** 2)[:len(words)]
-    return {w: (SYLLABLES[p // len(SYLLABLES)], SYLLABLES[p % len(SYLLABLES)]) for w, p in zip(words, pairs)}
-
-
-SUB = sub_lexicon()
-
-
-def render(template, lang, ent, rel, val=None):
-    """-> (tokens, src): the template in `lang`; src[j] = position in the ENGLISH rendering that
-    token j expresses (the alignment used for token-level routing agreement)."""
-    words = [{"E": ent, "R": rel, "V": val}.get(w, w) for w in template.split()]
-    words = [w for w in words if w is not None]
-    order = list(range(len(words)))
-    if lang == "ord":  # reverse each maximal run of non-punctuation words
-        out, run = [], []
-        for i in order + [None]:
-            if i is None or words[i] in PUNCT:
-                out += run[::-1] + ([i] if i is not None else [])
-                run = []
-            else:
-                run.append(i)
-        order = out
-    tokens, src = [], []
-    for i in order:
-        w = words[i]
-        if w == ent:
-            pieces = [w]  # a proper noun: the same token in every language
-        elif lang == "en":
-            pieces = [w]
-        elif lang == "sub":
-            pieces = [f"sub:{s}" for s in SUB[w]]
-        else:
-            pieces = [f"{lang}:{w}"]
-        tokens += pieces
-        src += [i] * len(pieces)
-    return tokens, src
-
-
-class Vocab:
-    def __init__(self, n_entities):
-        words = english_words()
-        toks = ["<pad>", "<bos>", "<eos>"] + entity_names(n_entities) + words
-        toks += [f"{l}:{w}" for l in ("ren", "ord") for w in words] + [f"sub:{s}" for s in SYLLABLES] + ["<tr>"]
-        self.itos, self.stoi = toks, {t: i for i, t in enumerate(toks)}
-        self.pad, self.bos, self.eos, self.tr = 0, 1, 2, self.stoi["<tr>"]
-
-    def encode(self, tokens):
-        return [self.stoi[t] for t in tokens]
-
-
-# -----------------------------------------------------------------------------
-# the world of one seed: facts, entity splits, datasets
-def build_world(settings, seed, vocab):
-    rng = np.random.default_rng(1000 + seed)
-    counts = settings["n_entities"]
-    names = list(rng.permutation(entity_names(sum(counts.values()))))
-    split, start = {}, 0
-    for name, n in counts.items():
-        split[name] = names[start:start + n]
-        start += n
-    facts = {(e, r): RELATIONS[r][rng.integers(8)] for e in names for r in RELATIONS}
-    return dict(split=split, facts=facts, seed=seed)
-
-
-def statement_rows(world, vocab, ents, lang):
-    rows = []
-    for e in ents:
-        for r in RELATIONS:
-            v = world["facts"][e, r]
-            for t in STATEMENTS:
-                rows.append(dict(ids=[vocab.bos] + vocab.encode(render(t, lang, e, r, v)[0]) + [vocab.eos], ent=e))
-            for qi in range(len(QUESTIONS)):
-                rows.append(qa_row(world, vocab, e, r, lang, qi, answer_only=False))
-    return rows
-
-
-def qa_row(world, vocab, ent, rel, lang, qi, answer_only=True):
-    """<bos> question answer-value <eos>; labels on the value and <eos> only (answer_only) or all."""
-    q = [vocab.bos] + vocab.encode(render(QUESTIONS[qi], lang, ent, rel)[0])
-    a = vocab.encode(render("V", lang, ent, rel, world["facts"][ent, rel])[0]) + [vocab.eos]
-    labels = ([-100] * len(q) if answer_only else q) + a
-    return dict(ids=q + a, labels=labels, ent=ent, rel=rel, lang=lang, qi=qi)
-
-
-def translation_rows(world, vocab, ents):
-    """<bos> English statement <tr> the same statement in a target language <eos>: parallel text."""
-    rows = []
-    for e in ents:
-        for r in RELATIONS:
-            v = world["facts"][e, r]
-            for t in STATEMENTS:
-                for lang in TARGETS:
-                    rows.append(dict(ids=[vocab.bos] + vocab.encode(render(t, "en", e, r, v)[0]) + [vocab.tr]
-                                     + vocab.encode(render(t, lang, e, r, v)[0]) + [vocab.eos], ent=e))
-    return rows
-
-
-def pretraining_data(world, vocab):
-    """-> English rows (shared, test, bridge entities), target-language rows and English-target
-    translation pairs (shared entities only)."""
-    s = world["split"]
-    en = statement_rows(world, vocab, s["shared"] + s["test"] + s["bridge"], "en")
-    tgt = [row for lang in TARGETS for row in statement_rows(world, vocab, s["shared"], lang)]
-    return en, tgt, translation_rows(world, vocab, s["shared"])
-
-
-def finetuning_data(world, vocab, ents):
-    """Target-language Q/A about `ents`, each with its English version (the anchor)."""
-    rows = []
-    for e in ents:
-        for r in RELATIONS:
-            for lang in TARGETS:
-                for qi in range(len(QUESTIONS)):
-                    row = qa_row(world, vocab, e, r, lang, qi)
-                    row["anchor_ids"] = qa_row(world, vocab, e, r, "en", qi)["ids"]
-                    rows.append(row)
-    return rows
-
-
-def assert_no_entity(rows, ents, vocab, what):
-    ids = set(vocab.encode(ents))
-    for row in rows:
-        bad = ids.intersection(row["ids"]) | ids.intersection(row.get("anchor_ids", []))
-        if bad:
-            raise AssertionError(f"{what} contains a row about entity ids {sorted(bad)}")
-
 
 # -----------------------------------------------------------------------------
 # batches, training
@@ -336,19 +182,6 @@ def finetune_order(n_rows, settings, seed):
 def pooled(model, seqs):
     """Pooled dense routing (eq. 1-2, 6-7) of each token sequence: (N, L, E)."""
     return forward_and_pool(model, seqs, pad_id=0, batch_size=256).routing
-
-
-def eval_items(world, vocab, ents, split):
-    items = []
-    for e in ents:
-        for r in RELATIONS:
-            for lang in LANGS:
-                for qi in range(len(QUESTIONS)):
-                    q_tok, q_src = render(QUESTIONS[qi], lang, e, r)
-                    cands = [vocab.encode(render("V", lang, e, r, v)[0]) for v in RELATIONS[r]]
-                    items.append(dict(split=split, ent=e, rel=r, lang=lang, qi=qi, prompt=[vocab.bos] + vocab.encode(q_tok),
-                                      src=[-1] + q_src, cands=cands, gold=RELATIONS[r].index(world["facts"][e, r])))
-    return items
 
 
 @torch.no_grad()
@@ -526,7 +359,6 @@ def analyse(runs, settings):
         secondary[key]["p_holm"] = p_holm
     forgetting = {f"{c}-plain": contrast(c, "plain", "en") for c in CONDITIONS[1:]}
     # routing: per condition, per layer, mean over target languages, per seed
-    L = settings["model"]["n_layers"]
     topk = {c: np.array([[r["records"][c]["topk"][l] for l in TARGETS] for r in runs]).mean(1) for c in acc}  # (S, L)
     js = {c: np.array([[r["records"][c]["js"][l] for l in TARGETS] for r in runs]).mean(1) for c in acc}
     in_band = lambda m: [float(m[i][runs[i]["band"]].mean()) for i in range(len(runs))]
@@ -543,7 +375,10 @@ def analyse(runs, settings):
 
 
 def fmt_ms(values, nd=3):
-    m, s = stats.mean_std([v for v in values if v is not None])
+    values = [v for v in values if v is not None]  # a transfer ratio is undefined at English chance
+    if not values:
+        return "n/a"
+    m, s = stats.mean_std(values)
     return f"{m:.{nd}f}" + (f" ± {s:.{nd}f}" if s is not None else "")
 
 
@@ -553,7 +388,9 @@ def fmt_ci(c, nd=3):
 
 def report(S):
     conds = ["base"] + CONDITIONS
-    lines = [f"Seeds {S['seeds']}; chance = {S['chance']:.3f}; bands per seed (b): {S['bands']}, (d): {S['other_bands']}. "
+    band = lambda d: ", ".join(f"{v[0]}–{v[-1]}" for v in d.values())
+    lines = [f"Seeds {S['seeds']}; chance = {S['chance']:.3f}; layer bands per seed (b): {band(S['bands'])}; "
+             f"(d): {band(S['other_bands'])}. "
              "Accuracy on test entities (facts seen only in English in pretraining), mean ± std over seeds.", "",
              "| condition | target (ren+ord+sub) | ren | ord | sub | English | transfer ratio | control | token top-k agreement, band | pooled JS, band |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -610,7 +447,7 @@ def figure(S, path):
     ax1.legend(fontsize=7)
     ax1.set_title("facts learned in English, asked in other languages (dots: seeds)", fontsize=9)
     for c in conds:
-        ax2.plot(S["topk_layers"][c], "o-", ms=3, label=LABELS[c], ls="--" if c == "base" else "-")
+        ax2.plot(S["topk_layers"][c], marker="o", ms=3, label=LABELS[c], ls="--" if c == "base" else "-")
     ax2.axhline(S["settings"]["model"]["top_k"] / S["settings"]["model"]["n_experts"], color="k", ls=":", lw=1)
     ax2.set_xlabel("MoE layer")
     ax2.set_ylabel("token-level top-k agreement with English")
@@ -638,6 +475,7 @@ def main():
     p.add_argument("--results", default=None, help="default experiments/results/transfer (quick: out/transfer_quick)")
     p.add_argument("--jobs", type=int, default=2, help="seeds trained at once, one process and one thread each")
     p.add_argument("--seeds", type=int, nargs="*", default=None, help="override the seeds")
+    p.add_argument("--report", action="store_true", help="no training: rewrite results.md and the figure from summary.json")
     args = p.parse_args()
     settings = dict(QUICK if args.quick else FULL)
     if args.seeds:
@@ -645,6 +483,10 @@ def main():
     results = os.path.abspath(args.results or os.path.join(ROOT, "out", "transfer_quick") if args.quick
                               else args.results or os.path.join(ROOT, "experiments", "results", "transfer"))
     os.makedirs(results, exist_ok=True)
+    if args.report:
+        S = json.load(open(os.path.join(results, "summary.json")))
+        open(os.path.join(results, "results.md"), "w").write(report(S))
+        return figure(S, os.path.join(results, "transfer.png"))
     t0, load0 = time.time(), os.getloadavg()
     print(f"primary endpoint: target accuracy {LABELS[PRIMARY[0]]} − {LABELS[PRIMARY[1]]}; seeds {settings['seeds']}")
     jobs = [(settings, s) for s in settings["seeds"]]

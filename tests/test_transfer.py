@@ -1,4 +1,4 @@
-"""experiments/transfer.py: the world's construction (no training), and the --quick study end to end
+"""experiments/transfer.py and transfer_world.py: the world's construction (no training), and the --quick study end to end
 (the CI run of the experiment): its invariants -- identical batches, no test-entity fact in
 fine-tuning, control entities at chance -- and its statistics recomputed here from the per-item file.
 Not the direction of the result."""
@@ -16,43 +16,38 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def load_driver():
-    spec = importlib.util.spec_from_file_location("transfer", os.path.join(ROOT, "experiments", "transfer.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-T = load_driver()
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+import transfer as T  # noqa: E402
+import transfer_world as W  # noqa: E402
 
 
 def test_languages_render_with_their_own_tokens_and_a_correct_alignment():
-    en, en_src = T.render("the R of E is V .", "en", "Bakira", "color", "red")
+    en, en_src = W.render("the R of E is V .", "en", "Bakira", "color", "red")
     assert en == ["the", "color", "of", "Bakira", "is", "red", "."] and en_src == list(range(7))
-    ren, ren_src = T.render("the R of E is V .", "ren", "Bakira", "color", "red")
+    ren, ren_src = W.render("the R of E is V .", "ren", "Bakira", "color", "red")
     assert ren == ["ren:the", "ren:color", "ren:of", "Bakira", "ren:is", "ren:red", "ren:."] and ren_src == en_src
     # ord: each run of words between punctuation reversed; the alignment follows the words
-    ordr, ord_src = T.render("question : what is the R of E ? answer :", "ord", "Bakira", "job")
+    ordr, ord_src = W.render("question : what is the R of E ? answer :", "ord", "Bakira", "job")
     assert ordr == ["ord:question", "ord::", "Bakira", "ord:of", "ord:job", "ord:the", "ord:is", "ord:what",
                     "ord:?", "ord:answer", "ord::"]
-    en_q, _ = T.render("question : what is the R of E ? answer :", "en", "Bakira", "job")
+    en_q, _ = W.render("question : what is the R of E ? answer :", "en", "Bakira", "job")
     assert [en_q[i] for i in ord_src] == [t.split(":", 1)[1] if t != "Bakira" else t for t in ordr]
     # sub: every word (not the entity) is two syllable tokens, both aligned to the word
-    sub, sub_src = T.render("E has V as its R .", "sub", "Bakira", "food", "rice")
+    sub, sub_src = W.render("E has V as its R .", "sub", "Bakira", "food", "rice")
     assert len(sub) == 1 + 2 * 6 and sub[0] == "Bakira" and sub_src == [0] + [i for i in range(1, 7) for _ in (0, 1)]
     assert all(t.startswith("sub:") for t in sub[1:])
-    assert len({T.SUB[w] for w in T.english_words()}) == len(T.english_words())  # spellings unique
+    assert len({W.SUB[w] for w in W.english_words()}) == len(W.english_words())  # spellings unique
 
 
 def test_world_splits_and_the_data_that_each_split_may_appear_in():
     settings = T.QUICK
-    vocab = T.Vocab(sum(settings["n_entities"].values()))
-    world = T.build_world(settings, 3, vocab)
+    vocab = W.Vocab(sum(settings["n_entities"].values()))
+    world = W.build_world(settings, 3, vocab)
     s = world["split"]
     names = [e for part in s.values() for e in part]
     assert len(names) == len(set(names)) == sum(settings["n_entities"].values())
-    en, tgt, par = T.pretraining_data(world, vocab)
-    ft = T.finetuning_data(world, vocab, s["bridge"])
+    en, tgt, par = W.pretraining_data(world, vocab)
+    ft = W.finetuning_data(world, vocab, s["bridge"])
     ids = lambda ents: set(vocab.encode(ents))
     ft_tokens = {t for r in ft for t in r["ids"] + r["anchor_ids"]}
     assert not ft_tokens & ids(s["test"] + s["control"]) and ids(s["bridge"]) <= ft_tokens
@@ -62,9 +57,9 @@ def test_world_splits_and_the_data_that_each_split_may_appear_in():
     row = ft[0]
     value = world["facts"][row["ent"], row["rel"]]
     answer = [t for t, l in zip(row["ids"], row["labels"]) if l != -100]
-    assert answer == vocab.encode(T.render("V", row["lang"], row["ent"], row["rel"], value)[0]) + [vocab.eos]
+    assert answer == vocab.encode(W.render("V", row["lang"], row["ent"], row["rel"], value)[0]) + [vocab.eos]
     with pytest.raises(AssertionError, match="entity ids"):
-        T.assert_no_entity(T.finetuning_data(world, vocab, s["test"][:1]), s["test"], vocab, "fine-tuning data")
+        W.assert_no_entity(W.finetuning_data(world, vocab, s["test"][:1]), s["test"], vocab, "fine-tuning data")
 
 
 def test_other_band_never_overlaps():
@@ -92,8 +87,8 @@ def quick(tmp_path_factory):
 def test_quick_identical_batches_and_primary_declared(quick):
     S = quick["summary"]
     assert S["primary_endpoint"] == ["band", "plain"]
-    n_ft = sum(1 for _ in T.finetuning_data(T.build_world(S["settings"], 0, T.Vocab(sum(S["settings"]["n_entities"].values()))),
-                                             T.Vocab(sum(S["settings"]["n_entities"].values())), S["splits"]["0"]["bridge"]))
+    n_ft = sum(1 for _ in W.finetuning_data(W.build_world(S["settings"], 0, W.Vocab(sum(S["settings"]["n_entities"].values()))),
+                                             W.Vocab(sum(S["settings"]["n_entities"].values())), S["splits"]["0"]["bridge"]))
     steps = S["settings"]["finetune_epochs"] * (n_ft // S["settings"]["finetune_batch"])
     for seed, per_cond in S["batch_digests"].items():
         assert set(per_cond) == set(T.CONDITIONS)
@@ -104,12 +99,12 @@ def test_quick_identical_batches_and_primary_declared(quick):
 
 def test_quick_no_test_fact_in_fine_tuning(quick):
     S = quick["summary"]
-    vocab = T.Vocab(sum(S["settings"]["n_entities"].values()))
+    vocab = W.Vocab(sum(S["settings"]["n_entities"].values()))
     for seed in S["seeds"]:
-        world = T.build_world(S["settings"], seed, vocab)
+        world = W.build_world(S["settings"], seed, vocab)
         assert world["split"] == S["splits"][str(seed)]  # the run used this world
         test_ids = set(vocab.encode(world["split"]["test"]))
-        for row in T.finetuning_data(world, vocab, world["split"]["bridge"]):
+        for row in W.finetuning_data(world, vocab, world["split"]["bridge"]):
             assert not test_ids & set(row["ids"] + row["anchor_ids"])
 
 
@@ -153,11 +148,11 @@ def test_candidate_logliks_match_forward_and_pool():
     import torch
     from anchors import forward_and_pool
     settings = T.QUICK
-    vocab = T.Vocab(sum(settings["n_entities"].values()))
-    world = T.build_world(settings, 1, vocab)
+    vocab = W.Vocab(sum(settings["n_entities"].values()))
+    world = W.build_world(settings, 1, vocab)
     torch.manual_seed(0)
     model = T.MoETransformer(T.MoEConfig(vocab_size=len(vocab.itos), **settings["model"])).eval()
-    items = T.eval_items(world, vocab, world["split"]["test"][:1], "test")  # 4 relations x 4 languages x 2 questions
+    items = W.eval_items(world, vocab, world["split"]["test"][:1], "test")  # 4 relations x 4 languages x 2 questions
     assert {len(c) for it in items for c in it["cands"]} == {1, 2}  # both paths exercised (sub: 2 tokens)
     seqs = [it["prompt"] + c for it in items for c in it["cands"]]
     labels = [[-100] * len(it["prompt"]) + c for it in items for c in it["cands"]]
@@ -166,3 +161,12 @@ def test_candidate_logliks_match_forward_and_pool():
     correct, margin = T.accuracy_items(model, items)
     gold = np.array([it["gold"] for it in items])
     assert (correct == (want.argmax(1) == gold)).all()
+
+
+def test_quick_report_is_reproduced_from_the_summary(quick, tmp_path):
+    import shutil
+    shutil.copy(quick["dir"] / "summary.json", tmp_path / "summary.json")
+    res = subprocess.run([sys.executable, "experiments/transfer.py", "--quick", "--report", "--results", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / "results.md").read_text() == quick["md"]
