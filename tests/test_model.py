@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from model import (MoEConfig, MoETransformer, KVCache, experts_loop, experts_grouped,
+from experts import experts_grouped, experts_loop
+from model import (MoEConfig, MoETransformer, KVCache,
                    qwen3_30b_a3b_config, phi35_moe_config)
 
 SMALL = dict(vocab_size=97, hidden_size=32, n_layers=3, n_heads=4, n_kv_heads=2,
