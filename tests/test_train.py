@@ -415,8 +415,11 @@ def worst(want):
 right = worst(ref_grads([1 / world] * world))
 wrong = worst(ref_grads([1.0] + [0.0] * (world - 1)))
 if rank == 0:
-    print(json.dumps(dict(views=views, worst_rel=right, rank0_only_rel=wrong)))
+    print(json.dumps(dict(views=views, worst_rel=right, rank0_only_rel=wrong)), flush=True)
+dist.barrier()  # no rank tears gloo down while another still talks to it
 dist.destroy_process_group()
+sys.stdout.flush()
+os._exit(0)  # skip interpreter teardown: gloo threads at exit sometimes abort ("terminate called ...")
 """
 
 
