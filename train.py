@@ -320,9 +320,10 @@ def train_phase(phase, net, examples, total_steps, peak_lr, js_weight, anchor_ta
         check_fingerprint(ckpt_dir, saved_id, phase_id)
         start = load_training_state(ckpt_dir, net, optimizer, rank=rank, sharded=sharded, device=device)
         log(f"{phase}: resumed from {ckpt_dir} at step {start}")
-        if master and os.path.exists(metrics_path):  # steps after the checkpoint are redone: log them once
-            rows = [json.loads(l) for l in open(metrics_path)]
-            keep = [r for r in rows if r.get("phase") != phase or r["step"] < start]
+    if master and os.path.exists(metrics_path):  # steps after the checkpoint (all, if none) are redone: log them once
+        rows = [json.loads(l) for l in open(metrics_path)]
+        keep = [r for r in rows if r.get("phase") != phase or (start > 0 and r["step"] < start)]
+        if len(keep) < len(rows):
             with open(metrics_path + ".tmp", "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in keep)
             os.replace(metrics_path + ".tmp", metrics_path)

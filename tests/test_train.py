@@ -464,3 +464,16 @@ def test_ddp_resume_matches_single_process(single_run, tmp_path):
     assert one.keys() == two.keys()
     for step in one:
         assert abs(one[step] - two[step]) < 1e-4 * max(1.0, abs(one[step])), (step, one[step], two[step])
+
+
+def test_metrics_log_each_step_once_after_a_crash_before_any_checkpoint(tmp_path):
+    """Stage 0 stops at step 3 with no checkpoint written: the rerun starts the phase over, and
+    metrics.jsonl holds each step of each phase once (the first attempt's rows are dropped)."""
+    res = run_train(tiny_args(tmp_path, inject_nan_at_iter=3), check=False)
+    assert res.returncode != 0 and "pretrain step 3: loss is nan" in res.stderr
+    assert [r["step"] for r in metrics(tmp_path, "pretrain")] == [0, 1, 2]
+    run_train(tiny_args(tmp_path))
+    rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    keys = [(r["phase"], r["step"], "loss" in r) for r in rows]
+    assert len(keys) == len(set(keys)), keys
+    assert [r["step"] for r in metrics(tmp_path, "pretrain")] == [0, 1, 2, 3]
