@@ -197,8 +197,14 @@ _case = [p for p in present if p not in train_langs and p.lower() in {l.lower() 
 if absent or _case:  # codes are matched exactly: "SW" is not "sw", and rows spelled so are never dropped silently
     raise ConfigError(f"train_langs ({sources['train_langs']}): " + (f"{absent} not in {data_path}; " if absent else "")
                       + f"its languages are {present}" + (f" (codes are case-sensitive: the data spells {_case})" if _case else ""))
+_case = {s["id"]: s["anchor_lang"] for s in samples if s["anchor_lang"] != anchor_lang
+         and s["anchor_lang"].lower() == anchor_lang.lower()}
+if _case:  # "EN" for "en" would drop those rows' anchors (and re-anchor every row) without a word
+    raise ConfigError(f"anchor_lang={anchor_lang!r} ({sources['anchor_lang']}): {len(_case)} rows of {data_path} spell "
+                      f"it {sorted(set(_case.values()))} (e.g. id {next(iter(_case))!r}); codes are case-sensitive")
 if any(s["anchor_lang"] != anchor_lang for s in samples):  # e.g. the paper's zh-anchor track
-    samples = with_anchor_lang(samples, anchor_lang)  # items with no row in that language: no anchor
+    # items with no row in that language: no anchor; rows already anchored in it keep their anchor
+    samples = [s if s["anchor_lang"] == anchor_lang else r for s, r in zip(samples, with_anchor_lang(samples, anchor_lang))]
 train_samples, val_samples = split_train_val(samples, val_fraction, seed=0)
 targets = [s for s in train_samples if s["lang"] in train_langs]
 train_set, train_stats = tokenize_samples(tok, targets, max_len, system_prompt or None)

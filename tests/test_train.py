@@ -284,6 +284,23 @@ def test_language_spelled_in_another_case_is_an_error(monkeypatch, tmp_path):
     assert "case-sensitive: the data spells ['SW']" in msg, msg
 
 
+def test_anchor_lang_spelled_in_another_case_is_an_error(monkeypatch, tmp_path):
+    """A target-only file (anchors inline) with one row whose anchor_lang is "EN": an error naming
+    the spelling and the row, not "0 anchors" after every row's inline anchor was discarded."""
+    rows = [json.loads(l) for l in open(os.path.join(ROOT, "data/udhr/parallel.jsonl"))]
+    rows = [r for r in rows if r["lang"] in ("sw", "hi")]
+    rows[3]["anchor_lang"] = "EN"
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    msg = run_in_process(monkeypatch, tiny_args(tmp_path / "o", data_path=str(data)))
+    assert f"spell it ['EN'] (e.g. id {rows[3]['id']!r}); codes are case-sensitive" in msg, msg
+    rows[3]["anchor_lang"] = "de"  # another language: that row alone loses its anchor (no de row)
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    res = run_train(tiny_args(tmp_path / "o2", data_path=str(data), pretrain_iters=1, epochs=0))
+    no_anchor = int(re.search(r"'no_anchor': (\d+)", res.stdout + res.stderr).group(1))
+    assert no_anchor <= 1, res.stdout + res.stderr
+
+
 def test_config_file_errors_name_file_and_line(monkeypatch, tmp_path):
     cfg = tmp_path / "my.py"
     cfg.write_text("lr = 1e-3\nepochs = (2\n")
