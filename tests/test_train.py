@@ -322,6 +322,28 @@ def test_base_and_checkpoint_belong_to_their_run(single_run, tmp_path):
     assert res.returncode != 0 and "ckpt belongs to another run" in res.stderr and "lambda_lb: -1.0 -> 0.5" in res.stderr
 
 
+@pytest.mark.parametrize("change, named", [
+    ("data", "data: '"), (dict(val_fraction=0.2), "val_fraction: 0.15 -> 0.2"),
+    (dict(system_prompt="Be brief."), "system_prompt: '' -> 'Be brief.'"),
+    (dict(warmup_frac=0.2), "warmup_frac: 0.1 -> 0.2"), (dict(weight_decay=0.1), "weight_decay: 0.01 -> 0.1"),
+    ("model", "model_config: {"),
+])
+def test_another_run_is_never_resumed(single_run, tmp_path, change, named):
+    """Every input that decides the trajectory is part of the run's identity: the data's contents,
+    the settings, the toy model's shape (an existing base.pt of another shape is not reused)."""
+    shutil.copy(single_run / "base.pt", tmp_path / "base.pt")
+    kw = change if isinstance(change, dict) else {}
+    if change == "data":
+        rows = open(os.path.join(ROOT, "data/udhr/parallel.jsonl")).readlines()
+        (tmp_path / "d.jsonl").write_text("".join(rows[:-1]))  # one row less, same name otherwise
+        kw = dict(data_path=str(tmp_path / "d.jsonl"))
+    args = tiny_args(tmp_path, **kw)
+    if change == "model":
+        args[0] = args[0].replace("'hidden_size': 32", "'hidden_size': 16")
+    res = run_train(args, check=False)
+    assert res.returncode != 0 and "base.pt belongs to another run" in res.stderr and named in res.stderr, res.stderr[-2000:]
+
+
 def test_bf16_sr_resume_equals_uninterrupted(tmp_path):
     """AdamWBF16 states (and its stochastic rounding's RNG) survive a resume: the NaN guard stops
     the run at step 7 (checkpoint at 5), the rerun resumes from 5, and every loss equals a run
