@@ -33,7 +33,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from anchors import anchor_fingerprint, forward_and_pool, build_anchors, load_or_build_anchors, lookup_anchors
-from checkpoint import (CheckpointError, check_fingerprint, file_digest, load_base, load_model, load_training_state, read_checkpoint_meta,
+from checkpoint import (CheckpointError, _read_json, check_fingerprint, file_digest, load_base, load_model, load_training_state, read_checkpoint_meta,
                         recover_checkpoint, save_base, save_hf_state, save_training_state)
 from configurator import ConfigError, at_least, configure, in_range, one_of, validate
 from hf_config import config_from_hf
@@ -130,8 +130,7 @@ try:
     if init_from == "scratch":
         model_cfg = MoEConfig(**{**model_config, "router_clean_logits": router_clean_logits})
     else:
-        with open(os.path.join(init_from, "config.json")) as _f:
-            model_cfg = config_from_hf(json.load(_f))
+        model_cfg = config_from_hf(_read_json(os.path.join(init_from, "config.json")))  # names the file if not JSON
         model_cfg.router_clean_logits = router_clean_logits
 except (OSError, ValueError, TypeError) as err:  # (CheckpointError and JSON errors are ValueErrors)
     _key = "model_config" if init_from == "scratch" else "init_from"

@@ -268,8 +268,13 @@ def run_in_process(monkeypatch, args):
     (dict(train_langs=["sw", "SW"]), r"\['SW'\] not in"),
     (dict(anchor_lang="xx"), r"SARA needs anchors: 0 of \d+ training samples have an anchor in anchor_lang='xx'"),
     (dict(init_from="/nonexistent"), r"init_from \(command line\): .*config.json"),
+    (dict(init_from="BAD_JSON"), r"init_from \(command line\): .*config.json: not valid JSON"),
 ])
 def test_bad_settings_fail_first_naming_the_key(monkeypatch, tmp_path, kw, pattern):
+    if kw.get("init_from") == "BAD_JSON":
+        (tmp_path / "hf").mkdir()
+        (tmp_path / "hf" / "config.json").write_text('{"model_type": "qwen3_moe",')
+        kw = dict(init_from=str(tmp_path / "hf"))
     msg = run_in_process(monkeypatch, tiny_args(tmp_path / "o", **kw))
     assert re.search(pattern, msg), msg
     assert not (tmp_path / "o" / "base.pt").exists()  # nothing was trained
