@@ -303,6 +303,18 @@ def evaluate(net, examples, anchor_table, phase, step):
     write_metrics(dict(phase=phase, step=step, **res))
 
 
+def check_finite_weights(net, path):
+    """A NaN/Inf weight read from a file is an error naming the file and tensors (unchecked, an unused
+    embedding row trains on silently into the export; a used one stops the run blaming lr)."""
+    bad = [n for n, p in net.named_parameters() if not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()]
+    n_bad = torch.tensor(float(len(bad)), device=device)
+    if ddp:  # (FSDP: each rank sees its shard) every rank stops together
+        dist.all_reduce(n_bad)
+    if n_bad.item():
+        raise SystemExit(f"{path}: non-finite (NaN/Inf) weights in {bad[:5] or 'another rank'}; "
+                         "the file is damaged: delete it (or restore it) to retrain")
+
+
 def write_metrics(record):
     if master:
         with open(metrics_path, "a") as f:
@@ -324,6 +336,7 @@ def train_phase(phase, net, examples, total_steps, peak_lr, js_weight, anchor_ta
             raise SystemExit(f"{ckpt_dir}: no run fingerprint ({err}); written by an older train.py? Use a new out_dir.")
         check_fingerprint(ckpt_dir, saved_id, phase_id)
         start = load_training_state(ckpt_dir, net, optimizer, rank=rank, sharded=sharded, device=device)
+        check_finite_weights(net, ckpt_dir)
         log(f"{phase}: resumed from {ckpt_dir} at step {start}")
     if master and os.path.exists(metrics_path):  # steps after the checkpoint (all, if none) are redone: log them once
         rows = [json.loads(l) for l in open(metrics_path)]
@@ -445,6 +458,7 @@ if init_from == "scratch":
     except CheckpointError as err:
         raise SystemExit(str(err)) from None
     check_fingerprint(base_path, base_meta.get("fingerprint", {}), base_id)
+    check_finite_weights(raw_model, base_path)
     raw_model.train()
     model_digest = file_digest([base_path])
 else:

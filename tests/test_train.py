@@ -376,6 +376,20 @@ def test_nan_gradient_with_finite_loss_is_never_applied(tmp_path):
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
+@pytest.mark.parametrize("file", ["base.pt", "ckpt/state.pt"])
+def test_nan_weights_in_base_or_checkpoint_are_an_error_naming_the_file(single_run, tmp_path, file):
+    """A NaN in a row the data never uses (token 0's embedding) would train on silently into the export."""
+    shutil.copytree(single_run, tmp_path / "r")
+    state = torch.load(tmp_path / "r" / file, weights_only=True)
+    state["model"]["embed_tokens.weight"][0, 0] = float("nan")
+    torch.save(state, tmp_path / "r" / file)
+    if file == "base.pt":
+        shutil.rmtree(tmp_path / "r" / "ckpt")
+    res = run_train(tiny_args(tmp_path / "r"), check=False)
+    where = tmp_path / "r" / ("base.pt" if file == "base.pt" else "ckpt")
+    assert res.returncode != 0 and f"{where}: non-finite (NaN/Inf) weights in ['embed_tokens.weight']" in res.stderr, res.stderr[-2000:]
+
+
 def test_js_term_is_the_mean_over_anchored_samples_of_the_step(tmp_path):
     """4 samples in one step of 4 micro-batches of 1, one without an anchor: the logged JS term is
     the mean over the 3 anchored samples (not 3/4 of it). Hand computation: each sample's pooled
