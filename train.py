@@ -208,8 +208,10 @@ train_samples, val_samples = split_train_val(samples, val_fraction, seed=0)
 targets = [s for s in train_samples if s["lang"] in train_langs]
 train_set, train_stats = tokenize_samples(tok, targets, max_len, system_prompt or None)
 val_set, _ = tokenize_samples(tok, [s for s in val_samples if s["lang"] in train_langs], max_len, system_prompt or None)
-if not train_set:
-    raise ConfigError(f"max_len={max_len}: no training sample of {train_langs} fits (every prompt fills max_len)")
+_empty = [l for l in train_langs if not any(e["lang"] == l for e in train_set)]
+if _empty:  # a requested language is never dropped silently: all its items in val, or every prompt too long
+    raise ConfigError(f"train_langs ({sources['train_langs']}): no training sample of {_empty} is left (max_len={max_len} "
+                      f"({sources['max_len']}): every prompt fills it, or val_fraction={val_fraction} took every item)")
 log(f"data: {len(train_set)} train / {len(val_set)} val samples in {train_langs}; {train_stats}")
 if train_stats["truncated"]:
     log(f"warning: {train_stats['truncated']} of {len(train_set)} training responses are cut at max_len={max_len} "

@@ -289,6 +289,16 @@ def test_language_spelled_in_another_case_is_an_error(monkeypatch, tmp_path):
     assert "case-sensitive: the data spells ['SW']" in msg, msg
 
 
+def test_a_language_left_without_training_samples_is_an_error(monkeypatch, tmp_path):
+    """Every hi prompt longer than max_len: hi would be skipped entirely and the run train on sw alone."""
+    rows = [json.loads(l) for l in open(os.path.join(ROOT, "data/udhr/parallel.jsonl"))]
+    rows = [dict(r, prompt=r["prompt"] + " ..." * 200) if r["lang"] == "hi" else r for r in rows]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    msg = run_in_process(monkeypatch, tiny_args(tmp_path / "o", data_path=str(data)))
+    assert "train_langs (command line): no training sample of ['hi'] is left (max_len=96" in msg, msg
+
+
 def test_anchor_lang_spelled_in_another_case_is_an_error(monkeypatch, tmp_path):
     """A target-only file (anchors inline) with one row whose anchor_lang is "EN": an error naming
     the spelling and the row, not "0 anchors" after every row's inline anchor was discarded."""
