@@ -150,6 +150,8 @@ if max_len > model_cfg.max_position_embeddings:
 ddp = int(os.environ.get("RANK", -1)) != -1
 if device == "auto":
     device = "cuda" if torch.cuda.is_available() else "cpu"
+elif device == "cuda" and not torch.cuda.is_available():
+    raise ConfigError(f"device='cuda' ({sources['device']}): no CUDA device is available here (use 'cpu' or 'auto')")
 if ddp:
     dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -185,7 +187,11 @@ def log(msg):
 
 # -----------------------------------------------------------------------------
 # data (stage 1 happens upstream: the JSONL holds the translated, filtered samples)
-tok = load_tokenizer(tokenizer_path or init_from)
+try:
+    tok = load_tokenizer(tokenizer_path or init_from)
+except (OSError, ValueError) as err:
+    _key = "tokenizer_path" if tokenizer_path else "init_from"
+    raise ConfigError(f"{_key} ({sources[_key]}): {err}") from None
 try:
     samples = load_parallel_jsonl(data_path)
 except (OSError, ValueError) as err:

@@ -268,6 +268,9 @@ def run_in_process(monkeypatch, args):
     (dict(train_langs=["sw", "SW"]), r"\['SW'\] not in"),
     (dict(anchor_lang="xx"), r"SARA needs anchors: 0 of \d+ training samples have an anchor in anchor_lang='xx'"),
     (dict(init_from="/nonexistent"), r"init_from \(command line\): .*config.json"),
+    (dict(tokenizer_path="/nonexistent.tiktoken"), r"tokenizer_path \(command line\): .*/nonexistent.tiktoken"),
+    pytest.param(dict(device="cuda"), r"device='cuda' \(command line\): no CUDA device is available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")),
     (dict(init_from="BAD_JSON"), r"init_from \(command line\): .*config.json: not valid JSON"),
 ])
 def test_bad_settings_fail_first_naming_the_key(monkeypatch, tmp_path, kw, pattern):
