@@ -61,6 +61,16 @@ def check_bench_args(args):
                          "protocol only (chat completions give no option log-likelihoods)")
     if not args.checkpoint and not args.engine_url:
         raise SystemExit("bench needs --checkpoint, or --engine-url and --engine-model")
+    langs = args.langs.split(",")
+    if not all(langs) or len(set(langs)) != len(langs):
+        raise SystemExit(f"--langs {args.langs!r}: expected distinct comma-separated codes, e.g. sw,hi")
+    for flag, value, ok, want in [
+            ("--runs", args.runs, args.runs >= 1, ">= 1"), ("--temperature", args.temperature, args.temperature >= 0, ">= 0 (0: greedy)"),
+            ("--top-p", args.top_p, 0 < args.top_p <= 1, "in (0, 1]"), ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, ">= 1"),
+            ("--batch-size", args.batch_size, args.batch_size >= 1, ">= 1"), ("--limit", args.limit, args.limit is None or args.limit >= 1, ">= 1"),
+            ("--engine-concurrency", args.engine_concurrency, args.engine_concurrency >= 1, ">= 1")]:
+        if not ok:
+            raise SystemExit(f"{flag} must be {want}, got {value}")
 
 
 def make_responder(args):
@@ -72,6 +82,9 @@ def make_responder(args):
                                      concurrency=args.engine_concurrency, system=args.system)
     model = load_model(args.checkpoint, _dtype(args.dtype), args.device)
     tok = load_tok(args.checkpoint, args.tokenizer)
+    context = model.config.max_position_embeddings
+    if args.protocol == "generative" and args.max_new_tokens >= context:
+        raise SystemExit(f"--max-new-tokens {args.max_new_tokens}: the model's context is {context} tokens, prompt included")
     if args.protocol == "loglik":
         return make_loglik_responder(model, tok, batch_size=args.batch_size, system=args.system)
     return make_generative_responder(model, tok, max_new_tokens=args.max_new_tokens, temperature=args.temperature,

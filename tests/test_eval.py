@@ -180,3 +180,22 @@ def test_cli_bench_with_an_engine_responder(tmp_path, monkeypatch, capsys):
                 "--langs", "sw"])
     with pytest.raises(SystemExit, match="needs --checkpoint"):
         E.main(["bench", "--benchmark", "mgsm", "--data", str(FIX / "mgsm"), "--langs", "sw"])
+
+
+@pytest.mark.parametrize("extra, pattern", [
+    (["--temperature", "-1"], r"--temperature must be >= 0 \(0: greedy\), got -1.0"),
+    (["--runs", "0"], "--runs must be >= 1, got 0"),
+    (["--top-p", "0"], r"--top-p must be in \(0, 1\], got 0.0"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--limit", "0"], "--limit must be >= 1, got 0"),
+    (["--langs", "sw,sw"], "--langs 'sw,sw': expected distinct"),
+    (["--langs", ""], "--langs '': expected distinct"),
+    (["--max-new-tokens", "100000"], r"--max-new-tokens 100000: the model's context is \d+ tokens"),
+])
+def test_bench_rejects_bad_flags_naming_them(checkpoint, tmp_path, extra, pattern):
+    args = ["bench", "--checkpoint", str(checkpoint), "--benchmark", "mgsm", "--data", str(FIX / "mgsm"),
+            "--langs", "sw", "--out", str(tmp_path / "o"), *extra]
+    with pytest.raises(SystemExit, match=pattern):
+        E.main(args)
+    assert not (tmp_path / "o").exists()
