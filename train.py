@@ -219,6 +219,9 @@ if _empty:  # a requested language is never dropped silently: all its items in v
     raise ConfigError(f"train_langs ({sources['train_langs']}): no training sample of {_empty} is left (max_len={max_len} "
                       f"({sources['max_len']}): every prompt fills it, or val_fraction={val_fraction} took every item)")
 log(f"data: {len(train_set)} train / {len(val_set)} val samples in {train_langs}; {train_stats}")
+if global_batch > len(train_set):
+    log(f"warning: global_batch={global_batch} is more than the {len(train_set)} training samples: every step "
+        f"repeats samples (wrap-around); lower global_batch for one pass per step")
 if train_stats["truncated"]:
     log(f"warning: {train_stats['truncated']} of {len(train_set)} training responses are cut at max_len={max_len} "
         "(the end of the response, e.g. a final \\boxed{} answer, is not trained on); raise max_len if that matters")
