@@ -133,6 +133,12 @@ def cmd_routing(args):
     from data.parallel import load_parallel_jsonl
     samples = load_parallel_jsonl(args.data)
     langs = args.langs.split(",") if args.langs else None
+    present = sorted({s["lang"] for s in samples})  # checked before any model runs (codes are case-sensitive)
+    for flag, codes in (("--anchor", [args.anchor]), ("--langs", langs or [])):
+        if [c for c in codes if c not in present]:
+            raise SystemExit(f"{flag}: {[c for c in codes if c not in present]} not in {args.data} (its languages: {present})")
+    if args.max_len < 2 or args.width < 0:
+        raise SystemExit(f"--max-len must be >= 2 (got {args.max_len}) and --width >= 0 (got {args.width})")
     keep = set(langs + [args.anchor]) if langs else None
     samples = [s for s in samples if keep is None or s["lang"] in keep]
     checkpoints = [(args.checkpoint, args.tokenizer)] + (

@@ -199,3 +199,15 @@ def test_bench_rejects_bad_flags_naming_them(checkpoint, tmp_path, extra, patter
     with pytest.raises(SystemExit, match=pattern):
         E.main(args)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("extra, pattern", [
+    (["--langs", "sw,xx"], r"--langs: \['xx'\] not in .*parallel.jsonl \(its languages: \['am', 'bn', 'en', 'ha', 'hi'"),
+    (["--anchor", "EN"], r"--anchor: \['EN'\] not in .*its languages: \['am', 'bn', 'en'"),
+    (["--max-len", "0"], "--max-len must be >= 2 .got 0."),
+])
+def test_routing_checks_languages_and_lengths_before_any_forward(tmp_path, monkeypatch, extra, pattern):
+    monkeypatch.setattr(E, "load_model", lambda *a, **k: pytest.fail("the model was loaded before the check"))
+    with pytest.raises(SystemExit, match=pattern):
+        E.main(["routing", "--checkpoint", str(tmp_path / "none"), "--data", str(PARALLEL), "--langs", "sw,hi",
+                "--out", str(tmp_path / "o"), *extra])
