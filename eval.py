@@ -119,9 +119,11 @@ def cmd_bench(args):
 
 def cmd_table(args):
     rows, langs, titles = [], [], set()
-    for path in args.results:
-        p, res = load_results(path)
-        rows.append((res.get("label") or p.parent.name, res))
+    loaded = [load_results(path) for path in args.results]
+    several = len({(res["benchmark"], res["protocol"]) for _, res in loaded}) > 1
+    for p, res in loaded:
+        label = res.get("label") or p.parent.name  # rows of several benchmarks/protocols say which is which
+        rows.append((f"{label} [{res['benchmark']}, {res['protocol']}]" if several else label, res))
         langs += [l for l in res["langs"] if l not in langs]
         titles.add(f"{BENCH_TITLES.get(res['benchmark'], res['benchmark'])} ({res['protocol']}, "
                    f"{len(res['average']['runs'])} run(s))")
@@ -186,6 +188,8 @@ def cmd_band(args):
 
 
 def cmd_compare(args):
+    if args.resamples < 1:
+        raise SystemExit(f"--resamples must be >= 1 (e.g. 10000), got {args.resamples}")
     if args.routing_csv and not args.band:  # before any work
         raise SystemExit("--routing-csv needs --band START,END (decoder layers, inclusive; see `eval.py band`)")
     pairs = pair_conditions([load_predictions(p) for p in args.a], [load_predictions(p) for p in args.b],

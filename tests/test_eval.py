@@ -211,3 +211,13 @@ def test_routing_checks_languages_and_lengths_before_any_forward(tmp_path, monke
     with pytest.raises(SystemExit, match=pattern):
         E.main(["routing", "--checkpoint", str(tmp_path / "none"), "--data", str(PARALLEL), "--langs", "sw,hi",
                 "--out", str(tmp_path / "o"), *extra])
+
+
+def test_table_rows_of_two_benchmarks_say_which_and_compare_needs_resamples(tmp_path, capsys):
+    a = write_run(tmp_path / "mgsm", {"sw": [1, 0]})
+    b = write_run(tmp_path / "bele", {"sw": [1, 1]}, benchmark="belebele")
+    E.main(["table", str(a), str(b)])
+    rows = capsys.readouterr().out.splitlines()
+    assert any(r.startswith("mgsm [mgsm, generative]") for r in rows) and any(r.startswith("bele [belebele, generative]") for r in rows), rows
+    with pytest.raises(SystemExit, match="--resamples must be >= 1"):
+        E.main(["compare", "--a", str(a), "--b", str(a), "--resamples", "0"])
