@@ -61,6 +61,16 @@ def check_bench_args(args):
                          "protocol only (chat completions give no option log-likelihoods)")
     if not args.checkpoint and not args.engine_url:
         raise SystemExit("bench needs --checkpoint, or --engine-url and --engine-model")
+    langs = args.langs.split(",")
+    if not all(langs) or len(set(langs)) != len(langs):
+        raise SystemExit(f"--langs {args.langs!r}: expected distinct comma-separated codes, e.g. sw,hi")
+    for flag, value, ok, want in [
+            ("--runs", args.runs, args.runs >= 1, ">= 1"), ("--temperature", args.temperature, args.temperature >= 0, ">= 0 (0: greedy)"),
+            ("--top-p", args.top_p, 0 < args.top_p <= 1, "in (0, 1]"), ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, ">= 1"),
+            ("--batch-size", args.batch_size, args.batch_size >= 1, ">= 1"), ("--limit", args.limit, args.limit is None or args.limit >= 1, ">= 1"),
+            ("--engine-concurrency", args.engine_concurrency, args.engine_concurrency >= 1, ">= 1")]:
+        if not ok:
+            raise SystemExit(f"{flag} must be {want}, got {value}")
 
 
 def make_responder(args):
@@ -72,6 +82,9 @@ def make_responder(args):
                                      concurrency=args.engine_concurrency, system=args.system)
     model = load_model(args.checkpoint, _dtype(args.dtype), args.device)
     tok = load_tok(args.checkpoint, args.tokenizer)
+    context = model.config.max_position_embeddings
+    if args.protocol == "generative" and args.max_new_tokens >= context:
+        raise SystemExit(f"--max-new-tokens {args.max_new_tokens}: the model's context is {context} tokens, prompt included")
     if args.protocol == "loglik":
         return make_loglik_responder(model, tok, batch_size=args.batch_size, system=args.system)
     return make_generative_responder(model, tok, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -106,9 +119,11 @@ def cmd_bench(args):
 
 def cmd_table(args):
     rows, langs, titles = [], [], set()
-    for path in args.results:
-        p, res = load_results(path)
-        rows.append((res.get("label") or p.parent.name, res))
+    loaded = [load_results(path) for path in args.results]
+    several = len({(res["benchmark"], res["protocol"]) for _, res in loaded}) > 1
+    for p, res in loaded:
+        label = res.get("label") or p.parent.name  # rows of several benchmarks/protocols say which is which
+        rows.append((f"{label} [{res['benchmark']}, {res['protocol']}]" if several else label, res))
         langs += [l for l in res["langs"] if l not in langs]
         titles.add(f"{BENCH_TITLES.get(res['benchmark'], res['benchmark'])} ({res['protocol']}, "
                    f"{len(res['average']['runs'])} run(s))")
@@ -120,6 +135,12 @@ def cmd_routing(args):
     from data.parallel import load_parallel_jsonl
     samples = load_parallel_jsonl(args.data)
     langs = args.langs.split(",") if args.langs else None
+    present = sorted({s["lang"] for s in samples})  # checked before any model runs (codes are case-sensitive)
+    for flag, codes in (("--anchor", [args.anchor]), ("--langs", langs or [])):
+        if [c for c in codes if c not in present]:
+            raise SystemExit(f"{flag}: {[c for c in codes if c not in present]} not in {args.data} (its languages: {present})")
+    if args.max_len < 2 or args.width < 0:
+        raise SystemExit(f"--max-len must be >= 2 (got {args.max_len}) and --width >= 0 (got {args.width})")
     keep = set(langs + [args.anchor]) if langs else None
     samples = [s for s in samples if keep is None or s["lang"] in keep]
     checkpoints = [(args.checkpoint, args.tokenizer)] + (
@@ -167,6 +188,8 @@ def cmd_band(args):
 
 
 def cmd_compare(args):
+    if args.resamples < 1:
+        raise SystemExit(f"--resamples must be >= 1 (e.g. 10000), got {args.resamples}")
     if args.routing_csv and not args.band:  # before any work
         raise SystemExit("--routing-csv needs --band START,END (decoder layers, inclusive; see `eval.py band`)")
     pairs = pair_conditions([load_predictions(p) for p in args.a], [load_predictions(p) for p in args.b],

@@ -40,6 +40,8 @@ def main(argv=None):
         temperature=at_least(0.0), top_p=in_range(0, 1, lo_open=True),
         dtype=one_of("", "float32", "bfloat16", "float16"), device=one_of("auto", "cpu", "cuda")))
     run_device = s["device"] if s["device"] != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    if run_device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device='cuda' ({sources['device']}): no CUDA device is available here (use 'cpu' or 'auto')")
     if s["checkpoint"].endswith(".pt") and not s["tokenizer"]:
         raise ConfigError(f"{s['checkpoint']} is a .pt file: pass --tokenizer=... (e.g. data/udhr/bpe.tiktoken)")
     t0 = time.time()
@@ -47,7 +49,11 @@ def main(argv=None):
         model = load_model(s["checkpoint"], dtype=getattr(torch, s["dtype"]) if s["dtype"] else None, device=run_device)
     except CheckpointError as err:
         raise SystemExit(str(err)) from None
-    tok = load_tokenizer(s["tokenizer"] or s["checkpoint"])
+    try:
+        tok = load_tokenizer(s["tokenizer"] or s["checkpoint"])
+    except (OSError, ValueError) as err:
+        _key = "tokenizer" if s["tokenizer"] else "checkpoint"
+        raise ConfigError(f"{_key} ({sources[_key]}): {err}") from None
     prompt_ids, _ = tok.encode_chat(s["prompt"], None, system=s["system"] or None)
     context = model.config.max_position_embeddings
     if len(prompt_ids) + s["max_new_tokens"] > context:

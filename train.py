@@ -33,7 +33,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from anchors import anchor_fingerprint, forward_and_pool, build_anchors, load_or_build_anchors, lookup_anchors
-from checkpoint import (CheckpointError, check_fingerprint, file_digest, load_base, load_model, load_training_state, read_checkpoint_meta,
+from checkpoint import (CheckpointError, _read_json, check_fingerprint, file_digest, load_base, load_model, load_training_state, read_checkpoint_meta,
                         recover_checkpoint, save_base, save_hf_state, save_training_state)
 from configurator import ConfigError, at_least, configure, in_range, one_of, validate
 from hf_config import config_from_hf
@@ -130,8 +130,7 @@ try:
     if init_from == "scratch":
         model_cfg = MoEConfig(**{**model_config, "router_clean_logits": router_clean_logits})
     else:
-        with open(os.path.join(init_from, "config.json")) as _f:
-            model_cfg = config_from_hf(json.load(_f))
+        model_cfg = config_from_hf(_read_json(os.path.join(init_from, "config.json")))  # names the file if not JSON
         model_cfg.router_clean_logits = router_clean_logits
 except (OSError, ValueError, TypeError) as err:  # (CheckpointError and JSON errors are ValueErrors)
     _key = "model_config" if init_from == "scratch" else "init_from"
@@ -151,6 +150,8 @@ if max_len > model_cfg.max_position_embeddings:
 ddp = int(os.environ.get("RANK", -1)) != -1
 if device == "auto":
     device = "cuda" if torch.cuda.is_available() else "cpu"
+elif device == "cuda" and not torch.cuda.is_available():
+    raise ConfigError(f"device='cuda' ({sources['device']}): no CUDA device is available here (use 'cpu' or 'auto')")
 if ddp:
     dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -186,7 +187,11 @@ def log(msg):
 
 # -----------------------------------------------------------------------------
 # data (stage 1 happens upstream: the JSONL holds the translated, filtered samples)
-tok = load_tokenizer(tokenizer_path or init_from)
+try:
+    tok = load_tokenizer(tokenizer_path or init_from)
+except (OSError, ValueError) as err:
+    _key = "tokenizer_path" if tokenizer_path else "init_from"
+    raise ConfigError(f"{_key} ({sources[_key]}): {err}") from None
 try:
     samples = load_parallel_jsonl(data_path)
 except (OSError, ValueError) as err:
@@ -197,15 +202,26 @@ _case = [p for p in present if p not in train_langs and p.lower() in {l.lower() 
 if absent or _case:  # codes are matched exactly: "SW" is not "sw", and rows spelled so are never dropped silently
     raise ConfigError(f"train_langs ({sources['train_langs']}): " + (f"{absent} not in {data_path}; " if absent else "")
                       + f"its languages are {present}" + (f" (codes are case-sensitive: the data spells {_case})" if _case else ""))
+_case = {s["id"]: s["anchor_lang"] for s in samples if s["anchor_lang"] != anchor_lang
+         and s["anchor_lang"].lower() == anchor_lang.lower()}
+if _case:  # "EN" for "en" would drop those rows' anchors (and re-anchor every row) without a word
+    raise ConfigError(f"anchor_lang={anchor_lang!r} ({sources['anchor_lang']}): {len(_case)} rows of {data_path} spell "
+                      f"it {sorted(set(_case.values()))} (e.g. id {next(iter(_case))!r}); codes are case-sensitive")
 if any(s["anchor_lang"] != anchor_lang for s in samples):  # e.g. the paper's zh-anchor track
-    samples = with_anchor_lang(samples, anchor_lang)  # items with no row in that language: no anchor
+    # items with no row in that language: no anchor; rows already anchored in it keep their anchor
+    samples = [s if s["anchor_lang"] == anchor_lang else r for s, r in zip(samples, with_anchor_lang(samples, anchor_lang))]
 train_samples, val_samples = split_train_val(samples, val_fraction, seed=0)
 targets = [s for s in train_samples if s["lang"] in train_langs]
 train_set, train_stats = tokenize_samples(tok, targets, max_len, system_prompt or None)
 val_set, _ = tokenize_samples(tok, [s for s in val_samples if s["lang"] in train_langs], max_len, system_prompt or None)
-if not train_set:
-    raise ConfigError(f"max_len={max_len}: no training sample of {train_langs} fits (every prompt fills max_len)")
+_empty = [l for l in train_langs if not any(e["lang"] == l for e in train_set)]
+if _empty:  # a requested language is never dropped silently: all its items in val, or every prompt too long
+    raise ConfigError(f"train_langs ({sources['train_langs']}): no training sample of {_empty} is left (max_len={max_len} "
+                      f"({sources['max_len']}): every prompt fills it, or val_fraction={val_fraction} took every item)")
 log(f"data: {len(train_set)} train / {len(val_set)} val samples in {train_langs}; {train_stats}")
+if global_batch > len(train_set):
+    log(f"warning: global_batch={global_batch} is more than the {len(train_set)} training samples: every step "
+        f"repeats samples (wrap-around); lower global_batch for one pass per step")
 if train_stats["truncated"]:
     log(f"warning: {train_stats['truncated']} of {len(train_set)} training responses are cut at max_len={max_len} "
         "(the end of the response, e.g. a final \\boxed{} answer, is not trained on); raise max_len if that matters")
@@ -298,6 +314,18 @@ def evaluate(net, examples, anchor_table, phase, step):
     write_metrics(dict(phase=phase, step=step, **res))
 
 
+def check_finite_weights(net, path):
+    """A NaN/Inf weight read from a file is an error naming the file and tensors (unchecked, an unused
+    embedding row trains on silently into the export; a used one stops the run blaming lr)."""
+    bad = [n for n, p in net.named_parameters() if not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()]
+    n_bad = torch.tensor(float(len(bad)), device=device)
+    if ddp:  # (FSDP: each rank sees its shard) every rank stops together
+        dist.all_reduce(n_bad)
+    if n_bad.item():
+        raise SystemExit(f"{path}: non-finite (NaN/Inf) weights in {bad[:5] or 'another rank'}; "
+                         "the file is damaged: delete it (or restore it) to retrain")
+
+
 def write_metrics(record):
     if master:
         with open(metrics_path, "a") as f:
@@ -319,10 +347,12 @@ def train_phase(phase, net, examples, total_steps, peak_lr, js_weight, anchor_ta
             raise SystemExit(f"{ckpt_dir}: no run fingerprint ({err}); written by an older train.py? Use a new out_dir.")
         check_fingerprint(ckpt_dir, saved_id, phase_id)
         start = load_training_state(ckpt_dir, net, optimizer, rank=rank, sharded=sharded, device=device)
+        check_finite_weights(net, ckpt_dir)
         log(f"{phase}: resumed from {ckpt_dir} at step {start}")
-        if master and os.path.exists(metrics_path):  # steps after the checkpoint are redone: log them once
-            rows = [json.loads(l) for l in open(metrics_path)]
-            keep = [r for r in rows if r.get("phase") != phase or r["step"] < start]
+    if master and os.path.exists(metrics_path):  # steps after the checkpoint (all, if none) are redone: log them once
+        rows = [json.loads(l) for l in open(metrics_path)]
+        keep = [r for r in rows if r.get("phase") != phase or (start > 0 and r["step"] < start)]
+        if len(keep) < len(rows):
             with open(metrics_path + ".tmp", "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in keep)
             os.replace(metrics_path + ".tmp", metrics_path)
@@ -439,6 +469,7 @@ if init_from == "scratch":
     except CheckpointError as err:
         raise SystemExit(str(err)) from None
     check_fingerprint(base_path, base_meta.get("fingerprint", {}), base_id)
+    check_finite_weights(raw_model, base_path)
     raw_model.train()
     model_digest = file_digest([base_path])
 else:

@@ -218,6 +218,7 @@ def step_batches(n_examples, n_steps, start_step, global_batch, micro_batch, see
         epoch, pos = divmod(step, steps_per_epoch)
         perm = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
         chunk = perm[pos * global_batch:(pos + 1) * global_batch]
-        chunk += perm[:global_batch - len(chunk)]  # fewer examples than global_batch: wrap around
+        while len(chunk) < global_batch:  # fewer examples than global_batch: wrap around (as often as needed)
+            chunk += perm[:global_batch - len(chunk)]
         yield step, [chunk[j:j + micro_batch] for j in range(0, global_batch, micro_batch)]
 

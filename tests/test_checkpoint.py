@@ -557,6 +557,9 @@ def test_base_pt_round_trip_and_corrupt_file(tmp_path):
     (["--temperature=-1"], r"temperature=-1.0 \(command line\): must be >= 0"),
     (["--max_new_tokens=100000"], r"max_new_tokens=100000 .* exceed the model's context of 4096 tokens"),
     (["--top_p=0"], r"top_p=0.0 .*must be in \(0, 1\]"),
+    (["--tokenizer=/nonexistent.tiktoken"], r"tokenizer \(command line\): .*/nonexistent.tiktoken"),
+    pytest.param(["--device=cuda"], r"device='cuda' \(command line\): no CUDA device is available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")),
 ])
 def test_sample_py_rejects_bad_settings(tmp_path, extra, pattern):
     import sample

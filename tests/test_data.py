@@ -211,6 +211,8 @@ def test_step_batches_cover_each_epoch_once_and_resume_identically():
     assert list(step_batches(10, 6, 0, 4, 4, 5))[1][1] == [sum(steps[1][1], [])]  # other split, same step
     wrap = list(step_batches(3, 1, 0, 4, 2, 0))[0][1]  # fewer examples than a step: wrap around
     assert sorted(sum(wrap, [])[:3]) == [0, 1, 2] and len(sum(wrap, [])) == 4
+    wrap = list(step_batches(3, 1, 0, 8, 2, 0))[0][1]  # more than twice over: no empty micro-batch
+    assert [len(x) for x in wrap] == [2, 2, 2, 2] and sorted(sum(wrap, []).count(i) for i in range(3)) == [2, 3, 3]
     with pytest.raises(ValueError, match="global_batch=4 is not a multiple of micro_batch=3"):
         list(step_batches(10, 1, 0, 4, 3, 0))
 

@@ -180,3 +180,44 @@ def test_cli_bench_with_an_engine_responder(tmp_path, monkeypatch, capsys):
                 "--langs", "sw"])
     with pytest.raises(SystemExit, match="needs --checkpoint"):
         E.main(["bench", "--benchmark", "mgsm", "--data", str(FIX / "mgsm"), "--langs", "sw"])
+
+
+@pytest.mark.parametrize("extra, pattern", [
+    (["--temperature", "-1"], r"--temperature must be >= 0 \(0: greedy\), got -1.0"),
+    (["--runs", "0"], "--runs must be >= 1, got 0"),
+    (["--top-p", "0"], r"--top-p must be in \(0, 1\], got 0.0"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--limit", "0"], "--limit must be >= 1, got 0"),
+    (["--langs", "sw,sw"], "--langs 'sw,sw': expected distinct"),
+    (["--langs", ""], "--langs '': expected distinct"),
+    (["--max-new-tokens", "100000"], r"--max-new-tokens 100000: the model's context is \d+ tokens"),
+])
+def test_bench_rejects_bad_flags_naming_them(checkpoint, tmp_path, extra, pattern):
+    args = ["bench", "--checkpoint", str(checkpoint), "--benchmark", "mgsm", "--data", str(FIX / "mgsm"),
+            "--langs", "sw", "--out", str(tmp_path / "o"), *extra]
+    with pytest.raises(SystemExit, match=pattern):
+        E.main(args)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("extra, pattern", [
+    (["--langs", "sw,xx"], r"--langs: \['xx'\] not in .*parallel.jsonl \(its languages: \['am', 'bn', 'en', 'ha', 'hi'"),
+    (["--anchor", "EN"], r"--anchor: \['EN'\] not in .*its languages: \['am', 'bn', 'en'"),
+    (["--max-len", "0"], "--max-len must be >= 2 .got 0."),
+])
+def test_routing_checks_languages_and_lengths_before_any_forward(tmp_path, monkeypatch, extra, pattern):
+    monkeypatch.setattr(E, "load_model", lambda *a, **k: pytest.fail("the model was loaded before the check"))
+    with pytest.raises(SystemExit, match=pattern):
+        E.main(["routing", "--checkpoint", str(tmp_path / "none"), "--data", str(PARALLEL), "--langs", "sw,hi",
+                "--out", str(tmp_path / "o"), *extra])
+
+
+def test_table_rows_of_two_benchmarks_say_which_and_compare_needs_resamples(tmp_path, capsys):
+    a = write_run(tmp_path / "mgsm", {"sw": [1, 0]})
+    b = write_run(tmp_path / "bele", {"sw": [1, 1]}, benchmark="belebele")
+    E.main(["table", str(a), str(b)])
+    rows = capsys.readouterr().out.splitlines()
+    assert any(r.startswith("mgsm [mgsm, generative]") for r in rows) and any(r.startswith("bele [belebele, generative]") for r in rows), rows
+    with pytest.raises(SystemExit, match="--resamples must be >= 1"):
+        E.main(["compare", "--a", str(a), "--b", str(a), "--resamples", "0"])

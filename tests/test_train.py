@@ -268,8 +268,16 @@ def run_in_process(monkeypatch, args):
     (dict(train_langs=["sw", "SW"]), r"\['SW'\] not in"),
     (dict(anchor_lang="xx"), r"SARA needs anchors: 0 of \d+ training samples have an anchor in anchor_lang='xx'"),
     (dict(init_from="/nonexistent"), r"init_from \(command line\): .*config.json"),
+    (dict(tokenizer_path="/nonexistent.tiktoken"), r"tokenizer_path \(command line\): .*/nonexistent.tiktoken"),
+    pytest.param(dict(device="cuda"), r"device='cuda' \(command line\): no CUDA device is available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")),
+    (dict(init_from="BAD_JSON"), r"init_from \(command line\): .*config.json: not valid JSON"),
 ])
 def test_bad_settings_fail_first_naming_the_key(monkeypatch, tmp_path, kw, pattern):
+    if kw.get("init_from") == "BAD_JSON":
+        (tmp_path / "hf").mkdir()
+        (tmp_path / "hf" / "config.json").write_text('{"model_type": "qwen3_moe",')
+        kw = dict(init_from=str(tmp_path / "hf"))
     msg = run_in_process(monkeypatch, tiny_args(tmp_path / "o", **kw))
     assert re.search(pattern, msg), msg
     assert not (tmp_path / "o" / "base.pt").exists()  # nothing was trained
@@ -282,6 +290,33 @@ def test_language_spelled_in_another_case_is_an_error(monkeypatch, tmp_path):
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     msg = run_in_process(monkeypatch, tiny_args(tmp_path / "o", data_path=str(data)))
     assert "case-sensitive: the data spells ['SW']" in msg, msg
+
+
+def test_a_language_left_without_training_samples_is_an_error(monkeypatch, tmp_path):
+    """Every hi prompt longer than max_len: hi would be skipped entirely and the run train on sw alone."""
+    rows = [json.loads(l) for l in open(os.path.join(ROOT, "data/udhr/parallel.jsonl"))]
+    rows = [dict(r, prompt=r["prompt"] + " ..." * 200) if r["lang"] == "hi" else r for r in rows]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    msg = run_in_process(monkeypatch, tiny_args(tmp_path / "o", data_path=str(data)))
+    assert "train_langs (command line): no training sample of ['hi'] is left (max_len=96" in msg, msg
+
+
+def test_anchor_lang_spelled_in_another_case_is_an_error(monkeypatch, tmp_path):
+    """A target-only file (anchors inline) with one row whose anchor_lang is "EN": an error naming
+    the spelling and the row, not "0 anchors" after every row's inline anchor was discarded."""
+    rows = [json.loads(l) for l in open(os.path.join(ROOT, "data/udhr/parallel.jsonl"))]
+    rows = [r for r in rows if r["lang"] in ("sw", "hi")]
+    rows[3]["anchor_lang"] = "EN"
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    msg = run_in_process(monkeypatch, tiny_args(tmp_path / "o", data_path=str(data)))
+    assert f"spell it ['EN'] (e.g. id {rows[3]['id']!r}); codes are case-sensitive" in msg, msg
+    rows[3]["anchor_lang"] = "de"  # another language: that row alone loses its anchor (no de row)
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    res = run_train(tiny_args(tmp_path / "o2", data_path=str(data), pretrain_iters=1, epochs=0))
+    no_anchor = int(re.search(r"'no_anchor': (\d+)", res.stdout + res.stderr).group(1))
+    assert no_anchor <= 1, res.stdout + res.stderr
 
 
 def test_config_file_errors_name_file_and_line(monkeypatch, tmp_path):
@@ -303,6 +338,28 @@ def test_base_and_checkpoint_belong_to_their_run(single_run, tmp_path):
     shutil.copytree(single_run, tmp_path / "r", dirs_exist_ok=True)
     res = run_train(tiny_args(tmp_path / "r", lambda_lb=0.5), check=False)  # a resume with another setting
     assert res.returncode != 0 and "ckpt belongs to another run" in res.stderr and "lambda_lb: -1.0 -> 0.5" in res.stderr
+
+
+@pytest.mark.parametrize("change, named", [
+    ("data", "data: '"), (dict(val_fraction=0.2), "val_fraction: 0.15 -> 0.2"),
+    (dict(system_prompt="Be brief."), "system_prompt: '' -> 'Be brief.'"),
+    (dict(warmup_frac=0.2), "warmup_frac: 0.1 -> 0.2"), (dict(weight_decay=0.1), "weight_decay: 0.01 -> 0.1"),
+    ("model", "model_config: {"),
+])
+def test_another_run_is_never_resumed(single_run, tmp_path, change, named):
+    """Every input that decides the trajectory is part of the run's identity: the data's contents,
+    the settings, the toy model's shape (an existing base.pt of another shape is not reused)."""
+    shutil.copy(single_run / "base.pt", tmp_path / "base.pt")
+    kw = change if isinstance(change, dict) else {}
+    if change == "data":
+        rows = open(os.path.join(ROOT, "data/udhr/parallel.jsonl")).readlines()
+        (tmp_path / "d.jsonl").write_text("".join(rows[:-1]))  # one row less, same name otherwise
+        kw = dict(data_path=str(tmp_path / "d.jsonl"))
+    args = tiny_args(tmp_path, **kw)
+    if change == "model":
+        args[0] = args[0].replace("'hidden_size': 32", "'hidden_size': 16")
+    res = run_train(args, check=False)
+    assert res.returncode != 0 and "base.pt belongs to another run" in res.stderr and named in res.stderr, res.stderr[-2000:]
 
 
 def test_bf16_sr_resume_equals_uninterrupted(tmp_path):
@@ -330,6 +387,20 @@ def test_nan_gradient_with_finite_loss_is_never_applied(tmp_path):
     assert int((tmp_path / "ckpt" / "COMPLETE").read_text()) == bad_step  # checkpoints up to the last good step
     state = torch.load(tmp_path / "ckpt" / "state.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+@pytest.mark.parametrize("file", ["base.pt", "ckpt/state.pt"])
+def test_nan_weights_in_base_or_checkpoint_are_an_error_naming_the_file(single_run, tmp_path, file):
+    """A NaN in a row the data never uses (token 0's embedding) would train on silently into the export."""
+    shutil.copytree(single_run, tmp_path / "r")
+    state = torch.load(tmp_path / "r" / file, weights_only=True)
+    state["model"]["embed_tokens.weight"][0, 0] = float("nan")
+    torch.save(state, tmp_path / "r" / file)
+    if file == "base.pt":
+        shutil.rmtree(tmp_path / "r" / "ckpt")
+    res = run_train(tiny_args(tmp_path / "r"), check=False)
+    where = tmp_path / "r" / ("base.pt" if file == "base.pt" else "ckpt")
+    assert res.returncode != 0 and f"{where}: non-finite (NaN/Inf) weights in ['embed_tokens.weight']" in res.stderr, res.stderr[-2000:]
 
 
 def test_js_term_is_the_mean_over_anchored_samples_of_the_step(tmp_path):
@@ -467,3 +538,16 @@ def test_ddp_resume_matches_single_process(single_run, tmp_path):
     assert one.keys() == two.keys()
     for step in one:
         assert abs(one[step] - two[step]) < 1e-4 * max(1.0, abs(one[step])), (step, one[step], two[step])
+
+
+def test_metrics_log_each_step_once_after_a_crash_before_any_checkpoint(tmp_path):
+    """Stage 0 stops at step 3 with no checkpoint written: the rerun starts the phase over, and
+    metrics.jsonl holds each step of each phase once (the first attempt's rows are dropped)."""
+    res = run_train(tiny_args(tmp_path, inject_nan_at_iter=3), check=False)
+    assert res.returncode != 0 and "pretrain step 3: loss is nan" in res.stderr
+    assert [r["step"] for r in metrics(tmp_path, "pretrain")] == [0, 1, 2]
+    run_train(tiny_args(tmp_path))
+    rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    keys = [(r["phase"], r["step"], "loss" in r) for r in rows]
+    assert len(keys) == len(set(keys)), keys
+    assert [r["step"] for r in metrics(tmp_path, "pretrain")] == [0, 1, 2, 3]
