@@ -191,14 +191,14 @@ def load_model(path, dtype=None, device="cpu", check_finite=True, **overrides):
         raise CheckpointError(f"{path}: neither a checkpoint directory nor a .pt file" +
                               ("" if path.exists() else " (it does not exist)"))
     if check_finite:
-        bad = [n for n, p in model.named_parameters() if not _all_finite(p)]
+        bad = [n for n, p in model.named_parameters() if not all_finite(p)]
         if bad:
             raise CheckpointError(f"{path}: non-finite (NaN/Inf) weights in {_listing(bad)}")
     return model
 
 
 @torch.no_grad()
-def _all_finite(t):
+def all_finite(t):
     """A sum propagates NaN/Inf in one pass with no full-size temporary; torch.isfinite(t).all()
     allocates several (measured: +27% peak RSS loading a 248 MB fp32 checkpoint, 0.98x -> 1.25x).
     A sum that overflows although every value is finite is re-checked exactly."""

@@ -33,8 +33,9 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from anchors import anchor_fingerprint, forward_and_pool, build_anchors, load_or_build_anchors, lookup_anchors
-from checkpoint import (CheckpointError, _read_json, check_fingerprint, file_digest, load_base, load_model, load_training_state, read_checkpoint_meta,
-                        recover_checkpoint, save_base, save_hf_state, save_training_state)
+from checkpoint import (_read_json, all_finite, check_fingerprint, CheckpointError, file_digest, load_base,
+                        load_model, load_training_state, read_checkpoint_meta, recover_checkpoint, save_base,
+                        save_hf_state, save_training_state)
 from configurator import ConfigError, at_least, configure, in_range, one_of, validate
 from hf_config import config_from_hf
 from data.parallel import collate, load_parallel_jsonl, split_train_val, step_batches, tokenize_samples, with_anchor_lang
@@ -317,7 +318,7 @@ def evaluate(net, examples, anchor_table, phase, step):
 def check_finite_weights(net, path):
     """A NaN/Inf weight read from a file is an error naming the file and tensors (unchecked, an unused
     embedding row trains on silently into the export; a used one stops the run blaming lr)."""
-    bad = [n for n, p in net.named_parameters() if not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()]
+    bad = [n for n, p in net.named_parameters() if not all_finite(p.to_local() if hasattr(p, "to_local") else p)]
     n_bad = torch.tensor(float(len(bad)), device=device)
     if ddp:  # (FSDP: each rank sees its shard) every rank stops together
         dist.all_reduce(n_bad)

@@ -8,7 +8,8 @@ import numpy as np
 
 from evaluation.routing import curves, models_in
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or None when matplotlib (optional) is not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -22,7 +23,7 @@ def plot_routing(rows, out_dir, metric="js_norm", band=None):
     """routing_layers.png (per-layer curves per language, one panel per model, like the paper's Figure 5)
     and routing_heatmap.png (layer x language; with two models also b - a). -> list of paths, or None
     without matplotlib."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return None
     models = models_in(rows)

@@ -72,6 +72,7 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from data.parallel import collate, group_key, load_parallel_jsonl, split_train_val, tokenize_samples  # noqa: E402
+from evaluation.figures import pyplot  # noqa: E402  matplotlib, optional
 from model import MoEConfig, MoETransformer  # noqa: E402
 from sara_loss import js_divergence, pool_routing  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
@@ -483,11 +484,8 @@ def report(S):
 
 
 def figures(S, results):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         print("matplotlib not installed: no figures (pip install matplotlib)")
         return
     langs, L, band = S["langs"], S["n_layers"], S["band"]

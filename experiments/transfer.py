@@ -69,6 +69,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import stats  # noqa: E402  seed-level t-interval, Holm, mean/std, minimum detectable effect
 from anchors import forward_and_pool  # noqa: E402
+from evaluation.figures import pyplot  # noqa: E402  matplotlib, optional
 from evaluation.routing import choose_band  # noqa: E402
 from model import MoEConfig, MoETransformer  # noqa: E402
 from sara_loss import js_divergence, layer_band, pool_routing, sara_loss  # noqa: E402
@@ -425,11 +426,8 @@ def report(S):
 
 
 def figure(S, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         print("matplotlib not installed: no figure")
         return
     conds = ["base"] + CONDITIONS

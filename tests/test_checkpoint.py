@@ -574,11 +574,11 @@ def test_sample_py_rejects_bad_settings(tmp_path, extra, pattern):
 def test_finite_check_is_exact_when_the_sum_overflows():
     """load_model's NaN/Inf check sums each tensor (no full-size temporaries); finite values whose
     sum overflows must still count as finite, and a single NaN or Inf anywhere must not."""
-    from checkpoint import _all_finite
+    from checkpoint import all_finite
     big = torch.full((4,), 3e38)
-    assert not torch.isfinite(big.sum()) and _all_finite(big)
-    assert _all_finite(torch.full((3,), 6e4, dtype=torch.bfloat16) * 1e30)
+    assert not torch.isfinite(big.sum()) and all_finite(big)
+    assert all_finite(torch.full((3,), 6e4, dtype=torch.bfloat16) * 1e30)
     for bad in (float("nan"), float("inf"), -float("inf")):
         t = torch.randn(1000)
         t[517] = bad
-        assert not _all_finite(t) and not _all_finite(t.to(torch.bfloat16))
+        assert not all_finite(t) and not all_finite(t.to(torch.bfloat16))

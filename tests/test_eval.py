@@ -12,17 +12,11 @@ import eval as E
 import evaluation.routing as R
 from checkpoint import save_hf
 from test_evaluation_model import tiny_model
-from tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 FIX = ROOT / "tests" / "fixtures"
 PARALLEL = ROOT / "data" / "udhr" / "parallel.jsonl"
 TOK_PATH = ROOT / "data" / "udhr" / "bpe.tiktoken"
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer(TOK_PATH)
 
 
 @pytest.fixture(scope="module")

@@ -15,17 +15,11 @@ import evaluation.routing as R
 from data.parallel import load_parallel_jsonl
 from model import MoEConfig, MoETransformer
 from test_evaluation_accuracy import mmlu_items
-from tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 FIX = ROOT / "tests" / "fixtures"
 PARALLEL = ROOT / "data" / "udhr" / "parallel.jsonl"
 TOK_PATH = ROOT / "data" / "udhr" / "bpe.tiktoken"
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer(TOK_PATH)
 
 
 def tiny_model(tok, seed=0, **kw):

@@ -19,7 +19,6 @@ from data.parallel import load_parallel_jsonl, split_train_val, tokenize_samples
 from fake_engine import FakeEngine
 from checkpoint import save_hf
 from model import MoEConfig, MoETransformer
-from tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 TOK_PATH = ROOT / "data" / "udhr" / "bpe.tiktoken"
@@ -238,11 +237,6 @@ def chain_model(tok, text=ANSWER):
             model.embed_tokens.weight[t, i] = 1.0
             model.lm_head.weight[nxt, i] = 10.0
     return model
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer(TOK_PATH)
 
 
 @pytest.fixture(scope="module")
