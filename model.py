@@ -551,3 +551,33 @@ def sample_next_token(logits, temperature=0.0, top_p=1.0, generator=None):
         outside[:, 0] = False  # the most likely token always stays
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def sampling_problems(temperature, top_p, max_new_tokens=None, names=("temperature", "top_p", "max_new_tokens")):
+    """The one check of the sampling settings every entry point takes (sample.py, eval.py, stage1.py, the
+    engine client): -> a list of "flag=value: what it must be" (empty: valid). `names` are the entry point's
+    own spellings of the three flags, so the message names what the user typed. NaN and inf fail every
+    range test (a NaN temperature would sample softmax(NaN) = NaN; -1 would invert the distribution)."""
+    problems = []
+    ok = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if not (ok(temperature) and temperature >= 0):
+        problems.append(f"{names[0]}={temperature!r}: must be a finite number >= 0 (0: greedy)")
+    if not (ok(top_p) and 0 < top_p <= 1):
+        problems.append(f"{names[1]}={top_p!r}: must be in (0, 1] (1: no nucleus cut)")
+    if max_new_tokens is not None and not (isinstance(max_new_tokens, int) and not isinstance(max_new_tokens, bool)
+                                           and max_new_tokens >= 1):
+        problems.append(f"{names[2]}={max_new_tokens!r}: must be an integer >= 1")
+    return problems
+
+
+def context_problem(prompt_tokens, max_new_tokens, context, what="the prompt"):
+    """The one context check of every generation path: None if prompt + max_new_tokens fits the model's
+    context (max_position_embeddings), else a message saying by how much it does not. Generating past the
+    context runs RoPE on positions the model never saw and scores text it should not have written."""
+    if prompt_tokens + max_new_tokens <= context:
+        return None
+    if prompt_tokens >= context:
+        return (f"{what} is {prompt_tokens} tokens, the model's context is {context}: nothing can be generated "
+                "(shorten it)")
+    return (f"{what} ({prompt_tokens} tokens) + max_new_tokens={max_new_tokens} = {prompt_tokens + max_new_tokens} "
+            f"exceeds the model's context of {context} tokens (at most {context - prompt_tokens} new tokens fit)")
