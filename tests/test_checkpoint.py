@@ -582,3 +582,24 @@ def test_finite_check_is_exact_when_the_sum_overflows():
         t = torch.randn(1000)
         t[517] = bad
         assert not all_finite(t) and not all_finite(t.to(torch.bfloat16))
+
+
+def test_load_model_and_tokenizer_pairs_and_checks(tmp_path):
+    """A .pt without a tokenizer, and a tokenizer with more ids than the model has embeddings, are errors
+    naming the file; a matching pair loads."""
+    from checkpoint import CheckpointError, load_model_and_tokenizer, save_base
+    from model import MoEConfig, MoETransformer
+    tok_path = "data/udhr/bpe.tiktoken"
+    for vocab, ok in ((4096, True), (300, False)):
+        cfg = MoEConfig(vocab_size=vocab, hidden_size=16, n_layers=1, n_heads=2, n_kv_heads=1, intermediate_size=16,
+                        n_experts=2, top_k=1, moe_intermediate_size=8)
+        path = tmp_path / f"base{vocab}.pt"
+        save_base(path, MoETransformer(cfg).state_dict(), cfg)
+        with pytest.raises(CheckpointError, match=r"base%d\.pt is a \.pt file" % vocab):
+            load_model_and_tokenizer(path)
+        if ok:
+            model, tok = load_model_and_tokenizer(path, tok_path)
+            assert tok.vocab_size <= model.config.vocab_size
+        else:
+            with pytest.raises(CheckpointError, match=r"only 300 embeddings"):
+                load_model_and_tokenizer(path, tok_path)
