@@ -38,8 +38,6 @@ Decisions (ours):
 
 import re
 
-import torch
-
 from sara_loss import _kl, _layer_indices, pool_routing
 
 ALPHA = 0.1  # their launch examples; their argparse default is 1.0
