@@ -120,7 +120,7 @@ def trainable_parameter_names(model, mode="early_layers", band_end=None):
         return names
     if mode not in FREEZE_MODES:
         raise ValueError(f"freezing mode {mode!r} is not one of {FREEZE_MODES}")
-    n_layers = len(getattr(model, "layers", ()))
+    n_layers = 1 + max((_layer_of(n) for n in names if _layer_of(n) is not None), default=-1)  # wrappers too
     if isinstance(band_end, bool) or not isinstance(band_end, int) or not 0 <= band_end < n_layers:
         raise ValueError(f"band_end must be a decoder-layer index in 0..{n_layers - 1} for mode {mode!r}; got {band_end!r}")
     if mode == "routers":

@@ -151,3 +151,10 @@ def test_freezing_mode_errors():
         trainable_parameter_names(model, "routers")
     with pytest.raises(ValueError, match="0..3"):
         trainable_parameter_names(model, "early_layers", band_end=4)
+
+
+def test_freezing_modes_see_through_a_wrapper():
+    wrapped = torch.nn.ModuleDict({"module": tiny_model()})  # names "module.layers.i..." as under DDP
+    assert trainable_parameter_names(wrapped, "routers", band_end=3) == [
+        "module.layers.0.mlp.router.gate.weight", "module.layers.2.mlp.router.gate.weight",
+        "module.layers.3.mlp.router.gate.weight"]
