@@ -1,7 +1,9 @@
 """A stand-in for a serving engine's OpenAI-compatible protocol, on 127.0.0.1 (tests only): GET /v1/models
 and POST /v1/chat/completions. `reply(payload) -> text` answers each request; `script` (a list, consumed
 in order) can first answer with (status, body) or (status, body, headers) or ("sleep", seconds) to play
-failures; `api_key`, when set, is required as "Authorization: Bearer <key>" (else 401)."""
+failures; `api_key`, when set, is required as "Authorization: Bearer <key>" (else 401). A request for a
+model not in `models` gets vLLM's 404. `accepts`, when set, are the only request fields taken, as a strict
+server (transformers serve) does: any other field gets its HTTP 422 "Unexpected fields in the request"."""
 import json
 import threading
 import time
@@ -44,6 +46,11 @@ class _Handler(BaseHTTPRequestHandler):
             return
         with fake.lock:
             fake.requests.append(payload)
+        if fake.accepts is not None and set(payload) - set(fake.accepts):
+            return self._send(422, {"detail": f"Unexpected fields in the request: {set(payload) - set(fake.accepts)}"})
+        if payload.get("model") not in fake.models:
+            return self._send(404, {"object": "error", "message": f"The model `{payload.get('model')}` does not exist."})
+        with fake.lock:
             step = fake.script.pop(0) if fake.script else None
         if step and step[0] == "sleep":
             time.sleep(step[1])
@@ -58,9 +65,9 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class FakeEngine:
-    def __init__(self, reply, models=("m",), api_key=None):
+    def __init__(self, reply, models=("m",), api_key=None, accepts=None):
         self.reply, self.models, self.script, self.requests = reply, list(models), [], []
-        self.api_key = api_key
+        self.api_key, self.accepts = api_key, accepts
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self.server.daemon_threads = True
