@@ -709,3 +709,34 @@ def test_full_disk_writing_the_output_is_a_clear_stop(tmp_path, questions, monke
         S.main(argv)
         assert len(fake.requests) == n
     assert len(load_parallel_jsonl(tmp_path / "o" / "parallel.jsonl")) == 8
+
+
+DEMO_QUESTIONS = "mmlu=tests/fixtures/stage1/mmlu_pro.jsonl,gsm8k=tests/fixtures/stage1/gsm8k.jsonl"
+
+
+def test_documented_offline_demo_route(tmp_path):
+    """docs/stage1.md's offline route, its two commands as written (a free port for 8011, a temporary --out):
+    the scripted demo model serves, stage1.py build runs through it and writes every file."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "tests/fake_engine.py", "--questions", DEMO_QUESTIONS, "--port",
+                               str(port)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}/v1"
+        assert server.stdout.readline().strip() == f"serving the scripted demo model 'oracle' at {url} (Ctrl-C stops)"
+        out = tmp_path / "stage1_demo"
+        proc = subprocess.run([sys.executable, "stage1.py", "build", "--questions", DEMO_QUESTIONS, "--engine-url", url,
+                               "--engine-model", "oracle", "--langs", "sw", "--out", str(out)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert "answer mmlu           3      3  -" in proc.stdout and "translate sw          5      5  -" in proc.stdout
+    rows = load_parallel_jsonl(out / "parallel.jsonl")
+    assert len(rows) == 10 and {r["lang"] for r in rows} == {"en", "sw"}
+    assert rows[1]["prompt"].startswith("[Swahili] Answer the following multiple choice question")
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "answers.jsonl", "parallel.jsonl", "run.json",
+                                                     "summary.json", "translations.jsonl"]
