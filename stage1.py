@@ -17,13 +17,16 @@ Question files (.jsonl/.json, .csv/.tsv, .parquet; read by data/questions.py); t
                    allowed); id = the row number.
 --questions is a comma list of files, each optionally named (name=path); the name (default: the file stem)
 prefixes the ids. A bad row stops the run before any model is loaded, naming the file and line (row for
-CSV/Parquet). All validation (files, languages, translation file, servers, output directory) comes first.
+CSV/Parquet). All validation (files, languages, flags, translation file, servers, output directory; with
+--checkpoint the model, its tokenizer and the context: prompt + new tokens must fit) comes first, before
+anything is written.
 
 Prompts: math uses the evaluation's MGSM template; multiple choice the Global-MMLU wording with the item's
 letter list (for four options the very prompt the evaluation sends: training and evaluation ask alike).
 Filter: evaluation/scoring.py's score_output (the last complete \\boxed{}; normalize_choice / parse_number),
 the SAME normalisation as the evaluation. Reasons: wrong_answer, no_boxed_answer (no box, or unreadable),
 gold_unreadable (a gold letter the evaluation's normaliser cannot read, e.g. E-J while it reads A-D).
+No kept answer at all is an error (NothingKept) naming the reasons: there is nothing to translate or train on.
 
 Translators (--translator): "model" = the answering model (built-in or --engine-url) prompted with
 TRANSLATE_PROMPT; "engine" = any OpenAI-compatible server (--translate-url/--translate-model, e.g. a
@@ -39,7 +42,7 @@ boxed_answer_missing / boxed_answer_changed (scored against the gold with the ev
 outside \\boxed{} and LaTeX commands are in the language's Unicode blocks).
 
 Output in --out: answers.jsonl and translations.jsonl are append-only journals (one record per item /
-item x language, fsync'd after every batch); a rerun skips what they hold, cuts a torn last line left by a
+item x language, fsync'd after every batch; read split on "\\n" only, see jsonl.py); a rerun skips what they hold, cuts a torn last line left by a
 crash, and ignores duplicates, so nothing is done or written twice. parallel.jsonl is rebuilt from them at
 the end (atomically): per kept item, the source-language row (its own anchor) and one row per accepted
 translation, id "<name>-<item id>-<lang>", anchored on the source row. summary.json has kept / rejected per
