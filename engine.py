@@ -118,6 +118,17 @@ def sampling_fields(way, temperature, top_p):
     return {"generation_config": json.dumps(config), **THINKING_OFF}
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect is an HTTPError, not followed: urllib would send the Authorization header (the API key) on
+    to wherever the server points, and turn a POST into a GET."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
 def _request(url, payload=None, *, timeout, api_key=None):
     """One HTTP request (POST with a JSON payload, GET without) -> the decoded JSON body.
     Raises urllib's errors unchanged (the caller decides about retries) and EngineError for a
@@ -128,7 +139,7 @@ def _request(url, payload=None, *, timeout, api_key=None):
     api_key = api_key or os.environ.get("OPENAI_API_KEY")
     if api_key:
         req.add_header("Authorization", f"Bearer {api_key}")
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
+    with _OPENER.open(req, timeout=timeout) as resp:
         body = resp.read()
     try:
         return json.loads(body)
@@ -141,7 +152,9 @@ def _http_error(url, e):
         detail = e.read().decode("utf-8", "replace")[:500]
     except Exception:  # the error body itself may be unreadable; the status is what matters
         detail = ""
-    hint = " (does the URL end in /v1?)" if e.code == 404 else ""
+    hint = (" (does the URL end in /v1?)" if e.code == 404 else
+            " (the server redirects, which is not followed: pass the URL it redirects to)" if 300 <= e.code < 400
+            else "")
     return EngineError(f"{url}: HTTP {e.code} {e.reason}: {detail}".rstrip(": ") + hint, e.code, detail)
 
 

@@ -322,3 +322,12 @@ def test_model_missing_from_the_listing_is_asked_directly(monkeypatch):
         check_engine(fake.url, "/models/toy")
         with pytest.raises(EngineError, match=r"model 'other' is not served; the server lists \['cached/model'\]"):
             check_engine(fake.url, "other")
+
+
+def test_redirects_are_not_followed():
+    """urllib would follow a 307 and send the API key on to wherever the server points."""
+    with FakeEngine(lambda p: "ok") as elsewhere, FakeEngine(lambda p: "ok") as fake:
+        fake.script = [(307, b"", {"Location": elsewhere.url + "/chat/completions"})]
+        with pytest.raises(EngineError, match=r"HTTP 307 .*redirects, which is not followed"):
+            make_engine_responder(fake.url, "m", concurrency=1, **FAST)(["q"], 0)
+        assert elsewhere.requests == []
