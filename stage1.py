@@ -244,6 +244,20 @@ class Journal:
             self.records[self.key(r)] = r
 
 
+def busy(out):
+    """Whether another stage1 process holds out's lock now (checked before a model is loaded; the lock
+    itself is taken later, when the directory is written)."""
+    import fcntl
+    try:
+        with open(out / ".lock", "r") as f:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:  # no lock file (or none readable): nobody holds it
+        pass
+    return False
+
+
 @contextlib.contextmanager
 def locked(out):
     """One stage1 process per output directory (two would interleave their journals)."""
@@ -497,6 +511,25 @@ def context_problems(items, tok, context, args):
     return [p.replace("max_new_tokens=", flag) for p, flag in zip(problems, flags) if p]
 
 
+def _work(args, items, table, loaded, out, source_lang, source_name, langs, checks):
+    """The responders and translator, then run_stage1 -> the summary."""
+    make = _responders(args, loaded)
+    respond = make(args.max_new_tokens, args.engine_url, args.engine_model)
+    names = {source_lang: source_name, **langs}
+    if args.translator == "file":
+        translate = file_translator(table)
+    else:  # a second model's server, or the answering model itself, with the translation output budget
+        url, name = ((args.translate_url, args.translate_model) if args.translator == "engine"
+                     else (args.engine_url, args.engine_model))
+        translate = responder_translator(make(args.translate_max_new_tokens, url, name), source_lang, names)
+    if not EVAL_READS_ALL_LETTERS and any(it["choices"] and it["answer"] not in "ABCD" for it in items):
+        print("note: the evaluation's normalize_choice reads A-D only; items whose gold is E-J are rejected "
+              "as gold_unreadable", file=sys.stderr)
+    return run_stage1(items, respond, translate, out, langs=list(langs), source_lang=source_lang,
+                      batch_size=args.batch_size, checks=checks, progress=not args.quiet,
+                      redo_translations=args.translator == "file")
+
+
 def cmd_build(args):
     # --- every check first: nothing is written before the inputs are known to be good
     source_lang, source_name = parse_lang(args.source_lang, "--source-lang")
@@ -530,6 +563,9 @@ def cmd_build(args):
             check_engine(args.translate_url, args.translate_model)
     except EngineError as e:
         raise SystemExit(str(e)) from None
+    out = Path(args.out)
+    if busy(out):  # before minutes of model loading
+        raise SystemExit(f"{out}: another stage1 run is using this directory")
     loaded = None
     if args.checkpoint:  # loaded before run.json is written: a checkpoint that cannot work writes nothing
         import torch
@@ -543,13 +579,13 @@ def cmd_build(args):
         if problems:
             raise SystemExit("; ".join(problems))
     checks = dict(min_ratio=args.min_ratio, max_ratio=args.max_ratio, min_script=args.min_script_fraction)
-    out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise SystemExit(f"--out {out}: cannot create the directory ({e.strerror})") from None
-    answer_model = args.checkpoint or f"{args.engine_url} {args.engine_model}"
-    translate_by = dict(model=answer_model, engine=f"{args.translate_url} {args.translate_model}",
+    url = lambda u: u and u.rstrip("/")  # .../v1/ and .../v1 are one server: not "other settings" on a rerun
+    answer_model = args.checkpoint or f"{url(args.engine_url)} {args.engine_model}"
+    translate_by = dict(model=answer_model, engine=f"{url(args.translate_url)} {args.translate_model}",
                         file="file")[args.translator]  # a file is re-read by every run: not pinned
     settings = dict(source_lang=source_lang, answer_model=answer_model, dtype=args.dtype, tokenizer=args.tokenizer,
                     temperature=args.temperature, top_p=args.top_p, seed=args.seed, system=args.system,
@@ -559,29 +595,18 @@ def cmd_build(args):
                                            .encode()).hexdigest()[:16],
                     eval_reads_all_letters=EVAL_READS_ALL_LETTERS)
     # --- the work
-    with locked(out):
-        pin_settings(out, settings)
-        make = _responders(args, loaded)
-        respond = make(args.max_new_tokens, args.engine_url, args.engine_model)
-        names = {source_lang: source_name, **langs}
-        if args.translator == "file":
-            translate = file_translator(table)
-        else:  # a second model's server, or the answering model itself, with the translation output budget
-            url, name = ((args.translate_url, args.translate_model) if args.translator == "engine"
-                         else (args.engine_url, args.engine_model))
-            translate = responder_translator(make(args.translate_max_new_tokens, url, name), source_lang, names)
-        if not EVAL_READS_ALL_LETTERS and any(it["choices"] and it["answer"] not in "ABCD" for it in items):
-            print("note: the evaluation's normalize_choice reads A-D only; items whose gold is E-J are rejected "
-                  "as gold_unreadable", file=sys.stderr)
-        try:
-            summary = run_stage1(items, respond, translate, out, langs=list(langs), source_lang=source_lang,
-                                 batch_size=args.batch_size, checks=checks, progress=not args.quiet,
-                                 redo_translations=args.translator == "file")
-        except (InputError, NothingKept) as e:
-            raise SystemExit(str(e)) from None
-        except (EngineError, OSError) as e:  # a server gone away, a full disk: nothing finished is lost
-            raise SystemExit(f"{e}\nThe finished batches are kept in {out}; rerun the same command to resume.") \
-                from None
+    try:
+        with locked(out):
+            pin_settings(out, settings)
+            summary = _work(args, items, table, loaded, out, source_lang, source_name, langs, checks)
+    except (InputError, NothingKept) as e:
+        raise SystemExit(str(e)) from None
+    except (EngineError, OSError) as e:  # a server gone away, a full disk: nothing finished is lost
+        raise SystemExit(f"{e}\nThe finished batches are kept in {out}; rerun the same command to resume.") from None
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the finished batches are kept in {out}; rerun the same command to resume",
+              file=sys.stderr)
+        raise SystemExit(130) from None
     print(format_summary(summary))
     for lang in langs:
         if summary["translate"][lang]["kept"] == 0:

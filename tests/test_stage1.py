@@ -740,3 +740,41 @@ def test_documented_offline_demo_route(tmp_path):
     assert rows[1]["prompt"].startswith("[Swahili] Answer the following multiple choice question")
     assert sorted(p.name for p in out.iterdir()) == [".lock", "answers.jsonl", "parallel.jsonl", "run.json",
                                                      "summary.json", "translations.jsonl"]
+
+
+def test_second_run_on_one_out_stops_before_loading_a_model(tmp_path, questions, checkpoint, monkeypatch):
+    """Two runs on one --out: the second stops at once, not after loading its model (minutes at 30B)."""
+    import checkpoint as C
+    out = tmp_path / "o"
+    out.mkdir()
+    monkeypatch.setattr(C, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("model loaded"))
+    with S.locked(out):
+        with pytest.raises(SystemExit, match="another stage1 run is using this directory"):
+            S.main(["build", "--questions", questions, "--langs", "sw", "--checkpoint", str(checkpoint),
+                    "--out", str(out)])
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]
+
+
+def test_interrupt_and_unwritable_settings_are_clear_stops(tmp_path, questions, monkeypatch, capsys):
+    with FakeEngine(lambda payload: fake_answers([payload["messages"][-1]["content"]], 0)[0]) as fake:
+        argv = ["build", "--questions", questions, "--engine-url", fake.url + "/", "--engine-model", "m",
+                "--langs", "sw", "--out", str(tmp_path / "o"), "--quiet", "--batch-size", "1"]
+        real_write_atomic, real_run = S.write_atomic, S.run_stage1
+
+        def full(path, text):
+            raise OSError(errno.ENOSPC, f"{path}: could not write (No space left on device)")
+        monkeypatch.setattr(S, "write_atomic", full)  # run.json cannot be written
+        with pytest.raises(SystemExit, match=r"run.json: could not write \(No space left on device\)\nThe finished"):
+            S.main(argv)
+        monkeypatch.setattr(S, "write_atomic", real_write_atomic)
+
+        def interrupted(items, respond, *a, **k):  # Ctrl-C after the first answer
+            real_run(items[:1], respond, *a, **k)
+            raise KeyboardInterrupt
+        monkeypatch.setattr(S, "run_stage1", interrupted)
+        with pytest.raises(SystemExit) as e:
+            S.main(argv)
+        assert e.value.code == 130 and "interrupted: the finished batches are kept in" in capsys.readouterr().err
+        monkeypatch.setattr(S, "run_stage1", real_run)
+        S.main(argv[:4] + [fake.url] + argv[5:])  # the same server without the trailing "/": the same run
+    assert len(lines(tmp_path / "o" / "answers.jsonl")) == 4
