@@ -247,7 +247,9 @@ def chat_completion(base_url, model, prompt, *, max_new_tokens, temperature, top
     url = base_url.rstrip("/") + "/chat/completions"
     if extra_body is None:
         extra_body = sampling_fields(SAMPLING_WAYS[0], temperature, top_p)
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    # system="" is a system turn with no text, as the built-in generator (encode_chat) writes it
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    messages.append({"role": "user", "content": prompt})
     payload = dict(model=model, messages=messages, max_tokens=max_new_tokens, temperature=temperature,
                    top_p=top_p, n=1, **extra_body)
     if seed is not None:

@@ -42,10 +42,10 @@ boxed_answer_missing / boxed_answer_changed (scored against the gold with the ev
 outside \\boxed{} and LaTeX commands are in the language's Unicode blocks).
 
 Output in --out: answers.jsonl and translations.jsonl are append-only journals (one record per item /
-item x language, fsync'd after every batch; read split on "\\n" only, see jsonl.py); a rerun skips what they hold, cuts a torn last line left by a
-crash, and ignores duplicates, so nothing is done or written twice. parallel.jsonl is rebuilt from them at
-the end (atomically): per kept item, the source-language row (its own anchor) and one row per accepted
-translation, id "<name>-<item id>-<lang>", anchored on the source row. summary.json has kept / rejected per
+item x language, fsync'd after every batch; read split on "\\n" only, see jsonl.py); a rerun skips what
+they hold, cuts a torn last line left by a crash, and ignores duplicates, so nothing is done or written
+twice. parallel.jsonl is rebuilt from them at the end (atomically): per kept item, the source-language
+row (its own anchor) and one row per accepted translation, id "<name>-<item id>-<lang>", anchored on the source row. summary.json has kept / rejected per
 reason, per source and per language; run.json pins the settings, and a rerun with other settings stops.
 NOTE: a resumed run samples its remaining batches afresh (seed per batch), so with temperature > 0 its kept
 set can differ slightly from an uninterrupted run's; every kept row is still verified.
@@ -338,7 +338,8 @@ def run_stage1(items, respond, translate, out, *, langs, source_lang="en", batch
     if not kept:  # a 0-row parallel.jsonl and exit 0 would look like a finished run
         summary = summarize(items, answers.records, {}, langs)
         write_atomic(out / "summary.json", json.dumps(summary, indent=1, ensure_ascii=False))
-        why = ", ".join(f"{k}: {v}" for k, v in sorted(_count_reasons(answers.records[it["group"]] for it in items).items()))
+        reasons = _count_reasons(answers.records[it["group"]] for it in items)
+        why = ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items()))
         raise NothingKept(f"{out}: no answer was kept ({len(items)} items; {why}), so there is no parallel data "
                           f"and no parallel.jsonl. A kept answer ends in \\boxed{{<the gold answer>}}: see what the "
                           f"model wrote in {out / 'answers.jsonl'}. A model that cannot answer the questions (such "

@@ -59,7 +59,8 @@ class _Handler(BaseHTTPRequestHandler):
         if fake.accepts is not None and set(payload) - set(fake.accepts):
             return self._send(422, {"detail": f"Unexpected fields in the request: {set(payload) - set(fake.accepts)}"})
         if payload.get("model") not in fake.models:
-            return self._send(404, {"object": "error", "message": f"The model `{payload.get('model')}` does not exist."})
+            message = f"The model `{payload.get('model')}` does not exist."
+            return self._send(404, {"object": "error", "message": message})
         with fake.lock:
             step = fake.script.pop(0) if fake.script else None
         if step and step[0] == "sleep":

@@ -331,3 +331,11 @@ def test_redirects_are_not_followed():
         with pytest.raises(EngineError, match=r"HTTP 307 .*redirects, which is not followed"):
             make_engine_responder(fake.url, "m", concurrency=1, **FAST)(["q"], 0)
         assert elsewhere.requests == []
+
+
+def test_empty_system_prompt_is_sent_as_the_builtin_writes_it(tok):
+    """--system "": the built-in generator writes an (empty) system turn; the server must be sent one too."""
+    assert tok.encode_chat("q", None, system="")[0] != tok.encode_chat("q", None)[0]
+    with FakeEngine(lambda p: "ok") as fake:
+        make_engine_responder(fake.url, "m", system="", concurrency=1, **FAST)(["q"], 0)
+    assert fake.requests[0]["messages"] == [{"role": "system", "content": ""}, {"role": "user", "content": "q"}]
