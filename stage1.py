@@ -41,12 +41,13 @@ boxed_answer_missing / boxed_answer_changed (scored against the gold with the ev
 (for languages in SCRIPTS: in the prompt or in the response, under --min-script-fraction of the letters
 outside \\boxed{} and LaTeX commands are in the language's Unicode blocks).
 
-Output in --out: answers.jsonl and translations.jsonl are append-only journals (one record per item /
-item x language, fsync'd after every batch; read split on "\\n" only, see jsonl.py); a rerun skips what
-they hold, cuts a torn last line left by a crash, and ignores duplicates, so nothing is done or written
-twice. parallel.jsonl is rebuilt from them at the end (atomically): per kept item, the source-language
-row (its own anchor) and one row per accepted translation, id "<name>-<item id>-<lang>", anchored on the source row. summary.json has kept / rejected per
-reason, per source and per language; run.json pins the settings, and a rerun with other settings stops.
+Output in --out: answers.jsonl and translations.jsonl are append-only journals (one record per item / item x
+language, fsync'd after every batch; read split on "\\n" only, see jsonl.py); a rerun skips what they hold,
+cuts a torn last line left by a crash, and ignores duplicates, so nothing is done or written twice.
+parallel.jsonl is rebuilt from them at the end (atomically): per kept item, the source-language row (its own
+anchor) and one row per accepted translation, id "<name>-<item id>-<lang>", anchored on the source row.
+summary.json has kept / rejected per reason, per source and per language; run.json pins the settings, and a
+rerun with other settings stops.
 NOTE: a resumed run samples its remaining batches afresh (seed per batch), so with temperature > 0 its kept
 set can differ slightly from an uninterrupted run's; every kept row is still verified.
 """
