@@ -17,13 +17,16 @@ Question files (.jsonl/.json, .csv/.tsv, .parquet; read by data/questions.py); t
                    allowed); id = the row number.
 --questions is a comma list of files, each optionally named (name=path); the name (default: the file stem)
 prefixes the ids. A bad row stops the run before any model is loaded, naming the file and line (row for
-CSV/Parquet). All validation (files, languages, translation file, servers, output directory) comes first.
+CSV/Parquet). All validation (files, languages, flags, translation file, servers, output directory; with
+--checkpoint the model, its tokenizer and the context: prompt + new tokens must fit) comes first, before
+anything is written.
 
 Prompts: math uses the evaluation's MGSM template; multiple choice the Global-MMLU wording with the item's
 letter list (for four options the very prompt the evaluation sends: training and evaluation ask alike).
 Filter: evaluation/scoring.py's score_output (the last complete \\boxed{}; normalize_choice / parse_number),
 the SAME normalisation as the evaluation. Reasons: wrong_answer, no_boxed_answer (no box, or unreadable),
 gold_unreadable (a gold letter the evaluation's normaliser cannot read, e.g. E-J while it reads A-D).
+No kept answer at all is an error (NothingKept) naming the reasons: there is nothing to translate or train on.
 
 Translators (--translator): "model" = the answering model (built-in or --engine-url) prompted with
 TRANSLATE_PROMPT; "engine" = any OpenAI-compatible server (--translate-url/--translate-model, e.g. a
@@ -38,12 +41,13 @@ boxed_answer_missing / boxed_answer_changed (scored against the gold with the ev
 (for languages in SCRIPTS: in the prompt or in the response, under --min-script-fraction of the letters
 outside \\boxed{} and LaTeX commands are in the language's Unicode blocks).
 
-Output in --out: answers.jsonl and translations.jsonl are append-only journals (one record per item /
-item x language, fsync'd after every batch); a rerun skips what they hold, cuts a torn last line left by a
-crash, and ignores duplicates, so nothing is done or written twice. parallel.jsonl is rebuilt from them at
-the end (atomically): per kept item, the source-language row (its own anchor) and one row per accepted
-translation, id "<name>-<item id>-<lang>", anchored on the source row. summary.json has kept / rejected per
-reason, per source and per language; run.json pins the settings, and a rerun with other settings stops.
+Output in --out: answers.jsonl and translations.jsonl are append-only journals (one record per item / item x
+language, fsync'd after every batch; read split on "\\n" only, see jsonl.py); a rerun skips what they hold,
+cuts a torn last line left by a crash, and ignores duplicates, so nothing is done or written twice.
+parallel.jsonl is rebuilt from them at the end (atomically): per kept item, the source-language row (its own
+anchor) and one row per accepted translation, id "<name>-<item id>-<lang>", anchored on the source row.
+summary.json has kept / rejected per reason, per source and per language; run.json pins the settings, and a
+rerun with other settings stops.
 NOTE: a resumed run samples its remaining batches afresh (seed per batch), so with temperature > 0 its kept
 set can differ slightly from an uninterrupted run's; every kept row is still verified.
 """
@@ -62,6 +66,8 @@ from tqdm import tqdm
 from evaluation.benchmarks import TEMPLATES
 from evaluation.scoring import extract_boxed, score_output
 from data.questions import load_questions, load_translation_file, mc_prompt, translation_notes  # noqa: F401
+from engine import DEFAULT_RETRIES, DEFAULT_TIMEOUT
+from jsonl import JsonlError, cut_torn_tail, split_records
 
 LANG_NAMES = {"en": "English", "zh": "Chinese", "sw": "Swahili", "hi": "Hindi", "bn": "Bengali", "te": "Telugu",
               "ne": "Nepali", "am": "Amharic", "yo": "Yoruba", "ha": "Hausa", "zu": "Zulu", "xh": "Xhosa",
@@ -173,14 +179,22 @@ class InputError(ValueError):
     """An output directory whose contents do not fit this run (damaged journal, changed questions)."""
 
 
+class NothingKept(RuntimeError):
+    """The model kept no answer: there is nothing to translate or train on."""
+
+
 def write_atomic(path, text):
     """Write a whole file or nothing (a crash leaves the old one): a temporary file, fsync, rename."""
     tmp = Path(str(path) + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:  # e.g. a full disk: the old file stays, the half-written temporary goes
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, f"{path}: could not write ({e.strerror})") from e
 
 
 class Journal:
@@ -191,13 +205,14 @@ class Journal:
     def __init__(self, path, key):
         self.path, self.key, self.records = Path(path), key, {}
         if self.path.exists():
-            data = self.path.read_bytes()
-            cut = data.rfind(b"\n") + 1
-            if cut < len(data):  # an unfinished line: the batch it belonged to is redone
-                with open(self.path, "r+b") as f:
-                    f.truncate(cut)
-                    os.fsync(f.fileno())
-            for lineno, line in enumerate(data[:cut].decode("utf-8").splitlines(), 1):
+            cut_torn_tail(self.path)  # an unfinished line: the batch it belonged to is redone
+            # records split on "\n" only: a reply holding U+2028 or U+0085 is one record (see jsonl.py)
+            try:
+                lines = split_records(self.path.read_bytes(), self.path)
+            except JsonlError as e:
+                raise InputError(f"{e}; the journal is damaged (not by a crash, which only tears the last line)") \
+                    from None
+            for lineno, line in lines:
                 try:
                     rec = json.loads(line)
                     k = key(rec)
@@ -228,6 +243,20 @@ class Journal:
             os.close(fd)
         for r in new:
             self.records[self.key(r)] = r
+
+
+def busy(out):
+    """Whether another stage1 process holds out's lock now (checked before a model is loaded; the lock
+    itself is taken later, when the directory is written)."""
+    import fcntl
+    try:
+        with open(out / ".lock", "r") as f:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:  # no lock file (or none readable): nobody holds it
+        pass
+    return False
 
 
 @contextlib.contextmanager
@@ -307,6 +336,15 @@ def run_stage1(items, respond, translate, out, *, langs, source_lang="en", batch
     bar.close()
 
     kept = [it for it in items if answers.records[it["group"]]["status"] == "kept"]
+    if not kept:  # a 0-row parallel.jsonl and exit 0 would look like a finished run
+        summary = summarize(items, answers.records, {}, langs)
+        write_atomic(out / "summary.json", json.dumps(summary, indent=1, ensure_ascii=False))
+        reasons = _count_reasons(answers.records[it["group"]] for it in items)
+        why = ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items()))
+        raise NothingKept(f"{out}: no answer was kept ({len(items)} items; {why}), so there is no parallel data "
+                          f"and no parallel.jsonl. A kept answer ends in \\boxed{{<the gold answer>}}: see what the "
+                          f"model wrote in {out / 'answers.jsonl'}. A model that cannot answer the questions (such "
+                          "as the toy base.pt) cannot make stage-1 data; docs/stage1.md has an offline demo route")
     if redo_translations:
         (out / "translations.jsonl").unlink(missing_ok=True)
     trans = Journal(out / "translations.jsonl", key=lambda r: (r["group"], r["lang"]))
@@ -342,15 +380,19 @@ def run_stage1(items, respond, translate, out, *, langs, source_lang="en", batch
     return summary
 
 
+def _count_reasons(records):
+    rejected = {}
+    for r in records:
+        if r["status"] != "kept":
+            rejected[r["status"]] = rejected.get(r["status"], 0) + 1
+    return rejected
+
+
 def summarize(items, answers, trans, langs):
     """-> {"answer": {source: {"items", "kept", "rejected": {reason: n}}}, "translate": {lang: {...}}}."""
     def count(recs):
         recs = list(recs)
-        rejected = {}
-        for r in recs:
-            if r["status"] != "kept":
-                rejected[r["status"]] = rejected.get(r["status"], 0) + 1
-        return dict(items=len(recs), kept=sum(r["status"] == "kept" for r in recs), rejected=rejected)
+        return dict(items=len(recs), kept=sum(r["status"] == "kept" for r in recs), rejected=_count_reasons(recs))
     by_source = {}
     for it in items:
         by_source.setdefault(it["source"], []).append(answers[it["group"]])
@@ -396,50 +438,43 @@ def parse_langs(spec, source_lang):
     return names
 
 
-def _responders(args):
-    """-> make(max_new_tokens, url=None, name=None): a responder (an engine's if url is given, else the built-in
-    generator's), built on first use, so no model is loaded when the journals already hold the work. The
-    built-in ones share one model, loaded once."""
-    loaded = []
-
-    def build(max_new_tokens, url, name):
+def _responders(args, loaded):
+    """-> make(max_new_tokens, url=None, name=None): a responder, an engine's if url is given, else the
+    built-in generator's on `loaded` (model, tokenizer), loaded once by cmd_build after the checks."""
+    def make(max_new_tokens, url=None, name=None):
         if url:
             from engine import make_engine_responder
             return make_engine_responder(url, name, max_new_tokens=max_new_tokens, temperature=args.temperature,
                                          top_p=args.top_p, seed=args.seed, concurrency=args.concurrency,
                                          timeout=args.timeout, retries=args.retries, system=args.system)
-        import torch
-        from checkpoint import load_model
-        from eval import load_tok
         from evaluation.generate import make_generative_responder
-        if not loaded:
-            loaded.append((load_model(args.checkpoint, getattr(torch, args.dtype) if args.dtype else None, args.device),
-                           load_tok(args.checkpoint, args.tokenizer)))
-        return make_generative_responder(*loaded[0], max_new_tokens=max_new_tokens, temperature=args.temperature,
+        return make_generative_responder(*loaded, max_new_tokens=max_new_tokens, temperature=args.temperature,
                                          top_p=args.top_p, batch_size=args.batch_size, seed=args.seed,
                                          system=args.system)
-
-    def make(max_new_tokens, url=None, name=None):
-        box = []
-
-        def respond(prompts, run):
-            if not box:
-                box.append(build(max_new_tokens, url, name))
-            return box[0](prompts, run)
-        return respond
     return make
 
 
 def check_flags(args):
     """Numbers and paths that would fail late (after the model is loaded) or silently change the run."""
-    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--concurrency", args.concurrency, 1),
-                             ("--retries", args.retries, 0), ("--max-new-tokens", args.max_new_tokens, 1),
+    from engine import EngineError, check_url, settings_problems
+    from model import sampling_problems
+    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--max-new-tokens", args.max_new_tokens, 1),
                              ("--translate-max-new-tokens", args.translate_max_new_tokens, 1),
                              ("--limit", 1 if args.limit is None else args.limit, 1)):
         if value < low:
             raise SystemExit(f"{flag} must be >= {low}, got {value}")
-    if not args.timeout > 0:
-        raise SystemExit(f"--timeout must be > 0 seconds, got {args.timeout}")
+    problems = (sampling_problems(args.temperature, args.top_p, args.max_new_tokens,
+                                  names=("--temperature", "--top-p", "--max-new-tokens"))
+                + settings_problems(args.timeout, args.retries, args.concurrency,
+                                    names=("--timeout", "--retries", "--concurrency")))
+    if problems:
+        raise SystemExit("; ".join(problems))
+    for flag, url in (("--engine-url", args.engine_url), ("--translate-url", args.translate_url)):
+        try:
+            if url is not None:
+                check_url(url, flag)
+        except EngineError as e:
+            raise SystemExit(str(e)) from None
     if not 0 <= args.min_ratio < args.max_ratio:
         raise SystemExit(f"--min-ratio {args.min_ratio} / --max-ratio {args.max_ratio}: need 0 <= min < max")
     if not 0 <= args.min_script_fraction <= 1:
@@ -450,6 +485,9 @@ def check_flags(args):
             raise SystemExit(f"--dtype {args.dtype}: not a torch dtype (e.g. bfloat16, float16, float32)")
     if args.tokenizer and not Path(args.tokenizer).exists():
         raise SystemExit(f"--tokenizer {args.tokenizer}: no such file or directory")
+    if args.checkpoint and Path(args.checkpoint).suffix == ".pt" and not args.tokenizer:
+        raise SystemExit(f"--checkpoint {args.checkpoint} is a .pt file, which carries no tokenizer: pass "
+                         "--tokenizer (the one it was trained with, e.g. data/udhr/bpe.tiktoken)")
     out = Path(args.out)
     for p in (out, *out.parents):
         if p.exists():
@@ -458,8 +496,44 @@ def check_flags(args):
             break
 
 
+def context_problems(items, tok, context, args):
+    """The built-in generator cannot write past the model's context (model.context_problem): the longest
+    answer prompt + --max-new-tokens, and for --translator model the longest translation request (a
+    question, or an answer of up to --max-new-tokens tokens, in TRANSLATE_PROMPT) + --translate-max-new-tokens."""
+    from model import context_problem
+    chat = lambda text: len(tok.encode_chat(text, None, system=args.system)[0])
+    fill = lambda text: TRANSLATE_PROMPT.format(source=LANG_NAMES["en"], target=LANG_NAMES["en"], text=text)
+    longest = max(chat(it["prompt"]) for it in items)
+    problems = [context_problem(longest, args.max_new_tokens, context, what="the longest answer prompt")]
+    if args.translator == "model":
+        request = max(max(chat(fill(it["prompt"])) for it in items), chat(fill("")) + args.max_new_tokens)
+        problems.append(context_problem(request, args.translate_max_new_tokens, context,
+                                        what="the longest translation request (an answer of --max-new-tokens)"))
+    flags = ("--max-new-tokens=", "--translate-max-new-tokens=")
+    return [p.replace("max_new_tokens=", flag) for p, flag in zip(problems, flags) if p]
+
+
+def _work(args, items, table, loaded, out, source_lang, source_name, langs, checks):
+    """The responders and translator, then run_stage1 -> the summary."""
+    make = _responders(args, loaded)
+    respond = make(args.max_new_tokens, args.engine_url, args.engine_model)
+    names = {source_lang: source_name, **langs}
+    if args.translator == "file":
+        translate = file_translator(table)
+    else:  # a second model's server, or the answering model itself, with the translation output budget
+        url, name = ((args.translate_url, args.translate_model) if args.translator == "engine"
+                     else (args.engine_url, args.engine_model))
+        translate = responder_translator(make(args.translate_max_new_tokens, url, name), source_lang, names)
+    if not EVAL_READS_ALL_LETTERS and any(it["choices"] and it["answer"] not in "ABCD" for it in items):
+        print("note: the evaluation's normalize_choice reads A-D only; items whose gold is E-J are rejected "
+              "as gold_unreadable", file=sys.stderr)
+    return run_stage1(items, respond, translate, out, langs=list(langs), source_lang=source_lang,
+                      batch_size=args.batch_size, checks=checks, progress=not args.quiet,
+                      redo_translations=args.translator == "file")
+
+
 def cmd_build(args):
-    # --- every check first: no model is loaded before the inputs are known to be good
+    # --- every check first: nothing is written before the inputs are known to be good
     source_lang, source_name = parse_lang(args.source_lang, "--source-lang")
     langs = parse_langs(args.langs, source_lang)
     check_flags(args)
@@ -491,14 +565,29 @@ def cmd_build(args):
             check_engine(args.translate_url, args.translate_model)
     except EngineError as e:
         raise SystemExit(str(e)) from None
-    checks = dict(min_ratio=args.min_ratio, max_ratio=args.max_ratio, min_script=args.min_script_fraction)
     out = Path(args.out)
+    if busy(out):  # before minutes of model loading
+        raise SystemExit(f"{out}: another stage1 run is using this directory")
+    loaded = None
+    if args.checkpoint:  # loaded before run.json is written: a checkpoint that cannot work writes nothing
+        import torch
+        from checkpoint import CheckpointError, load_model_and_tokenizer
+        try:
+            loaded = load_model_and_tokenizer(args.checkpoint, args.tokenizer or "",
+                                              getattr(torch, args.dtype) if args.dtype else None, args.device)
+        except CheckpointError as e:
+            raise SystemExit(f"--checkpoint: {e}") from None
+        problems = context_problems(items, loaded[1], loaded[0].config.max_position_embeddings, args)
+        if problems:
+            raise SystemExit("; ".join(problems))
+    checks = dict(min_ratio=args.min_ratio, max_ratio=args.max_ratio, min_script=args.min_script_fraction)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise SystemExit(f"--out {out}: cannot create the directory ({e.strerror})") from None
-    answer_model = args.checkpoint or f"{args.engine_url} {args.engine_model}"
-    translate_by = dict(model=answer_model, engine=f"{args.translate_url} {args.translate_model}",
+    url = lambda u: u and u.rstrip("/")  # .../v1/ and .../v1 are one server: not "other settings" on a rerun
+    answer_model = args.checkpoint or f"{url(args.engine_url)} {args.engine_model}"
+    translate_by = dict(model=answer_model, engine=f"{url(args.translate_url)} {args.translate_model}",
                         file="file")[args.translator]  # a file is re-read by every run: not pinned
     settings = dict(source_lang=source_lang, answer_model=answer_model, dtype=args.dtype, tokenizer=args.tokenizer,
                     temperature=args.temperature, top_p=args.top_p, seed=args.seed, system=args.system,
@@ -508,39 +597,32 @@ def cmd_build(args):
                                            .encode()).hexdigest()[:16],
                     eval_reads_all_letters=EVAL_READS_ALL_LETTERS)
     # --- the work
-    with locked(out):
-        pin_settings(out, settings)
-        make = _responders(args)
-        respond = make(args.max_new_tokens, args.engine_url, args.engine_model)
-        names = {source_lang: source_name, **langs}
-        if args.translator == "file":
-            translate = file_translator(table)
-        else:  # a second model's server, or the answering model itself, with the translation output budget
-            url, name = ((args.translate_url, args.translate_model) if args.translator == "engine"
-                         else (args.engine_url, args.engine_model))
-            translate = responder_translator(make(args.translate_max_new_tokens, url, name), source_lang, names)
-        if not EVAL_READS_ALL_LETTERS and any(it["choices"] and it["answer"] not in "ABCD" for it in items):
-            print("note: the evaluation's normalize_choice reads A-D only; items whose gold is E-J are rejected "
-                  "as gold_unreadable", file=sys.stderr)
-        try:
-            summary = run_stage1(items, respond, translate, out, langs=list(langs), source_lang=source_lang,
-                                 batch_size=args.batch_size, checks=checks, progress=not args.quiet,
-                                 redo_translations=args.translator == "file")
-        except InputError as e:
-            raise SystemExit(str(e)) from None
-        except EngineError as e:  # a server that went away mid-run: say that nothing finished is lost
-            raise SystemExit(f"{e}\nThe finished batches are kept in {out}; rerun the same command to resume.") \
-                from None
+    try:
+        with locked(out):
+            pin_settings(out, settings)
+            summary = _work(args, items, table, loaded, out, source_lang, source_name, langs, checks)
+    except (InputError, NothingKept) as e:
+        raise SystemExit(str(e)) from None
+    except (EngineError, OSError) as e:  # a server gone away, a full disk: nothing finished is lost
+        raise SystemExit(f"{e}\nThe finished batches are kept in {out}; rerun the same command to resume.") from None
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the finished batches are kept in {out}; rerun the same command to resume",
+              file=sys.stderr)
+        raise SystemExit(130) from None
     print(format_summary(summary))
-    n = sum(1 for _ in open(out / "parallel.jsonl", encoding="utf-8"))
+    for lang in langs:
+        if summary["translate"][lang]["kept"] == 0:
+            print(f"note: no translation into {lang} was kept (see {out / 'summary.json'}); parallel.jsonl has "
+                  f"no {lang} rows", file=sys.stderr)
+    n = (out / "parallel.jsonl").read_bytes().count(b"\n")
     print(f"wrote {out / 'parallel.jsonl'} ({n} rows); summary in {out / 'summary.json'}")
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    q = sub.add_parser("build", help="answer, filter, translate, check -> parallel.jsonl")
+    q = sub.add_parser("build", help="answer, filter, translate, check -> parallel.jsonl", allow_abbrev=False)
     q.add_argument("--questions", required=True, help="comma list of question files, each optionally name=path")
     q.add_argument("--langs", required=True, help="target languages, e.g. sw,hi,bn,te,ne (code=Name for others)")
     q.add_argument("--out", required=True, help="output directory (journals, parallel.jsonl, summary.json)")
@@ -557,8 +639,8 @@ def build_parser():
     q.add_argument("--translations", default=None, help="translation file for --translator file")
     q.add_argument("--batch-size", type=int, default=16, help="items per generation call and journal write")
     q.add_argument("--concurrency", "--engine-concurrency", type=int, default=16, help="requests in flight (engine)")
-    q.add_argument("--timeout", type=float, default=600.0, help="seconds per request (engine)")
-    q.add_argument("--retries", type=int, default=3, help="retries per request (engine)")
+    q.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per request attempt (engine)")
+    q.add_argument("--retries", type=int, default=DEFAULT_RETRIES, help="retries per request (engine)")
     q.add_argument("--max-new-tokens", type=int, default=1024)
     q.add_argument("--translate-max-new-tokens", type=int, default=2048)
     q.add_argument("--temperature", type=float, default=0.1)

@@ -243,3 +243,99 @@ def test_eval_bench_cli_same_outputs_through_an_engine(tmp_path):
         E.main(common + ["--engine-url", fake.url, "--engine-model", "tiny", "--out", str(tmp_path / "b")])
     for name in ("predictions.jsonl", "table.csv"):
         assert (tmp_path / "b" / name).read_bytes() == (tmp_path / "a" / name).read_bytes()
+
+
+# fields transformers serve 5.x takes on /v1/chat/completions (a subset: those this client could send)
+STRICT = ("model", "messages", "max_tokens", "temperature", "top_p", "n", "seed", "stream", "generation_config",
+          "chat_template_kwargs")
+
+
+def test_strict_server_gets_the_sampling_as_a_generation_config():
+    """A server that refuses top_k (transformers serve: HTTP 422 "Unexpected fields") is sent the same sampling
+    as a whole generation config, so the checkpoint's generation_config.json (top_k=20, ...) cannot apply;
+    the way is found once and kept. A server that refuses both ways is an error, never silently its defaults."""
+    with FakeEngine(lambda p: "ok", accepts=STRICT) as fake:
+        respond = make_engine_responder(fake.url, "m", temperature=0.7, top_p=0.9, concurrency=1, **FAST)
+        assert respond(["a", "b"], 0) == ["ok", "ok"]
+        assert "top_k" in fake.requests[0] and len(fake.requests) == 3  # refused once, then the second way
+        config = json.loads(fake.requests[1]["generation_config"])
+        assert config["do_sample"] is True and config["temperature"] == 0.7 and config["top_p"] == 0.9
+        assert config["top_k"] == 0 and config["repetition_penalty"] == 1.0 and config["min_p"] == 0.0
+        assert fake.requests[1]["chat_template_kwargs"] == {"enable_thinking": False}
+        fake.requests.clear()
+        make_engine_responder(fake.url, "m", temperature=0, concurrency=1, **FAST)(["a"], 0)
+        assert json.loads(fake.requests[-1]["generation_config"])["do_sample"] is False
+    with FakeEngine(lambda p: "ok", accepts=[f for f in STRICT if f != "generation_config"]) as fake:
+        with pytest.raises(EngineError, match=r"refuses both ways of setting the sampling.*fields: HTTP 422.*"
+                                              r"generation_config: HTTP 422"):
+            make_engine_responder(fake.url, "m", concurrency=2, **FAST)(["a", "b", "c"], 0)
+
+
+def test_credentials_in_the_url_are_refused_unechoed():
+    for url in ("http://user:s3cret@127.0.0.1:1/v1", "http://s3cret@127.0.0.1:1/v1"):
+        for call in (lambda: check_engine(url, "m"), lambda: make_engine_responder(url, "m", max_new_tokens=8)):
+            with pytest.raises(EngineError, match="credentials .* refused.*OPENAI_API_KEY") as e:
+                call()
+            assert "s3cret" not in str(e.value)
+    for url in ("localhost:8000/v1", "http://127.0.0.1:x/v1", "http://h:1/v1?key=s3cret"):
+        with pytest.raises(EngineError) as e:
+            check_engine(url, "m")
+        assert "s3cret" not in str(e.value)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(timeout=float("inf")), r"timeout must be > 0 seconds \(a finite number\), got inf"),
+    (dict(timeout=float("nan")), "timeout must be > 0 seconds"),
+    (dict(timeout=0), "timeout must be > 0 seconds"),
+    (dict(timeout=-5.0), "timeout must be > 0 seconds"),
+    (dict(retries=1.5), r"retries must be >= 0 \(an integer\), got 1.5"),
+    (dict(concurrency=0), "concurrency must be >= 1"),
+    (dict(temperature=-1.0), "temperature=-1.0: must be a finite number >= 0"),
+    (dict(top_p=0.0), r"top_p=0.0: must be in \(0, 1\]"),
+    (dict(temperature=float("nan")), "temperature=nan"),
+])
+def test_bad_settings_fail_before_any_request(kw, message):
+    with pytest.raises(EngineError, match=message) as e:
+        make_engine_responder("http://127.0.0.1:1/v1", "m", max_new_tokens=8, **kw)
+    assert isinstance(e.value, ValueError)  # EngineSettingsError: one type to catch, still a ValueError
+
+
+def test_messages_are_one_line():
+    with FakeEngine(lambda p: "ok") as fake:
+        fake.script = [(400, b"Traceback (most recent call last):\n  File x\nValueError: bad\n")]
+        with pytest.raises(EngineError) as e:
+            make_engine_responder(fake.url, "m", concurrency=1, **FAST)(["q"], 0)
+    assert "\n" not in str(e.value) and "ValueError: bad" in str(e.value) and e.value.status == 400
+
+
+def test_model_missing_from_the_listing_is_asked_directly(monkeypatch):
+    """transformers serve lists its download cache at /models (500 when there is none), not the directory it
+    serves: check_engine then asks the model for one token."""
+    def listing_fails(*a, **k):
+        raise EngineError("x/models: HTTP 500", 500)
+    with FakeEngine(lambda p: "ok", models=["/models/toy"]) as fake:
+        monkeypatch.setattr(engine, "served_models", listing_fails)
+        check_engine(fake.url, "/models/toy")
+        with pytest.raises(EngineError, match="does not exist"):
+            check_engine(fake.url, "other")
+        monkeypatch.setattr(engine, "served_models", lambda *a, **k: ["cached/model"])
+        check_engine(fake.url, "/models/toy")
+        with pytest.raises(EngineError, match=r"model 'other' is not served; the server lists \['cached/model'\]"):
+            check_engine(fake.url, "other")
+
+
+def test_redirects_are_not_followed():
+    """urllib would follow a 307 and send the API key on to wherever the server points."""
+    with FakeEngine(lambda p: "ok") as elsewhere, FakeEngine(lambda p: "ok") as fake:
+        fake.script = [(307, b"", {"Location": elsewhere.url + "/chat/completions"})]
+        with pytest.raises(EngineError, match=r"HTTP 307 .*redirects, which is not followed"):
+            make_engine_responder(fake.url, "m", concurrency=1, **FAST)(["q"], 0)
+        assert elsewhere.requests == []
+
+
+def test_empty_system_prompt_is_sent_as_the_builtin_writes_it(tok):
+    """--system "": the built-in generator writes an (empty) system turn; the server must be sent one too."""
+    assert tok.encode_chat("q", None, system="")[0] != tok.encode_chat("q", None)[0]
+    with FakeEngine(lambda p: "ok") as fake:
+        make_engine_responder(fake.url, "m", system="", concurrency=1, **FAST)(["q"], 0)
+    assert fake.requests[0]["messages"] == [{"role": "system", "content": ""}, {"role": "user", "content": "q"}]

@@ -504,6 +504,15 @@ def test_validation_before_model_loading(tmp_path, questions):
     (["--source-lang", "xx"], "--source-lang: unknown language 'xx'; give its name as xx=Name"),
     (["--langs", "sw,en"], "--langs: en is the source language"),
     (["--translations", "t.jsonl"], "--translations is read by --translator file only"),
+    # sampling: -1 would sample softmax(logits / -1); NaN would be pinned in run.json and block every rerun
+    (["--temperature", "-1"], r"--temperature=-1.0: must be a finite number >= 0"),
+    (["--temperature", "nan"], r"--temperature=nan: must be a finite number >= 0"),
+    (["--top-p", "0"], r"--top-p=0.0: must be in \(0, 1\]"),
+    (["--top-p", "2"], r"--top-p=2.0: must be in \(0, 1\]"),
+    (["--timeout", "inf"], r"--timeout must be > 0 seconds \(a finite number\), got inf"),
+    (["--timeout", "-3"], "--timeout must be > 0 seconds"),
+    (["--engine-url", "http://127.0.0.1:1/v1?key=x"], "--engine-url: a base URL has no"),
+    (["--translate-url", "localhost:8001"], "--translate-url: expected http://host:port/v1"),
 ])
 def test_bad_flags_stop_before_any_work(tmp_path, questions, flags, message):
     ckpt = tmp_path / "empty_dir"  # loading it would fail: the flag errors must come first
@@ -595,3 +604,177 @@ def test_translation_file(tmp_path, questions):
     assert summary["translate"]["sw"] == dict(items=4, kept=1, rejected={"boxed_answer_changed": 1, "no_translation": 2})
     ids = [r["id"] for r in load_parallel_jsonl(tmp_path / "parallel.jsonl")]
     assert ids == ["mmlu-70-en", "mmlu-70-sw", "mmlu-71-en", "gsm8k-1-en", "gsm8k-2-en"]
+
+
+
+def test_credentials_in_a_url_are_refused_unechoed(tmp_path, questions, capsys):
+    for flags in (["--engine-url", "http://me:hunter2@127.0.0.1:1/v1", "--engine-model", "m"],
+                  ["--checkpoint", str(tmp_path), "--translator", "engine", "--translate-model", "t",
+                   "--translate-url", "https://me:hunter2@example.org/v1"]):
+        with pytest.raises(SystemExit, match=r"-url: a URL with credentials .* OPENAI_API_KEY") as e:
+            S.main(["build", "--questions", questions, "--langs", "sw", "--out", str(tmp_path / "o"), *flags])
+        assert "hunter2" not in str(e.value) and "hunter2" not in "".join(capsys.readouterr())
+    assert not (tmp_path / "o").exists()
+
+
+def test_mistyped_flag_is_not_taken_for_another(tmp_path, questions):
+    """argparse would read --temp as --temperature and --max-new as --max-new-tokens: a typo that later
+    matches a new flag would silently change the run."""
+    with pytest.raises(SystemExit) as e:
+        S.main(["build", "--questions", questions, "--langs", "sw", "--out", str(tmp_path / "o"),
+                "--checkpoint", str(tmp_path), "--temp", "0.5"])
+    assert e.value.code == 2 and not (tmp_path / "o").exists()
+
+
+def test_reply_with_unicode_line_separators_resumes(tmp_path, questions):
+    """A reply holding U+2028, U+2029 or U+0085 is one journal record (json.dumps writes them raw); the
+    journal used to be read with str.splitlines(), which split inside it: every rerun then stopped with
+    "answers.jsonl:1: not a journal record"."""
+    def odd(prompts, r):
+        return [t.replace(". ", ".\u2028 ", 1).replace("=", "=\u2029", 1) + "\u0085" for t in fake_answers(prompts, r)]
+    want = run(tmp_path, questions, odd)
+    assert want["answer"]["mmlu"]["kept"] == 2
+    assert "\u2028" in (tmp_path / "answers.jsonl").read_text(encoding="utf-8")
+    assert run(tmp_path, questions, respond=None) == want  # the rerun reads every record back, asks nothing
+    rows = load_parallel_jsonl(tmp_path / "parallel.jsonl")
+    assert len(rows) == 4 * 3 and rows[0]["response"].startswith("Plants take in CO2.\u2028 ")
+
+
+def test_pt_without_tokenizer_writes_nothing(tmp_path, questions):
+    (tmp_path / "base.pt").write_bytes(b"not loaded")
+    with pytest.raises(SystemExit, match=r"base.pt is a .pt file, which carries no tokenizer: pass --tokenizer"):
+        S.main(["build", "--questions", questions, "--langs", "sw", "--out", str(tmp_path / "o"),
+                "--checkpoint", str(tmp_path / "base.pt")])
+    assert not (tmp_path / "o").exists()  # no run.json, no lock: the fixed command runs in the same --out
+
+
+def test_generation_past_the_context_is_refused_up_front(tmp_path, questions, checkpoint, tok):
+    """The default 1024 new tokens on a 512-token model: refused before anything is written, saying what fits
+    (prompt tokens counted with the checkpoint's own chat format)."""
+    argv = ["build", "--questions", questions, "--langs", "sw", "--checkpoint", str(checkpoint),
+            "--out", str(tmp_path / "o")]
+    items = S.load_questions(questions)
+    longest = max(len(tok.encode_chat(it["prompt"])[0]) for it in items)
+    with pytest.raises(SystemExit, match=rf"the longest answer prompt \({longest} tokens\) \+ --max-new-tokens=1024 "
+                                         rf"= {longest + 1024} exceeds the model's context of 512 tokens \(at most "
+                                         rf"{512 - longest} new tokens fit\)"):
+        S.main(argv)
+    fill = lambda text: len(tok.encode_chat(S.TRANSLATE_PROMPT.format(source="English", target="English",
+                                                                        text=text))[0])
+    request = max(max(fill(it["prompt"]) for it in items), fill("") + 64)  # a question, or a 64-token answer
+    with pytest.raises(SystemExit, match=rf"the longest translation request .* \({request} tokens\) \+ "
+                                         rf"--translate-max-new-tokens=2048 .* \(at most {512 - request} new"):
+        S.main(argv + ["--max-new-tokens", "64"])
+    assert not (tmp_path / "o").exists()
+
+
+def test_nothing_kept_is_an_error(tmp_path, questions):
+    """A model that never writes a \\boxed{} answer (the toy original model): no 0-row parallel.jsonl and
+    exit 0, but an error that says why and what to do; summary.json and the journal show what it wrote."""
+    with FakeEngine(lambda payload: "I think it is carbon dioxide.") as fake:
+        argv = ["build", "--questions", questions, "--engine-url", fake.url, "--engine-model", "m", "--langs", "sw",
+                "--out", str(tmp_path / "o"), "--quiet"]
+        with pytest.raises(SystemExit, match=r"no answer was kept \(4 items; no_boxed_answer: 4\), so there is no "
+                                             r"parallel data.*\\boxed\{<the gold answer>\}.*answers.jsonl.*"
+                                             r"docs/stage1.md"):
+            S.main(argv)
+        n = len(fake.requests)
+        with pytest.raises(SystemExit, match="no answer was kept"):  # a rerun says it again, asks nothing
+            S.main(argv)
+        assert len(fake.requests) == n
+    assert not (tmp_path / "o" / "parallel.jsonl").exists()
+    assert json.loads((tmp_path / "o" / "summary.json").read_text())["answer"]["mmlu"]["kept"] == 0
+
+
+def test_full_disk_writing_the_output_is_a_clear_stop(tmp_path, questions, monkeypatch):
+    """ENOSPC while parallel.jsonl is written: the old file stays, no temporary is left, the message says
+    the journals are kept; the rerun (disk freed) finishes without asking the model again."""
+    real_replace = os.replace
+
+    def full(src, dst):
+        if str(dst).endswith("parallel.jsonl"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_replace(src, dst)
+    with FakeEngine(lambda payload: fake_answers([payload["messages"][-1]["content"]], 0)[0]) as fake:
+        argv = ["build", "--questions", questions, "--engine-url", fake.url, "--engine-model", "m", "--langs", "sw",
+                "--out", str(tmp_path / "o"), "--quiet"]
+        monkeypatch.setattr(os, "replace", full)
+        with pytest.raises(SystemExit, match=r"parallel.jsonl: could not write \(No space left on device\)\n"
+                                             r"The finished batches are kept in .*; rerun the same command"):
+            S.main(argv)
+        monkeypatch.setattr(os, "replace", real_replace)
+        assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [".lock", "answers.jsonl", "run.json",
+                                                                      "translations.jsonl"]
+        n = len(fake.requests)
+        S.main(argv)
+        assert len(fake.requests) == n
+    assert len(load_parallel_jsonl(tmp_path / "o" / "parallel.jsonl")) == 8
+
+
+DEMO_QUESTIONS = "mmlu=tests/fixtures/stage1/mmlu_pro.jsonl,gsm8k=tests/fixtures/stage1/gsm8k.jsonl"
+
+
+def test_documented_offline_demo_route(tmp_path):
+    """docs/stage1.md's offline route, its two commands as written (a free port for 8011, a temporary --out):
+    the scripted demo model serves, stage1.py build runs through it and writes every file."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "tests/fake_engine.py", "--questions", DEMO_QUESTIONS, "--port",
+                               str(port)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}/v1"
+        assert server.stdout.readline().strip() == f"serving the scripted demo model 'oracle' at {url} (Ctrl-C stops)"
+        out = tmp_path / "stage1_demo"
+        proc = subprocess.run([sys.executable, "stage1.py", "build", "--questions", DEMO_QUESTIONS, "--engine-url", url,
+                               "--engine-model", "oracle", "--langs", "sw", "--out", str(out)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert "answer mmlu           3      3  -" in proc.stdout and "translate sw          5      5  -" in proc.stdout
+    rows = load_parallel_jsonl(out / "parallel.jsonl")
+    assert len(rows) == 10 and {r["lang"] for r in rows} == {"en", "sw"}
+    assert rows[1]["prompt"].startswith("[Swahili] Answer the following multiple choice question")
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "answers.jsonl", "parallel.jsonl", "run.json",
+                                                     "summary.json", "translations.jsonl"]
+
+
+def test_second_run_on_one_out_stops_before_loading_a_model(tmp_path, questions, checkpoint, monkeypatch):
+    """Two runs on one --out: the second stops at once, not after loading its model (minutes at 30B)."""
+    import checkpoint as C
+    out = tmp_path / "o"
+    out.mkdir()
+    monkeypatch.setattr(C, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("model loaded"))
+    with S.locked(out):
+        with pytest.raises(SystemExit, match="another stage1 run is using this directory"):
+            S.main(["build", "--questions", questions, "--langs", "sw", "--checkpoint", str(checkpoint),
+                    "--out", str(out)])
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]
+
+
+def test_interrupt_and_unwritable_settings_are_clear_stops(tmp_path, questions, monkeypatch, capsys):
+    with FakeEngine(lambda payload: fake_answers([payload["messages"][-1]["content"]], 0)[0]) as fake:
+        argv = ["build", "--questions", questions, "--engine-url", fake.url + "/", "--engine-model", "m",
+                "--langs", "sw", "--out", str(tmp_path / "o"), "--quiet", "--batch-size", "1"]
+        real_write_atomic, real_run = S.write_atomic, S.run_stage1
+
+        def full(path, text):
+            raise OSError(errno.ENOSPC, f"{path}: could not write (No space left on device)")
+        monkeypatch.setattr(S, "write_atomic", full)  # run.json cannot be written
+        with pytest.raises(SystemExit, match=r"run.json: could not write \(No space left on device\)\nThe finished"):
+            S.main(argv)
+        monkeypatch.setattr(S, "write_atomic", real_write_atomic)
+
+        def interrupted(items, respond, *a, **k):  # Ctrl-C after the first answer
+            real_run(items[:1], respond, *a, **k)
+            raise KeyboardInterrupt
+        monkeypatch.setattr(S, "run_stage1", interrupted)
+        with pytest.raises(SystemExit) as e:
+            S.main(argv)
+        assert e.value.code == 130 and "interrupted: the finished batches are kept in" in capsys.readouterr().err
+        monkeypatch.setattr(S, "run_stage1", real_run)
+        S.main(argv[:4] + [fake.url] + argv[5:])  # the same server without the trailing "/": the same run
+    assert len(lines(tmp_path / "o" / "answers.jsonl")) == 4
