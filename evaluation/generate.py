@@ -15,13 +15,32 @@ Every prompt is checked against the model's context (model.context_problem) befo
 the generative protocols need prompt + max_new_tokens to fit, the log-likelihood ones prompt + option.
 Any other engine (e.g. an OpenAI-compatible server) plugs in as a responder with the same signature.
 """
+import json
 import time
+from pathlib import Path
 
 import torch
 
 from data.parallel import collate
 from evaluation.scoring import LETTERS
 from model import context_problem
+
+
+def peek_context(checkpoint):
+    """The model's context (max_position_embeddings) without reading the weights, so a prompt that cannot
+    fit is refused before the load: a directory's config.json, or a .pt's config entry (torch.load with
+    mmap=True maps the tensors without reading them). None where it cannot be read: the loader then names
+    what is wrong, and the context is checked after loading."""
+    from checkpoint import config_from_hf
+    from model import MoEConfig
+    path = Path(checkpoint)
+    try:
+        if path.suffix == ".pt":
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return MoEConfig.from_dict(state["config"]).max_position_embeddings
+        return config_from_hf(json.loads((path / "config.json").read_text())).max_position_embeddings
+    except Exception:  # noqa: BLE001 (any unreadable file: the loader reports it precisely)
+        return None
 
 
 def encode_prompt(tok, prompt, *, chat=True, system=None):
