@@ -45,6 +45,8 @@ SEED_MAX = 2 ** 63 - 1  # torch.Generator.manual_seed and numpy's default_rng ta
 def load_model(checkpoint, tokenizer, dtype, device):
     """-> (model, tokenizer) by checkpoint.load_model_and_tokenizer; its errors (a missing checkpoint, a .pt
     without --tokenizer, a tokenizer larger than the model's vocabulary) as one line naming the file."""
+    if not Path(checkpoint).exists():
+        raise SystemExit(f"--checkpoint {checkpoint}: no such file or directory")
     try:
         return load_model_and_tokenizer(checkpoint, tokenizer or "", dtype=_dtype(dtype), device=device)
     except CheckpointError as err:
