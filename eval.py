@@ -299,7 +299,7 @@ def cmd_compare(args):
     res = compare_conditions(pairs, resamples=args.resamples, seed=args.seed)
     print(format_comparison(res, len(pairs["units"]), args.resamples, args.seed))
     result = dict(a=list(map(str, args.a)), b=list(map(str, args.b)), resamples=args.resamples, seed=args.seed,
-                  warnings=pairs["notes"], **res)
+                  warnings=pairs["notes"], **res, platform=platform_info())
     if args.routing_csv:
         rows = [r for p in args.routing_csv for r in read_routing_csv(p)]
         models = models_in(rows)

@@ -132,7 +132,7 @@ def write_bench_outputs(out_dir, records, summary, meta):
                        + [fmt(d["no_answer"])])
         a = summary["average"]
         w.writerow(["avg", sum(d["n"] for d in summary["langs"].values()), fmt(a["mean"]), fmt(a["std"])]
-                   + [fmt(x) for x in a["runs"]] + [""])
+                   + [fmt(x) for x in a["runs"]] + [fmt(a.get("no_answer"))])
 
 
 def load_results(path):
