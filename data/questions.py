@@ -3,8 +3,9 @@ Input files of stage 1 (stage1.py). Question files: MMLU-Pro / MMLU-ProX multipl
 read with the one reader of input files (data/rows.py) and turned into items
 {"group", "source", "question", "choices" (list) or None, "answer", "prompt"}. A bad row is a
 ValueError naming the file and line (row for Parquet). Prompts and gold answer formats are the
-evaluation's (data/prompts.py), so stage 1 trains on the prompts the model is evaluated with. Translation files (--translator file): rows
-id, lang, prompt, response. The accepted formats are listed in stage1.py's docstring.
+evaluation's (data/prompts.py), so stage 1 trains on the prompts the model is evaluated with.
+Translation files (--translator file): rows id, lang, prompt, response. The accepted formats are listed
+in stage1.py's docstring.
 """
 import ast
 import json
@@ -12,7 +13,7 @@ import re
 from pathlib import Path
 
 from data.prompts import LETTERS, TEMPLATES, build_prompt, gold_letter, gold_number
-from data.rows import check_utf8, read_table  # noqa: F401 (check_utf8 re-exported: stage1 may use it)
+from data.rows import read_table
 
 def _text(value, what, where):
     """A cell that must be text: a number is written out (a numeric option), anything else is an error,
