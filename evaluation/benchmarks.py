@@ -30,10 +30,10 @@ that is neither a benchmark key nor "default" nor a language code is an error li
 misspelt key would otherwise fall back to the default template without a word). Placeholders: {question}
 {passage} {A} {B} {C} {D}; every other brace is literal, so "\\boxed{}" is written as is.
 
-The harness protocol (harness_prompt) asks as lm-evaluation-harness's task files do (read from its
-repository, 2025): no chat template; Global-MMLU "<question>\nA. <a>\n...D. <d>\nAnswer:", BELEBELE
-"P: <passage>\nQ: <question>\nA: <a>\n...D: <d>\nAnswer\uff1a" (a full-width colon, as in its file),
-MGSM "<Question-word>: <question>\n<Answer-word>:" in the language's words (mgsm_direct).
+The harness protocol (harness_prompt) asks as lm-evaluation-harness 0.4.13's task files do: no chat
+template; Global-MMLU "<question>\\nA. <a>\\n...D. <d>\\nAnswer:", BELEBELE
+"P: <passage>\\nQ: <question>\\nA: <a>\\n...D: <d>\\nAnswer:", MGSM "<prefix><question>\\n<cue>" in the
+language's words (mgsm_direct, e.g. "Swali: <question>\\nAnswer:").
 """
 import glob
 import json
@@ -119,15 +119,15 @@ def _harness_mc(item):
 
 def _harness_belebele(item):
     return (f"P: {item['passage']}\nQ: {item['question'].strip()}\n"
-            + "".join(f"{l}: {c}\n" for l, c in zip("ABCD", item["choices"])) + "Answer\uff1a")
+            + "".join(f"{l}: {c}\n" for l, c in zip("ABCD", item["choices"])) + "Answer:")
 
 
-# mgsm_direct's words per language: (question word, answer word); the model's reply is cut where it starts
-# a new question (the task's stop sequence)
-MGSM_HARNESS_WORDS = {"en": ("Question", "Answer"), "sw": ("Swali", "Answer"), "bn": ("প্রশ্ন", "Answer"),
-                      "te": ("ప్రశ్న", "Answer"), "de": ("Frage", "Antwort"), "es": ("Pregunta", "Respuesta"),
-                      "fr": ("Question ", "Réponse "), "ja": ("問題", "Answer"), "ru": ("Задача", "Answer"),
-                      "th": ("โจทย์", "Answer"), "zh": ("问题", "Answer")}
+# mgsm_direct per language: (the question's prefix, the answer cue); the reply is cut where it starts a new
+# question (the task's stop sequence: the prefix without its trailing space)
+MGSM_HARNESS_WORDS = {"en": ("Question: ", "Answer:"), "sw": ("Swali: ", "Answer:"), "bn": ("প্রশ্ন: ", "Answer:"),
+                      "te": ("ప్రశ్న: ", "Answer:"), "de": ("Frage: ", "Antwort:"), "es": ("Pregunta: ", "Respuesta:"),
+                      "fr": ("Question : ", "Réponse :"), "ja": ("問題： ", "Answer:"), "ru": ("Задача: ", "Answer:"),
+                      "th": ("โจทย์: ", "Answer:"), "zh": ("问题： ", "Answer:")}
 
 
 def _harness_mgsm(item):
@@ -135,11 +135,11 @@ def _harness_mgsm(item):
     if words is None:
         raise SystemExit(f"the harness protocol has MGSM prompts for {', '.join(MGSM_HARNESS_WORDS)} only "
                          f"(lm-evaluation-harness's mgsm_direct languages), not {item['lang']!r}")
-    return f"{words[0]}: {item['question']}\n{words[1]}:"
+    return f"{words[0]}{item['question']}\n{words[1]}"
 
 
 def _harness_mgsm_cut(item, reply):
-    return reply.split(MGSM_HARNESS_WORDS[item["lang"]][0] + ":", 1)[0]  # mgsm_direct stops at a new question
+    return reply.split(MGSM_HARNESS_WORDS[item["lang"]][0].rstrip(), 1)[0]
 
 
 @dataclass(frozen=True)

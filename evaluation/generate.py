@@ -52,16 +52,13 @@ def encode_prompt(tok, prompt, *, chat=True, system=None):
 
 def encode_option(tok, prompt, option, *, chat=True, system=None):
     """-> (prompt ids, option ids): the option as the assistant's reply (end-of-turn excluded), or
-    (chat=False) as the continuation " <option>" of the plain prompt, split where the prompt's own
-    tokens end (as the harness does)."""
+    (chat=False) as the continuation " <option>" of the plain prompt: the tokens of prompt + " <option>"
+    past as many as the prompt alone has (the harness's split, also where a token crosses the boundary)."""
     if chat:
         prompt_ids, reply = tok.encode_chat(prompt, option, system=system)
         return prompt_ids, (reply[:-1] if reply and reply[-1] == tok.eos_id else reply)
     prompt_ids = encode_prompt(tok, prompt, chat=False)
-    whole = encode_prompt(tok, prompt + " " + option, chat=False)
-    if whole[:len(prompt_ids)] == prompt_ids:
-        return prompt_ids, whole[len(prompt_ids):]
-    return prompt_ids, tok.encode(" " + option)
+    return prompt_ids, encode_prompt(tok, prompt + " " + option, chat=False)[len(prompt_ids):]
 
 
 def check_context(lengths, max_new_tokens, context, prompts):

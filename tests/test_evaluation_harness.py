@@ -28,12 +28,14 @@ def test_harness_prompts_are_the_task_files():
     assert B.item_prompt(bele, "belebele", "harness") == (
         "P: Mto Nile ni mto mrefu zaidi barani Afrika. Unapita katika nchi kumi na moja kabla ya kufika Bahari ya "
         "Mediterania.\nQ: Mto Nile unaishia wapi?\nA: Bahari ya Hindi\nB: Bahari ya Mediterania\nC: Ziwa Viktoria\n"
-        "D: Bahari ya Shamu\nAnswer\uff1a")
+        "D: Bahari ya Shamu\nAnswer:")
     mgsm = B.load_benchmark("mgsm", FIX / "mgsm", "sw")[0][1]
     assert B.item_prompt(mgsm, "mgsm", "harness") == (
         "Swali: Mama alinunua mayai 12 na akatumia 4. Yamebaki mayai mangapi?\nAnswer:")
     te = B.load_benchmark("mgsm", FIX / "mgsm", "te")[0][0]
     assert B.item_prompt(te, "mgsm", "harness").startswith("ప్రశ్న: ")
+    assert B.item_prompt(dict(te, lang="ja"), "mgsm", "harness") == "問題： " + te["question"] + "\nAnswer:"
+    assert B.item_prompt(dict(te, lang="fr"), "mgsm", "harness") == "Question : " + te["question"] + "\nRéponse :"
     with pytest.raises(SystemExit, match="MGSM prompts for en, sw, bn, te, .* not 'yo'"):
         B.item_prompt(dict(mgsm, lang="yo"), "mgsm", "harness")
 
@@ -56,14 +58,13 @@ def test_harness_mgsm_reply_is_cut_at_the_next_question_and_scored_numerically()
 
 def test_plain_option_logliks_match_a_direct_forward(tok):
     model = tiny_model(tok)
-    prompts = ["Ni sayari ipi?\nA. x\nB. y\nC. z\nD. w\nAnswer:", "P: p\nQ: q\nAnswer\uff1a"]
+    prompts = ["Ni sayari ipi?\nA. x\nB. y\nC. z\nD. w\nAnswer:", "P: p\nQ: q\nAnswer:"]
     got = G.letter_logliks(model, tok, prompts, batch_size=3, chat=False)
     for n, p in enumerate(prompts):
         context = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(p)
         for c, letter in enumerate("ABCD"):
             whole = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(p + " " + letter)
-            assert whole[:len(context)] == context
-            cont = whole[len(context):]
+            cont = whole[len(context):]  # the harness's split
             with torch.no_grad():
                 logp = torch.log_softmax(model(torch.tensor([whole])).logits[0].double(), -1)
             want = sum(logp[len(context) - 1 + j, t].item() for j, t in enumerate(cont))
