@@ -56,7 +56,7 @@ def run_benchmark(items_by_lang, respond, *, benchmark, protocol, runs=1, templa
                 pred, correct = score_output(it, out, protocol)
                 rec = dict(benchmark=benchmark, protocol=protocol, lang=lang, id=it["id"], run=run,
                            gold=it["answer"], pred=pred, correct=bool(correct), parallel=it.get("parallel", False))
-                rec["scores" if protocol == "loglik" else "output"] = out
+                rec["output" if isinstance(out, str) else "scores"] = out  # generated text, or 4 log-likelihoods
                 records.append(rec)
             if progress:
                 mine = [r for r in records if r["lang"] == lang and r["run"] == run]

@@ -79,6 +79,8 @@ def test_bench_harness_protocol_end_to_end_and_named_in_the_table(tok, tmp_path,
     s = E.main(["bench", *common, "--benchmark", "global_mmlu", "--data", str(FIX / "global_mmlu"), "--langs", "sw,hi",
                 "--protocol", "harness", "--out", str(tmp_path / "h")])
     assert set(s["langs"]) == {"sw", "hi"} and len(s["average"]["runs"]) == 1 and s["average"]["no_answer"] == 0
+    rows = [json.loads(l) for l in open(tmp_path / "h" / "predictions.jsonl", encoding="utf-8")]
+    assert all(len(r["scores"]) == 4 and "output" not in r for r in rows)  # log-likelihoods, as loglik's
     res = json.loads((tmp_path / "h" / "results.json").read_text())
     assert res["protocol"] == "harness" and res["temperature"] == 0.0
     E.main(["bench", *common, "--benchmark", "global_mmlu", "--data", str(FIX / "global_mmlu"), "--langs", "sw,hi",
