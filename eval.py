@@ -21,6 +21,7 @@ stage1.py share), seeds, --band, and, before the weights are read, every prompt 
 """
 import argparse
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -113,13 +114,13 @@ def check_bench_args(args):
             ("--top-p", args.top_p, "--top-p" not in bad, "in (0, 1]"), ("--max-new-tokens", args.max_new_tokens, "--max-new-tokens" not in bad, ">= 1"),
             ("--batch-size", args.batch_size, args.batch_size >= 1, ">= 1"), ("--limit", args.limit, args.limit is None or args.limit >= 1, ">= 1"),
             ("--engine-concurrency", args.engine_concurrency, args.engine_concurrency >= 1, ">= 1"),
-            ("--seed", args.seed, 0 <= args.seed <= SEED_MAX - args.runs, f"in 0..2**63 - 1 - --runs (run r samples with seed + r)")]:
+            ("--seed", args.seed, 0 <= args.seed <= SEED_MAX - args.runs, "in 0..2**63 - 1 - --runs (run r samples with seed + r)")]:
         if not ok:
             raise SystemExit(f"{flag} must be {want}, got {value}" + ("" if _finite(value) else " (not a finite number)"))
 
 
 def _finite(value):
-    return not isinstance(value, float) or value - value == 0
+    return not isinstance(value, float) or math.isfinite(value)
 
 
 def check_prompts_fit(items, templates, args, tok, context):

@@ -16,6 +16,7 @@ the generative protocols need prompt + max_new_tokens to fit, the log-likelihood
 Any other engine (e.g. an OpenAI-compatible server) plugs in as a responder with the same signature.
 """
 import json
+import pickle
 import time
 from pathlib import Path
 
@@ -39,8 +40,8 @@ def peek_context(checkpoint):
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             return MoEConfig.from_dict(state["config"]).max_position_embeddings
         return config_from_hf(json.loads((path / "config.json").read_text())).max_position_embeddings
-    except Exception:  # noqa: BLE001 (any unreadable file: the loader reports it precisely)
-        return None
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, pickle.UnpicklingError):
+        return None  # the loader reports what is wrong with the file, precisely
 
 
 def encode_prompt(tok, prompt, *, chat=True, system=None):

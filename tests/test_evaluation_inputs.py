@@ -172,6 +172,16 @@ def test_bench_checks_the_context_before_the_weights_and_says_what_fits(checkpoi
     assert not (tmp_path / "o").exists()
 
 
+def test_a_pt_checkpoints_context_is_read_without_its_weights(tok, tmp_path, monkeypatch):
+    from checkpoint import save_base
+    model = tiny_model(tok, max_position_embeddings=256)
+    save_base(tmp_path / "base.pt", model.state_dict(), model.config)
+    assert G.peek_context(tmp_path / "base.pt") == 256 and G.peek_context(tmp_path / "nothing.pt") is None
+    no_model(monkeypatch)
+    with pytest.raises(SystemExit, match=r"--max-new-tokens 300: the model's context is 256 tokens"):
+        E.main(bench(tmp_path / "base.pt", tmp_path / "o", "--tokenizer", str(TOK_PATH), "--max-new-tokens", "300"))
+
+
 @pytest.mark.parametrize("extra, pattern", [
     (["--temperature", "nan"], r"--temperature must be >= 0 \(0: greedy\), got nan \(not a finite number\)"),
     (["--temperature", "inf"], r"--temperature must be >= 0 \(0: greedy\), got inf \(not a finite number\)"),
