@@ -3,7 +3,7 @@ Evaluation for SARA (Dong et al., Findings of ACL 2026): the paper's benchmarks,
 analysis of its Figure 5, and statistics. The command line only; the work is in evaluation/ and stats.py.
 
     python eval.py bench   --checkpoint DIR --benchmark global_mmlu --data DIR_OR_FILE --langs sw,hi,bn,te,ne
-                           [--protocol generative|loglik] [--runs 3] [--out results/NAME]
+                           [--protocol generative|loglik|harness] [--runs 3] [--out results/NAME]
     python eval.py table   results/fft results/sara              # Table-1 style rows from bench outputs
     python eval.py routing --checkpoint DIR [--compare DIR2] --data data/udhr/parallel.jsonl --anchor en
                            [--out results/routing] [--width K [--edges]]
@@ -13,31 +13,69 @@ analysis of its Figure 5, and statistics. The command line only; the work is in 
 
 Files and prompts: evaluation/benchmarks.py. Answer parsing: evaluation/scoring.py. Protocols:
 evaluation/generate.py. Tables and pairing: evaluation/accuracy.py. Routing and the band rule:
-evaluation/routing.py. Statistics: stats.py. Checkpoints are read by checkpoint.load_model, here only.
+evaluation/routing.py. Statistics: stats.py. Checkpoints are read by checkpoint.load_model_and_tokenizer.
+
+Every flag is checked before any work: the sampling flags by model.sampling_problems (the check sample.py and
+stage1.py share), seeds, --band, and, before the weights are read, every prompt against the model's context
+(model.context_problem; a directory's config.json gives the context without the weights).
 """
 import argparse
 import json
+import math
+import re
 import sys
 from pathlib import Path
 
 import torch
 
-from checkpoint import load_model
+from checkpoint import CheckpointError, load_model_and_tokenizer
 from evaluation.accuracy import (compare_conditions, format_comparison, format_correlation, format_table, load_predictions, load_results,
                                  pair_conditions, run_benchmark, summarize, write_bench_outputs)
-from evaluation.benchmarks import BENCH_TITLES, BENCHMARKS, load_benchmarks, load_templates
+from evaluation.benchmarks import BENCHMARKS, PROTOCOLS, check_protocol, item_prompt, load_benchmarks, load_templates
 from evaluation.figures import FIGURES_SKIPPED, plot_routing
-from evaluation.generate import make_generative_responder, make_loglik_responder
+from evaluation.generate import encode_prompt, make_generative_responder, make_loglik_responder, peek_context
 from evaluation.routing import (METRICS, band_divergence_change, band_from_rows, format_routing, models_in,
                                 read_routing_csv, routing_distributions, routing_divergence, write_routing_csv)
+from model import context_problem, sampling_problems
+from provenance import platform_info
 from stats import correlate
+
+SEED_MAX = 2 ** 63 - 1  # torch.Generator.manual_seed and numpy's default_rng take 0 .. 2**63 - 1 here
+
+
+def load_model(checkpoint, tokenizer, dtype, device):
+    """-> (model, tokenizer) by checkpoint.load_model_and_tokenizer; its errors (a missing checkpoint, a .pt
+    without --tokenizer, a tokenizer larger than the model's vocabulary) as one line naming the file."""
+    if not Path(checkpoint).exists():
+        raise SystemExit(f"--checkpoint {checkpoint}: no such file or directory")
+    try:
+        return load_model_and_tokenizer(checkpoint, tokenizer or "", dtype=_dtype(dtype), device=device)
+    except CheckpointError as err:
+        raise SystemExit(f"--checkpoint {checkpoint}: {err}") from None
 
 
 def load_tok(checkpoint, tokenizer):
+    """Kept only until stage1.py loads through checkpoint.load_model_and_tokenizer (no script should import
+    another's command line); not used here."""
     from tokenizer import load_tokenizer
     if tokenizer is None and str(checkpoint).endswith(".pt"):
         raise SystemExit(f"{checkpoint} is a .pt file: pass --tokenizer (e.g. data/udhr/bpe.tiktoken)")
     return load_tokenizer(tokenizer or checkpoint)
+
+
+def peek_checkpoint(checkpoint, tokenizer):
+    """-> (context or None, tokenizer), without reading the weights: the tokenizer, and a directory's
+    config.json (a .pt holds its config with its weights: None, checked after loading)."""
+    from tokenizer import load_tokenizer
+    path = Path(checkpoint)
+    if path.suffix == ".pt" and not tokenizer:
+        raise SystemExit(f"--checkpoint {path} is a .pt file, which carries no tokenizer: pass --tokenizer "
+                         "(e.g. data/udhr/bpe.tiktoken)")
+    try:
+        tok = load_tokenizer(tokenizer or path)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"--tokenizer {tokenizer or path}: {err}") from None
+    return peek_context(path), tok
 
 
 def _dtype(name):
@@ -54,41 +92,92 @@ def _say(msg):
 
 
 def check_bench_args(args):
-    if args.protocol == "loglik" and args.benchmark == "mgsm":
-        raise SystemExit("the loglik protocol is for multiple choice (global_mmlu, belebele); use generative for mgsm")
-    if args.engine_url and (args.protocol == "loglik" or not args.engine_model):
+    check_protocol(args.benchmark, args.protocol)
+    if args.engine_url and (args.protocol != "generative" or not args.engine_model):
         raise SystemExit("--engine-url needs --engine-model (the served model's name) and serves the generative "
-                         "protocol only (chat completions give no option log-likelihoods)")
+                         "protocol only (chat completions give no option log-likelihoods and apply a chat template)")
     if not args.checkpoint and not args.engine_url:
         raise SystemExit("bench needs --checkpoint, or --engine-url and --engine-model")
+    if args.checkpoint and not Path(args.checkpoint).exists():
+        raise SystemExit(f"--checkpoint {args.checkpoint}: no such file or directory")
+    if args.protocol == "harness" and args.templates:
+        raise SystemExit("--templates does not apply to the harness protocol (it asks with lm-evaluation-harness's "
+                         "own prompts)")
     langs = args.langs.split(",")
     if not all(langs) or len(set(langs)) != len(langs):
         raise SystemExit(f"--langs {args.langs!r}: expected distinct comma-separated codes, e.g. sw,hi")
+    # the one sampling check (model.sampling_problems) decides; the messages keep eval.py's wording
+    bad = {p.split("=", 1)[0] for p in sampling_problems(args.temperature, args.top_p, args.max_new_tokens,
+                                                         names=("--temperature", "--top-p", "--max-new-tokens"))}
     for flag, value, ok, want in [
-            ("--runs", args.runs, args.runs >= 1, ">= 1"), ("--temperature", args.temperature, args.temperature >= 0, ">= 0 (0: greedy)"),
-            ("--top-p", args.top_p, 0 < args.top_p <= 1, "in (0, 1]"), ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, ">= 1"),
+            ("--runs", args.runs, args.runs >= 1, ">= 1"), ("--temperature", args.temperature, "--temperature" not in bad, ">= 0 (0: greedy)"),
+            ("--top-p", args.top_p, "--top-p" not in bad, "in (0, 1]"), ("--max-new-tokens", args.max_new_tokens, "--max-new-tokens" not in bad, ">= 1"),
             ("--batch-size", args.batch_size, args.batch_size >= 1, ">= 1"), ("--limit", args.limit, args.limit is None or args.limit >= 1, ">= 1"),
-            ("--engine-concurrency", args.engine_concurrency, args.engine_concurrency >= 1, ">= 1")]:
+            ("--engine-concurrency", args.engine_concurrency, args.engine_concurrency >= 1, ">= 1"),
+            ("--seed", args.seed, 0 <= args.seed <= SEED_MAX - args.runs, "in 0..2**63 - 1 - --runs (run r samples with seed + r)")]:
         if not ok:
-            raise SystemExit(f"{flag} must be {want}, got {value}")
+            raise SystemExit(f"{flag} must be {want}, got {value}" + ("" if _finite(value) else " (not a finite number)"))
 
 
-def make_responder(args):
-    """respond(prompts, run): an OpenAI-compatible server (engine.py), or the checkpoint run here."""
+def _finite(value):
+    return not isinstance(value, float) or math.isfinite(value)
+
+
+def check_prompts_fit(items, templates, args, tok, context):
+    """Every prompt + what the protocol adds must fit the context, checked before any weight is read;
+    the message names the longest prompt's item and says what fits."""
+    chat = args.protocol != "harness"
+    generating = args.protocol == "generative" or args.benchmark == "mgsm"
+    new = args.max_new_tokens if generating else 1  # log-likelihood: the option letter (checked exactly later)
+    longest, where = 0, None
+    for lang, its in items.items():
+        for it in its:
+            n = len(encode_prompt(tok, item_prompt(it, args.benchmark, args.protocol, templates), chat=chat,
+                                  system=args.system))
+            if n > longest:
+                longest, where = n, f"{lang} item {it['id']}"
+    problem = context_problem(longest, new, context, what=f"the longest prompt ({where})")
+    if problem is None:
+        return
+    if not generating:
+        raise SystemExit(f"the model's context is {context} tokens: {problem}")
+    fits = (f"--max-new-tokens {context - longest} or less fits every prompt" if longest < context
+            else "shorten the prompts (--templates) or --limit the items")
+    raise SystemExit(f"--max-new-tokens {args.max_new_tokens}: the model's context is {context} tokens; {problem}; {fits}")
+
+
+def make_responder(args, items, templates):
+    """respond(prompts, run): an OpenAI-compatible server (engine.py), or the checkpoint run here (its prompts
+    checked against the context before the weights are read, where the context is known without them)."""
     if args.engine_url:  # same call signature as make_generative_responder
         from engine import make_engine_responder
         return make_engine_responder(args.engine_url, args.engine_model, max_new_tokens=args.max_new_tokens,
                                      temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                                      concurrency=args.engine_concurrency, system=args.system)
-    model = load_model(args.checkpoint, _dtype(args.dtype), args.device)
-    tok = load_tok(args.checkpoint, args.tokenizer)
-    context = model.config.max_position_embeddings
-    if args.protocol == "generative" and args.max_new_tokens >= context:
-        raise SystemExit(f"--max-new-tokens {args.max_new_tokens}: the model's context is {context} tokens, prompt included")
-    if args.protocol == "loglik":
-        return make_loglik_responder(model, tok, batch_size=args.batch_size, system=args.system)
+    context, tok = peek_checkpoint(args.checkpoint, args.tokenizer)
+    if context is not None:
+        check_prompts_fit(items, templates, args, tok, context)
+    model, tok = load_model(args.checkpoint, args.tokenizer, args.dtype, args.device)
+    if context is None:
+        check_prompts_fit(items, templates, args, tok, model.config.max_position_embeddings)
+    chat = args.protocol != "harness"
+    if args.protocol == "loglik" or (args.protocol == "harness" and args.benchmark != "mgsm"):
+        return make_loglik_responder(model, tok, batch_size=args.batch_size, system=args.system, chat=chat)
+    if args.protocol == "harness":  # mgsm_direct: greedy
+        return make_generative_responder(model, tok, max_new_tokens=args.max_new_tokens, temperature=0.0, top_p=1.0,
+                                         batch_size=args.batch_size, seed=args.seed, chat=False, progress=_say)
     return make_generative_responder(model, tok, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                     top_p=args.top_p, batch_size=args.batch_size, seed=args.seed, system=args.system)
+                                     top_p=args.top_p, batch_size=args.batch_size, seed=args.seed, system=args.system,
+                                     progress=_say)
+
+
+def _protocol_line(args, runs):
+    if args.protocol == "generative":
+        return f"generative, {runs} run(s), T={args.temperature}, top-p {args.top_p}"
+    if args.protocol == "loglik":
+        return "log-likelihood of the letter, 1 run"
+    return ("lm-evaluation-harness's way: " + ("its prompt, no chat template, greedy, last number of the reply"
+            if args.benchmark == "mgsm" else "its prompt, no chat template, log-likelihood of ' A'..' D'") + ", 1 run")
 
 
 def cmd_bench(args):
@@ -98,21 +187,22 @@ def cmd_bench(args):
         check_engine(args.engine_url, args.engine_model)
     langs = args.langs.split(",")
     items = load_benchmarks(args.benchmark, args.data, langs, args.limit, progress=_say)
-    templates = load_templates(args.templates, args.benchmark)
-    runs = 1 if args.protocol == "loglik" else args.runs
-    records = run_benchmark(items, make_responder(args), benchmark=args.benchmark, protocol=args.protocol, runs=runs,
-                            templates=templates, progress=_say)
+    templates = load_templates(args.templates, args.benchmark, langs)
+    runs = 1 if args.protocol != "generative" else args.runs
+    records = run_benchmark(items, make_responder(args, items, templates), benchmark=args.benchmark,
+                            protocol=args.protocol, runs=runs, templates=templates, progress=_say)
     summary = summarize(records)
     label = args.label or _label(args.checkpoint or args.engine_model)
+    harness = args.protocol == "harness"
     meta = dict(benchmark=args.benchmark, protocol=args.protocol, checkpoint=args.checkpoint, label=label,
-                engine_url=args.engine_url, engine_model=args.engine_model, runs=runs, temperature=args.temperature,
-                top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed, templates=args.templates,
-                system=args.system)
+                engine_url=args.engine_url, engine_model=args.engine_model, runs=runs,
+                temperature=0.0 if harness else args.temperature, top_p=1.0 if harness else args.top_p,
+                max_new_tokens=args.max_new_tokens, seed=args.seed, templates=args.templates, system=args.system,
+                platform=platform_info(None if args.engine_url else args.device))
     out = args.out or f"results/{args.benchmark}-{args.protocol}-{label.replace('/', '-')}"
     write_bench_outputs(out, records, summary, meta)
-    proto = (f"generative, {runs} run(s), T={args.temperature}, top-p {args.top_p}" if args.protocol == "generative"
-             else "log-likelihood of the letter, 1 run")
-    print(format_table([(label, summary)], langs, f"{BENCH_TITLES[args.benchmark]} accuracy (%), {proto}"))
+    title = BENCHMARKS[args.benchmark].title
+    print(format_table([(label, summary)], langs, f"{title} accuracy (%), {_protocol_line(args, runs)}"))
     print(f"wrote {out}/predictions.jsonl, results.json, table.csv")
     return summary
 
@@ -125,7 +215,8 @@ def cmd_table(args):
         label = res.get("label") or p.parent.name  # rows of several benchmarks/protocols say which is which
         rows.append((f"{label} [{res['benchmark']}, {res['protocol']}]" if several else label, res))
         langs += [l for l in res["langs"] if l not in langs]
-        titles.add(f"{BENCH_TITLES.get(res['benchmark'], res['benchmark'])} ({res['protocol']}, "
+        title = BENCHMARKS[res["benchmark"]].title if res["benchmark"] in BENCHMARKS else res["benchmark"]
+        titles.add(f"{title} ({res['protocol']}, "
                    f"{len(res['average']['runs'])} run(s))")
     print(format_table(rows, langs, "accuracy (%): " + ", ".join(sorted(titles))
                        + "; ± = std over the generation runs of one checkpoint (sampling noise, not seeds)"))
@@ -150,8 +241,7 @@ def cmd_routing(args):
         raise SystemExit(f"--labels needs {len(checkpoints)} distinct names; got {labels}")
     rows = []
     for (ckpt, tok_path), label in zip(checkpoints, labels):
-        model = load_model(ckpt, _dtype(args.dtype), args.device)
-        tok = load_tok(ckpt, tok_path)
+        model, tok = load_model(ckpt, tok_path, args.dtype, args.device)
         max_len = min(args.max_len, model.config.max_position_embeddings)
         dists = routing_distributions(model, tok, samples, batch_size=args.batch_size, max_len=max_len,
                                       system=args.system)
@@ -187,11 +277,22 @@ def cmd_band(args):
     return b
 
 
+def parse_band(text):
+    """--band "START,END" -> (start, end), decoder layers inclusive; anything else is an error naming it."""
+    m = re.fullmatch(r"\s*(\d+)\s*,\s*(\d+)\s*", text or "")
+    if not m or int(m.group(1)) > int(m.group(2)):
+        raise SystemExit(f"--band {text!r}: expected START,END with START <= END (decoder layers, inclusive), e.g. 7,34")
+    return int(m.group(1)), int(m.group(2))
+
+
 def cmd_compare(args):
     if args.resamples < 1:
         raise SystemExit(f"--resamples must be >= 1 (e.g. 10000), got {args.resamples}")
+    if not 0 <= args.seed <= SEED_MAX:
+        raise SystemExit(f"--seed must be in 0..2**63 - 1, got {args.seed}")
     if args.routing_csv and not args.band:  # before any work
         raise SystemExit("--routing-csv needs --band START,END (decoder layers, inclusive; see `eval.py band`)")
+    band = parse_band(args.band) if args.band else None
     pairs = pair_conditions([load_predictions(p) for p in args.a], [load_predictions(p) for p in args.b],
                             args.common_only)
     for note in pairs["notes"]:
@@ -199,9 +300,8 @@ def cmd_compare(args):
     res = compare_conditions(pairs, resamples=args.resamples, seed=args.seed)
     print(format_comparison(res, len(pairs["units"]), args.resamples, args.seed))
     result = dict(a=list(map(str, args.a)), b=list(map(str, args.b)), resamples=args.resamples, seed=args.seed,
-                  warnings=pairs["notes"], **res)
+                  warnings=pairs["notes"], **res, platform=platform_info())
     if args.routing_csv:
-        band = tuple(int(x) for x in args.band.split(","))
         rows = [r for p in args.routing_csv for r in read_routing_csv(p)]
         models = models_in(rows)
         if len(models) != 2:
@@ -237,10 +337,12 @@ def build_parser():
                    help="generate with an OpenAI-compatible server (e.g. http://localhost:8000/v1; engine.py)")
     q.add_argument("--engine-model", "--engine_model", default=None, help="the served model's name")
     q.add_argument("--engine-concurrency", type=int, default=16, help="requests in flight at once")
-    q.add_argument("--benchmark", required=True, choices=BENCHMARKS)
+    q.add_argument("--benchmark", required=True, choices=list(BENCHMARKS))
     q.add_argument("--data", required=True, help="file, directory, or pattern with {lang}")
     q.add_argument("--langs", required=True, help="comma-separated, e.g. sw,hi,bn,te,ne")
-    q.add_argument("--protocol", default="generative", choices=["generative", "loglik"])
+    q.add_argument("--protocol", default="generative", choices=PROTOCOLS,
+                   help="generative (the paper's), loglik (our prompt, letter log-likelihood), harness "
+                        "(lm-evaluation-harness's prompts and scoring, for comparison with published numbers)")
     q.add_argument("--runs", type=int, default=3, help="generation runs (sampling seeds seed..seed+runs-1)")
     q.add_argument("--temperature", type=float, default=0.1)
     q.add_argument("--top-p", type=float, default=1.0)

@@ -41,7 +41,13 @@ class _GatherRows(torch.autograd.Function):
         return grad, None, None, None
 
 
-GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "GROUPED_MM", None)
+def find_grouped_mm():
+    """torch's grouped matmul: the public F.grouped_mm, else the private op torch._grouped_mm that builds
+    without the public name carry (same arguments: mat_a, mat_b, offs=); None if neither exists."""
+    return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+GROUPED_MM = find_grouped_mm()
 # torch's grouped_mm has a CPU kernel from 2.9; up to 2.10 it needs 16-byte aligned operands,
 # which memory-mapped checkpoint tensors need not be
 GROUPED_ON_CPU = GROUPED_MM is not None and tuple(map(int, torch.__version__.split(".")[:2])) >= (2, 11)

@@ -9,14 +9,19 @@ assistant's reply printed. Settings as in train.py (configurator.py): --key=valu
 --checkpoint: a Hugging Face directory (config.json, safetensors, tokenizer.json; a train.py export
 has them), or train.py's toy base.pt with --tokenizer. --temperature=0 is greedy decoding.
 --dtype="" keeps the checkpoint's own (bf16 for the releases).
+Settings are checked before the weights are read: the sampling ones by model.sampling_problems (shared
+with eval.py and stage1.py), the prompt + max_new_tokens against the model's context by
+model.context_problem (a directory's config.json gives the context; a .pt is checked after loading).
 """
 import sys
 import time
 
 import torch
 
-from checkpoint import CheckpointError, load_model
-from configurator import ConfigError, at_least, configure, in_range, one_of, validate
+from checkpoint import CheckpointError, load_model_and_tokenizer
+from configurator import ConfigError, configure, one_of, validate
+from evaluation.generate import peek_context
+from model import context_problem, sampling_problems
 from tokenizer import load_tokenizer
 
 checkpoint = ""  # HF checkpoint directory, or a .pt written by train.py (base.pt)
@@ -34,10 +39,15 @@ device = "auto"  # "auto", "cpu", "cuda"
 def main(argv=None):
     defaults = {k: v for k, v in globals().items() if k in _SETTINGS}
     s, sources = configure(sys.argv[1:] if argv is None else argv, defaults)
+    # the one sampling check (model.sampling_problems) decides which of the three are wrong
+    bad = {p.split("=", 1)[0] for p in sampling_problems(s["temperature"], s["top_p"], s["max_new_tokens"])}
     validate(s, sources, dict(
         checkpoint=lambda v: None if v else "is required (a checkpoint directory or a .pt file)",
-        prompt=lambda v: None if v else "is required", max_new_tokens=at_least(1),
-        temperature=at_least(0.0), top_p=in_range(0, 1, lo_open=True),
+        prompt=lambda v: None if v else "is required",
+        max_new_tokens=lambda v: "must be an integer >= 1" if "max_new_tokens" in bad else None,
+        temperature=lambda v: "must be >= 0 and finite (0: greedy)" if "temperature" in bad else None,
+        top_p=lambda v: "must be in (0, 1] (1: no nucleus cut)" if "top_p" in bad else None,
+        seed=lambda v: None if 0 <= v <= 2 ** 63 - 1 else "must be in 0..2**63 - 1",
         dtype=one_of("", "float32", "bfloat16", "float16"), device=one_of("auto", "cpu", "cuda")))
     run_device = s["device"] if s["device"] != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     if run_device == "cuda" and not torch.cuda.is_available():
@@ -45,20 +55,28 @@ def main(argv=None):
     if s["checkpoint"].endswith(".pt") and not s["tokenizer"]:
         raise ConfigError(f"{s['checkpoint']} is a .pt file: pass --tokenizer=... (e.g. data/udhr/bpe.tiktoken)")
     t0 = time.time()
-    try:
-        model = load_model(s["checkpoint"], dtype=getattr(torch, s["dtype"]) if s["dtype"] else None, device=run_device)
-    except CheckpointError as err:
-        raise SystemExit(str(err)) from None
-    try:
+    try:  # the tokenizer first (cheap): the prompt's length is known before any weight is read
         tok = load_tokenizer(s["tokenizer"] or s["checkpoint"])
     except (OSError, ValueError) as err:
         _key = "tokenizer" if s["tokenizer"] else "checkpoint"
         raise ConfigError(f"{_key} ({sources[_key]}): {err}") from None
     prompt_ids, _ = tok.encode_chat(s["prompt"], None, system=s["system"] or None)
-    context = model.config.max_position_embeddings
-    if len(prompt_ids) + s["max_new_tokens"] > context:
-        raise ConfigError(f"max_new_tokens={s['max_new_tokens']} ({sources['max_new_tokens']}): the prompt's "
-                          f"{len(prompt_ids)} tokens + max_new_tokens exceed the model's context of {context} tokens")
+
+    def check_context(context):
+        n, problem = len(prompt_ids), context_problem(len(prompt_ids), s["max_new_tokens"], context)
+        if problem:
+            raise ConfigError(f"max_new_tokens={s['max_new_tokens']} ({sources['max_new_tokens']}): " + (
+                problem if n >= context else f"the prompt's {n} tokens + max_new_tokens exceed the model's "
+                                             f"context of {context} tokens (at most {context - n} new tokens fit)"))
+    context = peek_context(s["checkpoint"])
+    if context is not None:
+        check_context(context)
+    try:  # checks the tokenizer against the model's vocabulary
+        model, tok = load_model_and_tokenizer(s["checkpoint"], s["tokenizer"], device=run_device,
+                                              dtype=getattr(torch, s["dtype"]) if s["dtype"] else None)
+    except CheckpointError as err:
+        raise SystemExit(str(err)) from None
+    check_context(model.config.max_position_embeddings)
     t1 = time.time()
     generator = torch.Generator(run_device).manual_seed(s["seed"])
     ids = torch.tensor([prompt_ids], device=run_device)

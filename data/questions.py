@@ -1,19 +1,19 @@
 """
 Input files of stage 1 (stage1.py). Question files: MMLU-Pro / MMLU-ProX multiple choice and GSM8K math rows,
-read with the evaluation's reader (evaluation/benchmarks.py read_rows) and turned into items
+read with the one reader of input files (data/rows.py) and turned into items
 {"group", "source", "question", "choices" (list) or None, "answer", "prompt"}. A bad row is a
-ValueError naming the file and line (row for CSV / Parquet). Translation files (--translator file): rows
-id, lang, prompt, response. The accepted formats are listed in stage1.py's docstring.
+ValueError naming the file and line (row for Parquet). Prompts and gold answer formats are the
+evaluation's (data/prompts.py), so stage 1 trains on the prompts the model is evaluated with.
+Translation files (--translator file): rows id, lang, prompt, response. The accepted formats are listed
+in stage1.py's docstring.
 """
 import ast
 import json
 import re
 from pathlib import Path
 
-from evaluation.benchmarks import TEMPLATES, build_prompt, read_rows
-from evaluation.scoring import parse_number
-
-LETTERS = "ABCDEFGHIJ"
+from data.prompts import LETTERS, TEMPLATES, build_prompt, gold_letter, gold_number
+from data.rows import read_table
 
 def _text(value, what, where):
     """A cell that must be text: a number is written out (a numeric option), anything else is an error,
@@ -66,9 +66,7 @@ def _trim_padding(opts, gold, where):
 def _mc_gold(row, n, where):
     letter = index = None
     if row.get("answer") not in (None, ""):
-        letter = str(row["answer"]).strip().strip("()").rstrip(".").upper()
-        if len(letter) != 1 or letter not in LETTERS[:n]:
-            raise ValueError(f"{where}: answer {row['answer']!r} is not one of {LETTERS[0]}-{LETTERS[n - 1]}")
+        letter = gold_letter(row["answer"], n, where)
     if row.get("answer_index") not in (None, ""):
         value = row["answer_index"]  # an int, or its digits (CSV); never 1.5 rounded down, nor True as 1
         if isinstance(value, float) and value.is_integer():
@@ -89,8 +87,10 @@ def _math_gold(row, where):
     if "####" not in text:
         raise ValueError(f"{where}: answer has no '#### <number>' (GSM8K format)")
     gold = text.rsplit("####", 1)[1].strip()
-    if parse_number(gold) is None:
-        raise ValueError(f"{where}: the answer after '####' is not a number: {gold!r}")
+    try:
+        gold_number(gold, where)
+    except ValueError:
+        raise ValueError(f"{where}: the answer after '####' is not a number: {gold!r}") from None
     return gold
 
 
@@ -127,29 +127,6 @@ def row_to_item(row, kind, source, index, where):
                 answer=answer, prompt=prompt)
 
 
-def row_places(path, n):
-    """Where each row of a file is, for error messages: JSONL lines skip blanks as read_rows does."""
-    if path.suffix.lower() in (".jsonl", ".json"):
-        text = path.read_text(encoding="utf-8")
-        if not text.lstrip().startswith("["):
-            lines = [i for i, l in enumerate(text.splitlines(), 1) if l.strip()]
-            return [f"{path}:{i}" for i in lines]
-    return [f"{path} row {i}" for i in range(1, n + 1)]
-
-
-def check_utf8(path):
-    """A text file that is not UTF-8 -> ValueError naming the line (the readers would name no file)."""
-    if path.suffix.lower() == ".parquet":
-        return
-    data = path.read_bytes()
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        raise ValueError(f"{path}:{line}: not UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); "
-                         "save the file as UTF-8") from None
-
-
 def load_questions(spec):
     """--questions "name=path,path2" -> items of every file, in file order. Raises ValueError naming
     the file and line of the first bad row, or the columns found when a file's kind is unknown."""
@@ -160,8 +137,8 @@ def load_questions(spec):
         path, name = Path(path.strip()), re.sub(r"[^\w.]+", "_", name.strip())
         if not path.is_file():
             raise ValueError(f"--questions: {path}: no such file")
-        check_utf8(path)
-        rows = read_rows(path)
+        table = read_table(path)
+        rows = [row for _, row in table]
         if not rows:
             raise ValueError(f"{path}: no rows")
         cols = set(rows[0]) if isinstance(rows[0], dict) else set()
@@ -172,7 +149,7 @@ def load_questions(spec):
         else:
             raise ValueError(f"{path}: unknown question format, columns {sorted(cols)}; expected MMLU-Pro "
                              "(question, options or option_0..9, answer/answer_index) or GSM8K (question, answer)")
-        places = row_places(path, len(rows))
+        places = [where for where, _ in table]
         for i, row in enumerate(rows):
             it = row_to_item(row, kind, name, i + 1, places[i])
             if it["group"] in seen:
@@ -189,10 +166,8 @@ def load_translation_file(path):
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"--translations {path}: no such file")
-    check_utf8(path)
-    rows = read_rows(path)
-    places, table = row_places(path, len(rows)), {}
-    for row, where in zip(rows, places):
+    table = {}
+    for where, row in read_table(path):
         missing = [k for k in ("id", "lang", "prompt", "response") if not isinstance(row, dict) or k not in row]
         if missing:
             raise ValueError(f"{where}: missing {missing}; a translation row needs id, lang, prompt, response")

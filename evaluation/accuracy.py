@@ -6,8 +6,13 @@ Accuracy is in percent; a language's score is the mean over its items, the avera
 over languages (as in the paper's tables). With several generation runs (sampling at temperature 0.1)
 the table shows mean ± std over runs (stats.mean_std: ddof 1; one run shows the mean alone).
 
+A language's "no answer" rate is the share of its outputs from which no answer could be read (no \\boxed{},
+an unreadable letter or number): printed under the accuracy, since 0 % accuracy with 100 % unread answers
+is a format problem, not a knowledge one.
+
 A bench output directory holds predictions.jsonl (one row per item and run: benchmark, protocol, lang, id,
-run, gold, pred, correct, parallel, output | scores), results.json (settings and summary) and table.csv.
+run, gold, pred, correct, parallel, output | scores), results.json (settings, summary, platform) and
+table.csv.
 
 Comparing two conditions (compare): a = e.g. full fine-tuning, b = SARA, each given as ONE OR MORE bench
 outputs, one per training seed, paired in the order given (seed s of a with seed s of b).
@@ -23,8 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from evaluation.benchmarks import build_prompt, get_template, read_rows
+from evaluation.benchmarks import get_benchmark, item_prompt
 from evaluation.scoring import score_output
+from jsonl import JsonlError, read_jsonl
 from stats import holm, mean_std, paired_bootstrap, t_interval
 
 ONE_RUN_NOTE = ("one run per condition: the intervals measure test-item noise only (another test set of the "
@@ -35,23 +41,27 @@ ONE_RUN_NOTE = ("one run per condition: the intervals measure test-item noise on
 def run_benchmark(items_by_lang, respond, *, benchmark, protocol, runs=1, templates=None, progress=None):
     """items_by_lang: {lang: items}; respond(prompts, run) -> outputs (texts, or 4 log-likelihoods each).
     -> per-item records {benchmark, protocol, lang, id, run, gold, pred, correct, parallel, output | scores}."""
+    cut = get_benchmark(benchmark).harness_cut if protocol == "harness" else (lambda item, out: out)
     records = []
     for lang, items in items_by_lang.items():
-        template = get_template(templates or {}, benchmark, protocol, lang)
-        prompts = [build_prompt(it, template) for it in items]
+        prompts = [item_prompt(it, benchmark, protocol, templates) for it in items]
         for run in range(runs):
+            if progress:
+                progress(f"{benchmark} {lang} run {run}: {len(items)} prompts")
             outputs = respond(prompts, run)
             if len(outputs) != len(items):
                 raise RuntimeError(f"respond returned {len(outputs)} outputs for {len(items)} prompts")
             for it, out in zip(items, outputs):
+                out = cut(it, out) if isinstance(out, str) else out
                 pred, correct = score_output(it, out, protocol)
                 rec = dict(benchmark=benchmark, protocol=protocol, lang=lang, id=it["id"], run=run,
                            gold=it["answer"], pred=pred, correct=bool(correct), parallel=it.get("parallel", False))
-                rec["scores" if protocol == "loglik" else "output"] = out
+                rec["output" if isinstance(out, str) else "scores"] = out  # generated text, or 4 log-likelihoods
                 records.append(rec)
             if progress:
-                acc = 100 * np.mean([r["correct"] for r in records if r["lang"] == lang and r["run"] == run])
-                progress(f"{benchmark} {lang} run {run}: {acc:.2f}% of {len(items)}")
+                mine = [r for r in records if r["lang"] == lang and r["run"] == run]
+                progress(f"{benchmark} {lang} run {run}: {100 * np.mean([r['correct'] for r in mine]):.2f}% of "
+                         f"{len(items)} correct, {100 * np.mean([r['pred'] is None for r in mine]):.2f}% no answer")
     return records
 
 
@@ -71,7 +81,8 @@ def summarize(records):
         raise ValueError(f"languages have different numbers of runs: {n_runs}")
     avg_runs = [float(np.mean([v["runs"][k] for v in langs.values()])) for k in range(n_runs.pop())]
     mean, std = mean_std(avg_runs)
-    return dict(langs=langs, average=dict(runs=avg_runs, mean=mean, std=std))
+    no_answer = float(np.mean([v["no_answer"] for v in langs.values()]))
+    return dict(langs=langs, average=dict(runs=avg_runs, mean=mean, std=std, no_answer=no_answer))
 
 
 def _cell(d):
@@ -90,6 +101,11 @@ def format_table(rows, langs, title=""):
     for label, s in rows:
         cells = [_cell(s["langs"].get(l)) for l in langs] + [_cell(s["average"])]
         lines.append(f"{label:<{width}}  " + "  ".join(f"{c:>12}" for c in cells))
+    for label, s in rows:  # the rate of unread answers, so that a format failure is not read as 0 % knowledge
+        if all("no_answer" in s["langs"][l] for l in s["langs"]) and "no_answer" in s["average"]:
+            cells = [f"{s['langs'][l]['no_answer']:.2f}" if l in s["langs"] else "-" for l in langs]
+            cells.append(f"{s['average']['no_answer']:.2f}")
+            lines.append(f"{'':<{width}}  " + "  ".join(f"{c:>12}" for c in cells) + f"  <- {label}: no answer read (%)")
     sets = {label: list(s["langs"]) for label, s in rows}
     if len({frozenset(v) for v in sets.values()}) > 1:
         lines.append("warning: the Avg column is over different language sets: "
@@ -116,7 +132,7 @@ def write_bench_outputs(out_dir, records, summary, meta):
                        + [fmt(d["no_answer"])])
         a = summary["average"]
         w.writerow(["avg", sum(d["n"] for d in summary["langs"].values()), fmt(a["mean"]), fmt(a["std"])]
-                   + [fmt(x) for x in a["runs"]] + [""])
+                   + [fmt(x) for x in a["runs"]] + [fmt(a.get("no_answer"))])
 
 
 def load_results(path):
@@ -144,7 +160,14 @@ def load_predictions(path):
     if not path.is_file():
         raise SystemExit(f"{path}: no such file (expected a bench output dir or its predictions.jsonl)")
     acc = {}
-    for r in read_rows(path):
+    try:
+        rows = read_jsonl(path)
+    except JsonlError as e:
+        raise SystemExit(f"{e}; rerun `eval.py bench` for it") from None
+    for lineno, r in rows:
+        missing = [k for k in ("benchmark", "lang", "id", "gold", "correct") if not isinstance(r, dict) or k not in r]
+        if missing:
+            raise SystemExit(f"{path}:{lineno}: not an eval.py prediction row (missing {missing})")
         key = (r["benchmark"], r["lang"])
         gold, hits, par = acc.setdefault(key, {}).get(r["id"], (r["gold"], [], bool(r.get("parallel", False))))
         hits.append(float(r["correct"]))

@@ -21,6 +21,12 @@ Numbers (MGSM): compared numerically (42 == 42.0 == 42.00) with relative toleran
       3,5                            a lone decimal comma is not read (no answer), as before
   - inside text ("18 dollars", "x = 18", "5 m^2"): the number after the last "=", else the only number;
     unit exponents (m^2, cm^{3}) are dropped first. Two numbers and no "=" is no answer.
+
+The harness protocol (scores comparable with lm-evaluation-harness): multiple choice as loglik (argmax);
+MGSM by flexible_number, the harness's "flexible-extract" rule: the LAST match of
+(-?[$0-9.,]{2,})|(-?[0-9]+) anywhere in the reply. The harness then compares strings with punctuation
+removed (so "-5" matches "5" and "2.0" does not match "2"); we compare the number, "$" and thousands
+commas removed, with the same 1e-6 tolerance as above.
 """
 import re
 
@@ -112,18 +118,41 @@ def parse_number(s, lang=None):
     return float(nums[0]) if len(nums) == 1 else None
 
 
+_FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
+
+
+def flexible_number(text):
+    """The last number-like run of a reply, as the harness's flexible-extract finds it -> float or None
+    ("$1,234." -> 1234.0; "..." -> None)."""
+    found = _FLEXIBLE.findall(text or "")
+    if not found:
+        return None
+    s = "".join(found[-1]).replace("$", "").replace(",", "").rstrip(".")
+    try:
+        return float(s)
+    except ValueError:
+        return None
+
+
+def _same_number(pred, gold):
+    return pred is not None and abs(pred - gold) <= 1e-6 * max(1.0, abs(gold))
+
+
 def score_output(item, output, protocol):
-    """-> (prediction, correct). output: generated text (generative) or 4 log-likelihoods (loglik)."""
-    if protocol == "loglik":
+    """-> (prediction, correct). output: generated text (generative; harness MGSM) or 4 log-likelihoods
+    (loglik; harness multiple choice)."""
+    if protocol == "loglik" or (protocol == "harness" and item["choices"] is not None):
         pred = LETTERS[int(np.argmax(output))]  # ties: the first letter
         return pred, pred == item["answer"]
+    if protocol == "harness":
+        pred = flexible_number(output)
+        return (None if pred is None else _fmt_number(pred)), _same_number(pred, parse_number(item["answer"]))
     boxed = extract_boxed(output)
     if item["choices"] is not None:
         pred = normalize_choice(boxed, len(item["choices"]))
         return pred, pred == item["answer"]
     pred, gold = parse_number(boxed, item.get("lang")), parse_number(item["answer"])
-    correct = pred is not None and abs(pred - gold) <= 1e-6 * max(1.0, abs(gold))
-    return (None if pred is None else _fmt_number(pred)), correct
+    return (None if pred is None else _fmt_number(pred)), _same_number(pred, gold)
 
 
 def _fmt_number(x):
