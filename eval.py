@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 
 from checkpoint import CheckpointError, load_model_and_tokenizer
+from engine import (DEFAULT_RETRIES, DEFAULT_TIMEOUT, EngineError, check_engine, check_url, make_engine_responder,
+                    settings_problems)
 from evaluation.accuracy import (compare_conditions, format_comparison, format_correlation, format_table, load_predictions, load_results,
                                  pair_conditions, run_benchmark, summarize, write_bench_outputs)
 from evaluation.benchmarks import BENCHMARKS, PROTOCOLS, check_protocol, item_prompt, load_benchmarks, load_templates
@@ -52,15 +54,6 @@ def load_model(checkpoint, tokenizer, dtype, device):
         return load_model_and_tokenizer(checkpoint, tokenizer or "", dtype=_dtype(dtype), device=device)
     except CheckpointError as err:
         raise SystemExit(f"--checkpoint {checkpoint}: {err}") from None
-
-
-def load_tok(checkpoint, tokenizer):
-    """Kept only until stage1.py loads through checkpoint.load_model_and_tokenizer (no script should import
-    another's command line); not used here."""
-    from tokenizer import load_tokenizer
-    if tokenizer is None and str(checkpoint).endswith(".pt"):
-        raise SystemExit(f"{checkpoint} is a .pt file: pass --tokenizer (e.g. data/udhr/bpe.tiktoken)")
-    return load_tokenizer(tokenizer or checkpoint)
 
 
 def peek_checkpoint(checkpoint, tokenizer):
@@ -98,6 +91,15 @@ def check_bench_args(args):
                          "protocol only (chat completions give no option log-likelihoods and apply a chat template)")
     if not args.checkpoint and not args.engine_url:
         raise SystemExit("bench needs --checkpoint, or --engine-url and --engine-model")
+    if args.engine_url:  # the URL (never echoed: it may hold a password) and the client's settings, up front
+        try:
+            check_url(args.engine_url, "--engine-url")
+        except EngineError as err:
+            raise SystemExit(str(err)) from None
+        problems = settings_problems(args.engine_timeout, args.engine_retries, args.engine_concurrency,
+                                     names=("--engine-timeout", "--engine-retries", "--engine-concurrency"))
+        if problems:
+            raise SystemExit("; ".join(problems))
     if args.checkpoint and not Path(args.checkpoint).exists():
         raise SystemExit(f"--checkpoint {args.checkpoint}: no such file or directory")
     if args.protocol == "harness" and args.templates:
@@ -150,10 +152,10 @@ def make_responder(args, items, templates):
     """respond(prompts, run): an OpenAI-compatible server (engine.py), or the checkpoint run here (its prompts
     checked against the context before the weights are read, where the context is known without them)."""
     if args.engine_url:  # same call signature as make_generative_responder
-        from engine import make_engine_responder
         return make_engine_responder(args.engine_url, args.engine_model, max_new_tokens=args.max_new_tokens,
                                      temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                                     concurrency=args.engine_concurrency, system=args.system)
+                                     concurrency=args.engine_concurrency, timeout=args.engine_timeout,
+                                     retries=args.engine_retries, system=args.system)
     context, tok = peek_checkpoint(args.checkpoint, args.tokenizer)
     if context is not None:
         check_prompts_fit(items, templates, args, tok, context)
@@ -182,15 +184,17 @@ def _protocol_line(args, runs):
 
 def cmd_bench(args):
     check_bench_args(args)
-    if args.engine_url:  # a wrong URL or model name fails now, not after the benchmarks are read
-        from engine import check_engine
-        check_engine(args.engine_url, args.engine_model)
-    langs = args.langs.split(",")
-    items = load_benchmarks(args.benchmark, args.data, langs, args.limit, progress=_say)
-    templates = load_templates(args.templates, args.benchmark, langs)
-    runs = 1 if args.protocol != "generative" else args.runs
-    records = run_benchmark(items, make_responder(args, items, templates), benchmark=args.benchmark,
-                            protocol=args.protocol, runs=runs, templates=templates, progress=_say)
+    try:
+        if args.engine_url:  # a wrong URL or model name fails now, not after the benchmarks are read
+            check_engine(args.engine_url, args.engine_model, timeout=min(args.engine_timeout, 30.0))
+        langs = args.langs.split(",")
+        items = load_benchmarks(args.benchmark, args.data, langs, args.limit, progress=_say)
+        templates = load_templates(args.templates, args.benchmark, langs)
+        runs = 1 if args.protocol != "generative" else args.runs
+        records = run_benchmark(items, make_responder(args, items, templates), benchmark=args.benchmark,
+                                protocol=args.protocol, runs=runs, templates=templates, progress=_say)
+    except EngineError as err:  # one line, as stage1.py prints it; the server's side of the story is in its log
+        raise SystemExit(f"engine: {err}") from None
     summary = summarize(records)
     label = args.label or _label(args.checkpoint or args.engine_model)
     harness = args.protocol == "harness"
@@ -337,6 +341,10 @@ def build_parser():
                    help="generate with an OpenAI-compatible server (e.g. http://localhost:8000/v1; engine.py)")
     q.add_argument("--engine-model", "--engine_model", default=None, help="the served model's name")
     q.add_argument("--engine-concurrency", type=int, default=16, help="requests in flight at once")
+    q.add_argument("--engine-timeout", type=float, default=DEFAULT_TIMEOUT,
+                   help=f"seconds to wait for one reply before retrying (default {DEFAULT_TIMEOUT:g})")
+    q.add_argument("--engine-retries", type=int, default=DEFAULT_RETRIES,
+                   help=f"retries of a failed or timed-out request (default {DEFAULT_RETRIES})")
     q.add_argument("--benchmark", required=True, choices=list(BENCHMARKS))
     q.add_argument("--data", required=True, help="file, directory, or pattern with {lang}")
     q.add_argument("--langs", required=True, help="comma-separated, e.g. sw,hi,bn,te,ne")

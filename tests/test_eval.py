@@ -148,7 +148,6 @@ def test_cli_inputs_that_would_mislead(tmp_path, capsys):
 def test_cli_bench_with_an_engine_responder(tmp_path, monkeypatch, capsys):
     """--engine-url hands generation to engine.make_engine_responder (same call as the built-in responder);
     a stand-in module records the arguments and answers every MGSM item with its gold number."""
-    import types
     calls = {}
 
     def make_engine_responder(base_url, model, **kw):
@@ -159,14 +158,15 @@ def test_cli_bench_with_an_engine_responder(tmp_path, monkeypatch, capsys):
     def check_engine(base_url, model):  # bench asks the server for the model before any work
         calls.update(checked=(base_url, model))
 
-    monkeypatch.setitem(sys.modules, "engine", types.SimpleNamespace(make_engine_responder=make_engine_responder,
-                                                                     check_engine=check_engine))
+    monkeypatch.setattr(E, "make_engine_responder", make_engine_responder)
+    monkeypatch.setattr(E, "check_engine", lambda base_url, model, **kw: check_engine(base_url, model))
     s = E.main(["bench", "--engine-url", "http://localhost:8000/v1", "--engine-model", "sara", "--benchmark", "mgsm",
                 "--data", str(FIX / "mgsm"), "--langs", "sw", "--runs", "2", "--max-new-tokens", "64",
                 "--out", str(tmp_path / "e")])
     assert calls.pop("checked") == ("http://localhost:8000/v1", "sara")
     assert calls == dict(base_url="http://localhost:8000/v1", model="sara", max_new_tokens=64, temperature=0.1,
-                         top_p=1.0, seed=0, concurrency=16, system=None)
+                         top_p=1.0, seed=0, concurrency=16, system=None, timeout=E.DEFAULT_TIMEOUT,
+                         retries=E.DEFAULT_RETRIES)
     assert s["langs"]["sw"]["runs"] == [100.0, 100.0]
     assert json.loads((tmp_path / "e" / "results.json").read_text())["engine_model"] == "sara"
     with pytest.raises(SystemExit, match="needs --engine-model"):
@@ -215,3 +215,32 @@ def test_table_rows_of_two_benchmarks_say_which_and_compare_needs_resamples(tmp_
     assert any(r.startswith("mgsm [mgsm, generative]") for r in rows) and any(r.startswith("bele [belebele, generative]") for r in rows), rows
     with pytest.raises(SystemExit, match="--resamples must be >= 1"):
         E.main(["compare", "--a", str(a), "--b", str(a), "--resamples", "0"])
+
+
+def test_bench_engine_faults_are_one_line_and_flags_bound_the_wait(tmp_path):
+    """A server that answers 500, or too slowly, ends eval.py bench with one line naming the engine (no
+    traceback), after --engine-retries retries of --engine-timeout seconds; bad values of those flags and a
+    URL with credentials are refused before any request, and the password is never echoed."""
+    import time
+    from fake_engine import FakeEngine
+    base = ["bench", "--engine-model", "m", "--benchmark", "mgsm", "--data", str(FIX / "mgsm"), "--langs", "sw",
+            "--runs", "1", "--max-new-tokens", "8", "--out", str(tmp_path / "o")]
+    with FakeEngine(lambda payload: "\\boxed{8}") as fake:
+        fake.script = [(500, {"error": "boom"})] * 10
+        with pytest.raises(SystemExit, match=r"^engine: .*500") as err:
+            E.main(base + ["--engine-url", fake.url, "--engine-retries", "1", "--engine-timeout", "5"])
+        assert "Traceback" not in str(err.value)
+        fake.script = [("sleep", 3)] * 10
+        t0 = time.time()
+        with pytest.raises(SystemExit, match=r"^engine: "):
+            E.main(base + ["--engine-url", fake.url, "--engine-retries", "0", "--engine-timeout", "0.5"])
+        assert time.time() - t0 < 10
+    for extra, pattern in [(["--engine-timeout", "inf"], "--engine-timeout must be > 0"),
+                           (["--engine-timeout", "0"], "--engine-timeout must be > 0"),
+                           (["--engine-retries", "-1"], "--engine-retries must be >= 0")]:
+        with pytest.raises(SystemExit, match=pattern):
+            E.main(base + ["--engine-url", "http://127.0.0.1:9/v1", *extra])
+    with pytest.raises(SystemExit, match="credentials") as err:
+        E.main(base + ["--engine-url", "http://u:s3cret@127.0.0.1:9/v1"])
+    assert "s3cret" not in str(err.value)
+    assert not (tmp_path / "o").exists()
