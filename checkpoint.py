@@ -28,6 +28,7 @@ Decisions and why:
   a reader sees the old directory or the new one, never a half-written one; files of an existing
   directory other than weights and config.json (tokenizer, training state) are carried over (hard links).
 """
+import dataclasses
 import hashlib
 import json
 import math
@@ -236,20 +237,26 @@ def save_base(path, state_dict, config, **meta):
 
 def load_base(path, **overrides):
     """-> (MoETransformer in eval mode, meta dict) from a save_base file. weights_only: a crafted
-    file cannot run code."""
+    file cannot run code. A damaged or foreign file is a CheckpointError naming it and the fix."""
+    fix = (f"; delete {path} to rebuild it (train.py pretrains it again when it is missing), or restore it "
+           "from a backup")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated, not a torch file, or not plain tensors + data
-        raise CheckpointError(f"{path}: not a readable base model file ({type(err).__name__}: "
-                              f"{str(err).splitlines()[0] if str(err) else ''})") from None
-    if not isinstance(state, dict) or not {"model", "config"} <= set(state):
-        raise CheckpointError(f"{path}: expected a dict with 'model' and 'config'")
-    cfg = MoEConfig.from_dict({**state["config"], **overrides})
-    model = MoETransformer(cfg)
+        raise CheckpointError(f"{path}: not a readable base model file ({_first_line(err)})" + fix) from None
+    if not (isinstance(state, dict) and isinstance(state.get("model"), dict) and isinstance(state.get("config"), dict)):
+        raise CheckpointError(f"{path}: not a base model file (expected a dict with 'model' and 'config')" + fix)
+    try:
+        cfg = MoEConfig.from_dict({**state["config"], **overrides})
+        if _wrongly_typed(cfg):
+            raise TypeError(f"fields of the wrong type: {_listing(_wrongly_typed(cfg))}")
+        model = MoETransformer(cfg)
+    except Exception as err:  # a config of wrong keys, types or values
+        raise CheckpointError(f"{path}: its config is not a valid MoEConfig ({_first_line(err)})" + fix) from None
     try:
         model.load_state_dict(state["model"])
-    except RuntimeError as err:
-        raise CheckpointError(f"{path}: weights do not fit its config: {err}") from None
+    except Exception as err:
+        raise CheckpointError(f"{path}: weights do not fit its config: {_first_line(err)}" + fix) from None
     return model.eval(), {k: v for k, v in state.items() if k not in ("model", "config")}
 
 
@@ -277,14 +284,23 @@ def load_hf(path, dtype=None, device=None, **overrides):
     """
     path = Path(path)
     hf = _read_json(path / "config.json")
-    cfg = config_from_hf(hf)
-    if overrides:
+    try:  # config.json's values are mapped (and mostly checked) by hf_config.py; a wrong type can get past
+        cfg = config_from_hf(hf)
         cfg = MoEConfig.from_dict({**cfg.to_dict(), **overrides})
+        wrong = _wrongly_typed(cfg)
+        if wrong:
+            raise TypeError(f"MoEConfig fields of the wrong type: {_listing(wrong)}")
+        with torch.device("meta"):
+            model = MoETransformer(cfg)
+        hf_tensor_map(model, hf["model_type"])
+    except CheckpointError:
+        raise
+    except Exception as err:
+        raise CheckpointError(f"{path / 'config.json'}: a value of the wrong type or out of range "
+                              f"({_first_line(err)}); restore config.json from the original checkpoint") from None
     on_disk = _weight_files(path)
     if dtype is None:  # the dtype the vendor shipped (that of the embedding)
         dtype = on_disk.get("model.embed_tokens.weight", (None, torch.float32))[1]
-    with torch.device("meta"):
-        model = MoETransformer(cfg)
     # parameters are allocated here, once, uninitialised, in the target dtype; RotaryEmbedding's
     # fp32 frequencies are recomputed on the device by its _apply
     model.to(dtype=dtype).to_empty(device=device or "cpu")
@@ -318,6 +334,21 @@ def load_hf(path, dtype=None, device=None, **overrides):
 
 # -----------------------------------------------------------------------------
 # save
+
+def _wrongly_typed(cfg):
+    """["field=value (expected type)"] of a MoEConfig whose values do not have their declared types
+    (None allowed where it is the default; an int is a float; a bool is not an int)."""
+    kinds = {"int": int, "float": (int, float), "bool": bool, "str": str, "tuple": (tuple, list), "dict": dict}
+    wrong = []
+    for f in dataclasses.fields(cfg):
+        kind = kinds.get(getattr(f.type, "__name__", f.type))
+        value = getattr(cfg, f.name)
+        if kind is None or (value is None and f.default is None):
+            continue
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+            wrong.append(f"{f.name}={value!r} (expected {getattr(f.type, '__name__', f.type)})")
+    return wrong
+
 
 def _parse_size(size):
     """5_000_000_000, "5GB" (10^9) or "5GiB" (2^30) -> bytes."""
