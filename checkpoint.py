@@ -24,6 +24,14 @@ Decisions and why:
   truncated or corrupted shard, a missing / unexpected / wrongly shaped tensor fails with one
   CheckpointError naming them, before any time is spent reading. (safetensors has no checksum: flipped
   bits inside the data cannot be detected.)
+- Training checkpoints unpickle nothing but tensors and plain data: state.pt and rng_rank*.pt are read
+  with weights_only; a sharded (FSDP) checkpoint's .metadata, which torch's DCP reader would
+  pickle.load (running whatever a crafted file asks for), is read by an unpickler that allows only the
+  DCP metadata classes, and DCP's non-tensor entries (which torch's planner torch.loads with
+  weights_only=False) with weights_only. Every file of a training checkpoint carries the checkpoint's
+  meta (run fingerprint, step), so a file of another run or step is an error, not a silent mix;
+  every damaged, missing or foreign file is a CheckpointError naming it and the fix
+  (tests/test_damaged_checkpoints.py runs the cases: each file truncated, zeroed, deleted, swapped, foreign).
 - save_hf writes the whole directory next to its destination and renames it into place, so
   a reader sees the old directory or the new one, never a half-written one; files of an existing
   directory other than weights and config.json (tokenizer, training state) are carried over (hard links).
@@ -275,6 +283,21 @@ def atomic_torch_save(obj, path):
     os.replace(path + ".part", path)
 
 
+def _wrongly_typed(cfg):
+    """["field=value (expected type)"] of a MoEConfig whose values do not have their declared types
+    (None allowed where it is the default; an int is a float; a bool is not an int)."""
+    kinds = {"int": int, "float": (int, float), "bool": bool, "str": str, "tuple": (tuple, list), "dict": dict}
+    wrong = []
+    for f in dataclasses.fields(cfg):
+        kind = kinds.get(getattr(f.type, "__name__", f.type))
+        value = getattr(cfg, f.name)
+        if kind is None or (value is None and f.default is None):
+            continue
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+            wrong.append(f"{f.name}={value!r} (expected {getattr(f.type, '__name__', f.type)})")
+    return wrong
+
+
 def load_hf(path, dtype=None, device=None, **overrides):
     """
     Load a transformers Qwen3-MoE / Phi-3.5-MoE checkpoint directory (config.json + model.safetensors,
@@ -334,21 +357,6 @@ def load_hf(path, dtype=None, device=None, **overrides):
 
 # -----------------------------------------------------------------------------
 # save
-
-def _wrongly_typed(cfg):
-    """["field=value (expected type)"] of a MoEConfig whose values do not have their declared types
-    (None allowed where it is the default; an int is a float; a bool is not an int)."""
-    kinds = {"int": int, "float": (int, float), "bool": bool, "str": str, "tuple": (tuple, list), "dict": dict}
-    wrong = []
-    for f in dataclasses.fields(cfg):
-        kind = kinds.get(getattr(f.type, "__name__", f.type))
-        value = getattr(cfg, f.name)
-        if kind is None or (value is None and f.default is None):
-            continue
-        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-            wrong.append(f"{f.name}={value!r} (expected {getattr(f.type, '__name__', f.type)})")
-    return wrong
-
 
 def _parse_size(size):
     """5_000_000_000, "5GB" (10^9) or "5GiB" (2^30) -> bytes."""
@@ -585,6 +593,8 @@ def save_training_state(path, model, optimizer, step, meta, *, rank=0, world=1, 
             _write_json(Path(tmp, "meta.json"), meta)
     except (Exception, _dcp_error()) as err:  # e.g. the disk is full: the committed checkpoint is untouched
         shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(_cause(err), Exception):  # Ctrl-C inside dcp.save: an interrupt, not a failed write
+            raise _cause(err) from None
         previous = checkpoint_step(path)
         raise CheckpointError(f"{tmp}: writing the step-{step} checkpoint failed ({_first_line(err)}); "
                               + (f"{path} still holds step {previous}. " if previous is not None else "")
@@ -627,11 +637,16 @@ def _damaged(path, file, problem):
                            f"backup, or delete {path} to restart this phase from step 0.")
 
 
+def _cause(err):
+    """The error itself, or of DCP's CheckpointException (a BaseException wrapping every rank's
+    errors, interrupts included) its first rank's."""
+    return next(iter(err.failures.values()))[0] if getattr(err, "failures", None) else err
+
+
 def _first_line(err):
-    """The informative line of an error: of DCP's CheckpointException (a BaseException), its first
-    rank's error; of torch.load(weights_only=True), what the unpickler refused."""
-    if getattr(err, "failures", None):
-        err = next(iter(err.failures.values()))[0]
+    """The informative line of an error (of a CheckpointException, its cause's); of torch.load
+    (weights_only=True), what the unpickler refused."""
+    err = _cause(err)
     lines = [line for line in str(err).splitlines() if line.strip()] or [""]
     refused = [i for i, line in enumerate(lines) if "WeightsUnpickler error" in line]
     line = lines[refused[0] + 1] if refused and refused[0] + 1 < len(lines) else lines[0]

@@ -233,6 +233,54 @@ def test_atomic_torch_save_leaves_no_part_file(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["x.pt"] and (tmp_path / "x.pt").read_bytes() == b"old"
 
 
+_SAVE_FOREVER = """
+import sys, warnings
+warnings.filterwarnings("ignore")
+import torch, checkpoint
+from tests.test_damaged_checkpoints import _tiny_training, _weights_of_step
+model, opt = _tiny_training(0)
+for step in range(1, 10**6):
+    _weights_of_step(model, step)
+    checkpoint.save_training_state(sys.argv[1], model, opt, step, dict(fingerprint={}), sharded=sys.argv[2] == "1")
+    print(step, flush=True)
+"""
+
+
+def _weights_of_step(model, step):
+    """Weights that identify the step they were saved at (what a resume must give back, bit for bit)."""
+    g = torch.Generator().manual_seed(step)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["pt", "dcp"])
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_signal_during_saves_resumes_a_complete_checkpoint_exactly(tmp_path, sig, sharded):
+    """A process saving checkpoints back to back gets SIGINT (KeyboardInterrupt, which DCP wraps) or
+    SIGTERM at a random moment; the next start repairs the directory and resumes a complete step,
+    bit for bit, and saves again."""
+    import signal
+    import subprocess
+    import time
+    path = tmp_path / "ckpt"
+    proc = subprocess.Popen([sys.executable, "-c", _SAVE_FOREVER, str(path), str(int(sharded))], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, cwd=Path(__file__).parent.parent, text=True)
+    for _ in range(2):  # two checkpoints exist: the kill lands during a save over a complete one
+        assert proc.stdout.readline(), "the saving process died before its second save"
+    time.sleep(random.Random(f"{sig}{sharded}").uniform(0, 0.05))
+    proc.send_signal(getattr(signal, sig))
+    proc.wait(timeout=60)
+    checkpoint.recover_checkpoint(path)
+    model, opt = _tiny_training(0)
+    step = checkpoint.load_training_state(path, model, opt, sharded=sharded)
+    expected, _ = _tiny_training(0)
+    _weights_of_step(expected, step)
+    assert step >= 2 and _same_state(model.state_dict(), expected.state_dict())
+    checkpoint.save_training_state(path, model, opt, step + 1, dict(fingerprint={}), sharded=sharded)
+    assert checkpoint.checkpoint_step(path) == step + 1 and sorted(os.listdir(tmp_path)) == ["ckpt"]
+
+
 if __name__ == "__main__":  # the table of cases -> outcomes: PYTHONPATH=. python tests/test_damaged_checkpoints.py
     import tempfile
     with tempfile.TemporaryDirectory() as d:
