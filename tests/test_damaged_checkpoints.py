@@ -147,6 +147,32 @@ def test_damage_that_must_be_an_error_is_one(runs, tmp_path):
         assert outcome(runs, tmp_path, sharded, fname, kind).startswith("error"), (sharded, fname, kind)
 
 
+@pytest.mark.parametrize("sharded", [False, True], ids=["pt", "dcp"])
+def test_checkpoints_of_the_previous_format_still_resume(runs, tmp_path, sharded):
+    """Checkpoints written before the files carried meta (no 'meta' in state.pt, the rng files or
+    the DCP shards) resume as before."""
+    import torch.distributed.checkpoint as dcp
+    src, (model_sd, opt_sd, rng_state) = runs["A", sharded]
+    path = tmp_path / "ckpt"
+    shutil.copytree(src, path)
+    for f in ["rng_rank0.pt"] + ([] if sharded else ["state.pt"]):
+        old = torch.load(path / f, weights_only=True)
+        del old["meta"]
+        torch.save(old, path / f)
+    if sharded:  # rewrite the shards without the meta entry
+        model, opt = _tiny_training(0)
+        model.load_state_dict(model_sd)
+        opt.load_state_dict(opt_sd)
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+        model_state, optim_state = get_state_dict(model, opt)
+        for f in path.glob("*.distcp"):
+            f.unlink()
+        dcp.save(dict(model=model_state, optimizer=optim_state), checkpoint_id=path)
+    step, model, opt = _resume(path, sharded)
+    assert step == 2 and _same_state(model.state_dict(), model_sd) and _same_state(opt.state_dict(), opt_sd)
+    assert torch.equal(torch.get_rng_state(), rng_state)
+
+
 class _CreatesAFile:
     """A pickle whose loading creates `marker` (any code could run in its place)."""
     def __init__(self, marker):
