@@ -10,7 +10,6 @@ import pickle
 import random
 import shutil
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,8 @@ import torch
 import checkpoint
 from checkpoint import CheckpointError
 
-warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # DCP without a process group
+# DCP without a process group (one process) warns that it assumes so
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
 FIXES = ("restore it from a backup", "delete", "torchrun", "Move it away", "Free disk space")
 
@@ -308,6 +308,8 @@ def test_signal_during_saves_resumes_a_complete_checkpoint_exactly(tmp_path, sig
 
 
 if __name__ == "__main__":  # the table of cases -> outcomes: PYTHONPATH=. python tests/test_damaged_checkpoints.py
+    import warnings
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
     import tempfile
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
