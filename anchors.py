@@ -137,18 +137,35 @@ def build_anchors(model, examples, *, pad_id, batch_size, rank=0, world=1, autoc
     return result
 
 
+# An anchor row is a distribution: pool_routing's softmax runs in fp32 even under bf16 autocast, and its
+# rows sum to 1 within 1.2e-7 (measured on tests/test_anchors.py's model); 1e-3 flags a damaged value only.
+_ROW_SUM_TOL = 1e-3
+
+
 def _check_cached(path, cached, shape):
-    """The cache file's contents as plain data, or a ValueError naming the file and the problem."""
+    """The cache file's contents as plain data, or a ValueError naming the file and the problem:
+    every anchor a (L, E) float tensor of distributions (finite, >= 0, each layer's row sums to 1)."""
     if not (isinstance(cached, dict) and isinstance(cached.get("fingerprint"), str)
             and isinstance(cached.get("anchors"), dict)):
         raise ValueError(f"{path}: not an anchors file (expected {{'fingerprint': str, 'anchors': {{id: tensor}}}}); "
                          "delete it to rebuild")
     for key, d in cached["anchors"].items():
-        if not (isinstance(d, torch.Tensor) and tuple(d.shape) == shape):
+        if not (isinstance(key, str) and isinstance(d, torch.Tensor) and tuple(d.shape) == shape):
             raise ValueError(f"{path}: anchor of sample {key!r} is not a {shape} tensor; delete it to rebuild")
+        if not d.is_floating_point():
+            raise ValueError(f"{path}: anchor of sample {key!r} is a {d.dtype} tensor, not probabilities; "
+                             "delete it to rebuild")
         if not torch.isfinite(d).all():
             raise ValueError(f"{path}: anchor of sample {key!r} holds NaN/Inf (the cache is corrupt, not the "
                              "data); delete it to rebuild")
+        if (d < 0).any():
+            raise ValueError(f"{path}: anchor of sample {key!r} holds negative probabilities (min {d.min().item():.3g}; "
+                             "the cache is corrupt); delete it to rebuild")
+        sums = d.double().sum(-1)  # (L,)
+        if ((sums - 1).abs() > _ROW_SUM_TOL).any():
+            layer = int((sums - 1).abs().argmax())
+            raise ValueError(f"{path}: anchor of sample {key!r} is not a routing distribution (MoE layer {layer} "
+                             f"sums to {sums[layer].item():.6g}, not 1; the cache is corrupt); delete it to rebuild")
 
 
 def load_or_build_anchors(path, model, examples, *, fingerprint, pad_id, batch_size, rank=0, world=1,
@@ -159,6 +176,11 @@ def load_or_build_anchors(path, model, examples, *, fingerprint, pad_id, batch_s
     cfg = _inner(model).config
     shape = (len(cfg.moe_layers), cfg.n_experts)
     if os.path.exists(path):
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head != b"PK\x03\x04":  # what torch.save writes: a zip archive
+            raise ValueError(f"{path}: unreadable anchors cache (not a torch file: starts with {head!r}); "
+                             "delete it to rebuild")
         try:
             cached = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:
@@ -166,6 +188,11 @@ def load_or_build_anchors(path, model, examples, *, fingerprint, pad_id, batch_s
                              f"{(str(err).splitlines() or [''])[0]}); delete it to rebuild") from None
         _check_cached(path, cached, shape)
         if cached["fingerprint"] == fingerprint:
+            # the same inputs, yet a sample without its anchor: it would silently leave the JS term
+            missing = [e["id"] for e in examples if e["has_anchor"] and e["id"] not in cached["anchors"]]
+            if missing:
+                raise ValueError(f"{path}: no anchor for {len(missing)} samples that have one (e.g. {missing[:3]}; "
+                                 "the cache is damaged); delete it to rebuild")
             log(f"anchors: {len(cached['anchors'])} loaded from {path}")
             return cached["anchors"]
         log(f"anchors: {path} is stale (fingerprint {cached['fingerprint']} != {fingerprint}); rebuilding")
@@ -177,7 +204,11 @@ def load_or_build_anchors(path, model, examples, *, fingerprint, pad_id, batch_s
                          f"{bad[:5]} (the model or its dtype, not the cache)")
     if rank == 0:
         from checkpoint import atomic_torch_save
-        atomic_torch_save(dict(fingerprint=fingerprint, anchors=anchors), path)
+        try:
+            atomic_torch_save(dict(fingerprint=fingerprint, anchors=anchors), path)
+        except OSError as err:  # (disk full: atomic_torch_save leaves no partial file)
+            raise ValueError(f"{path}: writing the anchors cache failed ({err}); free disk space and rerun "
+                             "(they will be rebuilt)") from None
     if world > 1:
         import torch.distributed as dist
         dist.barrier()

@@ -111,3 +111,73 @@ def test_flops_per_token_counts_by_hand():
     dense = 3 * H * 32
     n_active = 3 * (attn + norms) + 2 * moe + dense + H + V * H  # final norm, lm_head (no embedding)
     assert model.flops_per_token(10) == 6 * n_active + 6 * 3 * 10 * 4 * 8
+
+
+def _cache_with(edit):
+    anchors = {"s0": torch.full((2, 4), 0.25), "s1": torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.7, 0.1, 0.1, 0.1]])}
+    edit(anchors)
+    return dict(fingerprint="x", anchors=anchors)
+
+
+@pytest.mark.parametrize("damage, pattern", [
+    (lambda a: a["s1"].__setitem__((1, 0), -0.1), r"anchor of sample 's1' holds negative probabilities"),
+    (lambda a: a["s1"].__setitem__((1, 0), 0.8), r"'s1' is not a routing distribution \(MoE layer 1 sums to 1.1,"),
+    (lambda a: a.__setitem__("s0", torch.zeros(2, 4)), r"'s0' is not a routing distribution \(MoE layer 0 sums to 0,"),
+    (lambda a: a.__setitem__("s0", torch.ones(2, 4, dtype=torch.long)), r"'s0' is a torch.int64 tensor"),
+    (lambda a: a.__setitem__("s0", torch.full((4, 2), 0.5)), r"'s0' is not a \(2, 4\) tensor"),
+    (lambda a: a.__setitem__(3, a.pop("s0")), r"anchor of sample 3 is not a \(2, 4\) tensor"),
+    (lambda a: a.pop("s1"), r"no anchor for 1 samples that have one \(e.g. \['s1'\]"),
+], ids=["negative", "row_sum", "zeros", "integer", "transposed", "key_not_a_str", "missing_sample"])
+def test_anchors_that_are_not_distributions_are_named(tmp_path, damage, pattern):
+    """(A cache whose fingerprint matches but whose values could not have come from a router.)"""
+    model, seqs, _ = model_and_data(n=2)
+    path = tmp_path / "anchors.pt"
+    torch.save(_cache_with(damage), path)
+    with pytest.raises(ValueError, match=f"{path}: .*{pattern}.*delete it to rebuild"):
+        load_or_build_anchors(path, model, examples_of(seqs), fingerprint="x", pad_id=0, batch_size=2,
+                              log=lambda m: None)
+
+
+@pytest.mark.parametrize("kind", ["zeros", "foreign", "truncate0", "truncate-1", "truncate_r1", "truncate_r2",
+                                  "swap"])
+def test_damaged_anchor_file_is_named_or_rebuilt(tmp_path, kind):
+    """Hostile pass over anchors.pt: a named error saying to delete it, or (another run's file: a
+    stale fingerprint) rebuilt to exactly what a fresh build gives."""
+    import random
+    model, seqs, _ = model_and_data(n=3)
+    ex = examples_of(seqs)
+    path, other = tmp_path / "anchors.pt", tmp_path / "other.pt"
+    kw = dict(pad_id=0, batch_size=2, log=lambda m: None)
+    fresh = load_or_build_anchors(path, model, ex, fingerprint="run1", **kw)
+    load_or_build_anchors(other, model, ex[:2], fingerprint="run2", **kw)
+    size = path.stat().st_size
+    if kind == "zeros":
+        path.write_bytes(bytes(size))
+    elif kind == "foreign":
+        torch.save({"weights": torch.ones(3)}, path)
+    elif kind == "swap":
+        path.write_bytes(other.read_bytes())
+    else:
+        offset = {"truncate0": 0, "truncate-1": size - 1}.get(kind, random.Random(kind).randrange(size))
+        with open(path, "r+b") as f:
+            f.truncate(offset)
+    if kind == "swap":
+        again = load_or_build_anchors(path, model, ex, fingerprint="run1", **kw)
+        assert again.keys() == fresh.keys() and all(torch.equal(again[k], fresh[k]) for k in fresh)
+        return
+    with pytest.raises(ValueError, match=f"{path}: (unreadable anchors cache|not an anchors file).*delete it to rebuild"):
+        load_or_build_anchors(path, model, ex, fingerprint="run1", **kw)
+
+
+def test_disk_full_while_writing_anchors_is_named(tmp_path, monkeypatch):
+    import checkpoint
+    model, seqs, _ = model_and_data(n=2)
+
+    def full(obj, f):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(ValueError, match=r"anchors.pt: writing the anchors cache failed .*No space left.*free disk"):
+        load_or_build_anchors(tmp_path / "anchors.pt", model, examples_of(seqs), fingerprint="x", pad_id=0,
+                              batch_size=2, log=lambda m: None)
+    assert list(tmp_path.iterdir()) == []  # no partial anchors.pt(.part) to be mistaken for a cache

@@ -603,3 +603,52 @@ def test_load_model_and_tokenizer_pairs_and_checks(tmp_path):
         else:
             with pytest.raises(CheckpointError, match=r"only 300 embeddings"):
                 load_model_and_tokenizer(path, tok_path)
+
+
+@pytest.mark.parametrize("name, key, value, pattern", [
+    ("qwen", "rope_theta", "x", r"rope_theta='x' \(expected float\)"),
+    ("qwen", "rope_scaling", 5, r"AttributeError"),
+    ("qwen", "norm_topk_prob", 1, r"norm_topk_prob=1 \(expected bool\)"),
+    ("phi", "sliding_window", "x", r"TypeError"),
+    ("phi", "initializer_range", "x", r"TypeError"),
+    ("phi", "num_key_value_heads", 1.5, r"n_kv_heads=1.5"),
+    ("phi", "model_type", ["phimoe"], r"TypeError"),
+])
+def test_config_json_values_of_the_wrong_type_are_named(tmp_path, name, key, value, pattern):
+    """(hf_config.py maps config.json; what gets past it is named here, never a raw traceback.)"""
+    save_hf(make(name), tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg[key] = value
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=rf"m/config.json: .*{pattern}.*restore config.json from the original"):
+        load_model(tmp_path / "m")
+
+
+@pytest.mark.parametrize("damage, pattern", [
+    ("zeros", "not a readable base model file"), ("truncate0", "not a readable base model file"),
+    ("truncate_r1", "not a readable base model file"), ("truncate_r2", "not a readable base model file"),
+    ("truncate-1", "not a readable base model file"), ("foreign", r"not a base model file \(expected a dict"),
+    ("config_type", r"hidden_size='16' \(expected int\)"), ("config_key", "unknown keys"),
+    ("other_weights", "weights do not fit its config"),
+])
+def test_damaged_base_pt_is_named_with_the_fix(tmp_path, damage, pattern):
+    import random
+    model = make("qwen")
+    path = tmp_path / "base.pt"
+    checkpoint.save_base(path, model.state_dict(), model.config, fingerprint={"a": 1})
+    size = path.stat().st_size
+    cfg = model.config.to_dict()
+    if damage == "zeros":
+        path.write_bytes(bytes(size))
+    elif damage.startswith("truncate"):
+        with open(path, "r+b") as f:
+            f.truncate({"truncate0": 0, "truncate-1": size - 1}.get(damage, random.Random(damage).randrange(size)))
+    elif damage == "foreign":
+        torch.save(torch.ones(3), path)
+    elif damage in ("config_type", "config_key"):
+        torch.save(dict(model=model.state_dict(), config={**cfg, **({"hidden_size": "16"} if damage == "config_type"
+                                                                  else {"hiddensize": 16})}), path)
+    elif damage == "other_weights":
+        torch.save(dict(model=make("qwen", n_layers=1).state_dict(), config=cfg), path)
+    with pytest.raises(CheckpointError, match=rf"{path}: .*{pattern}.*delete {path} to rebuild it"):
+        load_model(path)
