@@ -40,6 +40,7 @@ def step_loss(out, terms, *, lb_weight, z_weight, n_micro, poison=False):
     the non-finite guard)."""
     lb = out.aux_loss if out.aux_loss is not None else torch.zeros((), device=out.loss.device)
     parts = dict(ce=out.loss, lb=lb)
+    # eq. 12: L = L_CE + λ_LB · L_LB (+ λ_z · L_z) + Σ_m λ_m · L_m
     total = out.loss + lb_weight * lb + (z_weight * out.z_loss if out.z_loss is not None else 0.0)
     for name, term in terms.items():
         parts[name] = term.value

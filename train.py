@@ -205,8 +205,9 @@ del full_weights
 # -----------------------------------------------------------------------------
 # stage 2: what the method precomputes from the ORIGINAL model (SARA: the anchors), before fine-tuning
 t0 = time.time()
-method = sara.Sara.prepare(run, model, train_set + val_set, band, os.path.join(s.out_dir, "anchors.pt"),
-                           model_digest, tok_digest)
+if s.method == "sara":  # (settings.METHODS: one branch per method of methods/)
+    method = sara.Sara.prepare(run, model, train_set + val_set, band, os.path.join(s.out_dir, "anchors.pt"),
+                               model_digest, tok_digest)
 if s.anchor_mode == "offline":
     missing = sum(not e["has_anchor"] for e in train_set + val_set)
     log(f"anchors: {len(method.anchors)} ready in {time.time() - t0:.1f}s ({missing} samples have no anchor "

@@ -44,6 +44,7 @@ def test_table_has_every_language_and_condition(quick):
         assert row.count("[") == 3 and row.count("(p ") == 3  # three paired intervals with p
         assert set(summary["ce"][lang]) == {"base", "plain", "band", "all", "random"}
     assert summary["verdict"] in ("helped", "no detectable effect", "hurt")
+    assert summary["platform"]["torch"] == torch.__version__  # where the numbers were made
     assert f"— {summary['verdict']}.**" in md
     for png in ("routing_js.png", "heldout_ce.png"):
         if importlib.util.find_spec("matplotlib"):
