@@ -141,11 +141,6 @@ def sharded_model(cfg, optimizer_states, mesh):
     return fsdp_shard(model, torch.bfloat16, mesh=mesh)
 
 
-def make_optimizer(model, optimizer_states):
-    """train.py's optimizer (optim.make_optimizer); its lr and weight decay do not change the states."""
-    return optim.make_optimizer(model, optimizer_states, 1e-5, (0.9, 0.95), 0.01)
-
-
 def sharded_state_bytes(cfg, optimizer_states, world=8):
     """-> dict(params, grads, optim, n_params, formula_*) bytes on rank 0 of `world`: measured
     from the shards' storages after one forward + backward + optimizer step on fake tensors."""
@@ -154,7 +149,7 @@ def sharded_state_bytes(cfg, optimizer_states, world=8):
     with warnings.catch_warnings(), fake_tensor_mode():
         warnings.simplefilter("ignore")  # FSDP2's view-output warning (train.py's concern)
         model.to_empty(device="cpu")
-        opt = make_optimizer(model, optimizer_states)
+        opt = optim.make_optimizer(model, optimizer_states, 1e-5, (0.9, 0.95), 0.01)  # train.py's (lr, decay: same states)
         ids = torch.zeros(1, 16, dtype=torch.long)
         model(ids, labels=ids).loss.backward()
         opt.step()
@@ -233,7 +228,7 @@ def simulated_peak(cfg, optimizer_states, tokens, ckpt, world=8, sync_every_micr
     with warnings.catch_warnings(), fake_tensor_mode():
         warnings.simplefilter("ignore")
         model.to_empty(device="cpu")
-        opt = make_optimizer(model, optimizer_states)
+        opt = optim.make_optimizer(model, optimizer_states, 1e-5, (0.9, 0.95), 0.01)  # train.py's (lr, decay: same states)
         ids = torch.zeros(1, tokens, dtype=torch.long)
         tracker = FSDPMemTracker(model, opt)
         with tracker:

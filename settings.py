@@ -23,10 +23,10 @@ METHODS = ("sara",)  # the alignment methods train.py can run (methods/<name>.py
 class TrainSettings:
     out_dir: str = "out/toy"
     init_from: str = "scratch"  # "scratch" (toy: stage 0 pretraining) or a Hugging Face checkpoint dir
-    model_config: dict = field(default_factory=lambda: dict(
+    model_config: dict = field(default_factory=lambda: dict(  # used only when init_from == "scratch"
         vocab_size=4096, hidden_size=128, n_layers=4, n_heads=4, n_kv_heads=2, intermediate_size=256, n_experts=8,
         top_k=2, moe_intermediate_size=128, qk_norm=True, norm_topk_prob=True, max_position_embeddings=512,
-        router_aux_loss_coef=0.01))  # used only when init_from == "scratch"
+        router_aux_loss_coef=0.01))
     pretrain_iters: int = 150  # stage 0, scratch only: LM steps on all languages before SARA
     pretrain_lr: float = 3e-3
     pretrain_target_fraction: float = 1.0  # stage 0 keeps this fraction of each target language's items (scarce)
