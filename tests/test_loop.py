@@ -88,8 +88,8 @@ def sw_examples(tok):
 
 
 def tiny_run(tmp_path, **kw):
-    s = TrainSettings(global_batch=4, micro_batch=1, log_interval=1, eval_interval=1000, ckpt_interval=1000,
-                      lr=3e-3, **kw)
+    s = TrainSettings(**{**dict(global_batch=4, micro_batch=1, log_interval=1, eval_interval=1000, ckpt_interval=1000,
+                                lr=3e-3), **kw})
     tmp_path.mkdir(exist_ok=True)
     return Run(s, Dist(), pad_id=0, metrics_path=str(tmp_path / "metrics.jsonl"), quiet=True)
 
@@ -145,3 +145,28 @@ def test_importing_the_loop_starts_nothing(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
                          env={**os.environ, "PYTHONPATH": ROOT})
     assert res.returncode == 0 and res.stdout == "ok\n" and res.stderr == "", res.stderr[-2000:]
+
+
+def test_nan_guard_then_resume_equals_uninterrupted(tmp_path, sw_examples):
+    """Called directly: the loss poisoned at step 2 stops the phase before the optimizer step (the
+    checkpoint of step 2 holds the weights the run had then); a second call resumes from it, and the
+    final weights equal those of a run that was never interrupted, bit for bit."""
+    full = fresh_model().train()
+    train_phase(tiny_run(tmp_path / "full", ckpt_interval=1), "sara", full, sw_examples, 4, 3e-3, None,
+                str(tmp_path / "full" / "ckpt"), dict(run=1))
+    cut = fresh_model().train()
+    with pytest.raises(SystemExit, match="sara step 2: loss is nan -- stopping before the optimizer step"):
+        train_phase(tiny_run(tmp_path / "cut", ckpt_interval=1, inject_nan_at_iter=2), "sara", cut, sw_examples, 4,
+                    3e-3, None, str(tmp_path / "cut" / "ckpt"), dict(run=1))
+    assert (tmp_path / "cut" / "ckpt" / "COMPLETE").read_text() == "2"
+    saved = torch.load(tmp_path / "cut" / "ckpt" / "state.pt", weights_only=True)["model"]
+    assert all(torch.equal(saved[k], v) for k, v in cut.state_dict().items())  # step 2 was never applied
+    with pytest.raises(SystemExit, match="belongs to another run"):  # another run's checkpoint is never resumed
+        train_phase(tiny_run(tmp_path / "cut"), "sara", fresh_model().train(), sw_examples, 4, 3e-3, None,
+                    str(tmp_path / "cut" / "ckpt"), dict(run=2))
+    resumed = fresh_model().train()
+    train_phase(tiny_run(tmp_path / "cut", ckpt_interval=1), "sara", resumed, sw_examples, 4, 3e-3, None,
+                str(tmp_path / "cut" / "ckpt"), dict(run=1))
+    assert all(torch.equal(full.state_dict()[k], v) for k, v in resumed.state_dict().items())
+    steps = [r["step"] for r in read_metrics(tmp_path / "cut" / "metrics.jsonl")]
+    assert steps == [0, 1, 2, 3]  # each step logged once: the poisoned attempt's row is not kept
