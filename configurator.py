@@ -14,11 +14,17 @@ are plain module globals with defaults; the command line lists config files (pyt
 - A config file's syntax error (or any exception while running it) names the file and line.
 - sources[key] says where each value came from ("default", "configs/x.py:12", "command line"), so
   that later checks (validate, or a script's own) can name it too.
+- --help (or -h) prints the script's docstring and every setting with its default (and the comment
+  written next to it in the script) and exits 0.
 """
 import ast
+import io
+import re
+import sys
+import tokenize
 import traceback
 
-__all__ = ["ConfigError", "configure", "validate", "one_of", "at_least", "in_range"]
+__all__ = ["ConfigError", "configure", "validate", "one_of", "at_least", "in_range", "inline_comments"]
 
 
 class ConfigError(SystemExit):
@@ -75,12 +81,43 @@ def _run_config_file(path):
             if not k.startswith("_") and not callable(v) and type(v).__name__ != "module"}
 
 
-def configure(argv, defaults, renamed=None):
+def inline_comments(path):
+    """{name: comment} for each top-level `name = value  # comment` (or `name: type = value  # comment`)
+    of a Python file: the settings' documentation, printed by --help."""
+    with open(path, encoding="utf-8") as f:
+        source = f.read()
+    comments = {}
+    lines = source.splitlines()
+    for t in tokenize.generate_tokens(io.StringIO(source).readline):
+        if t.type == tokenize.COMMENT:
+            m = re.match(r"\s*(\w+)\s*(:[^=]*)?=", lines[t.start[0] - 1])
+            if m and m.group(1) not in comments:
+                comments[m.group(1)] = t.string.lstrip("#").strip()
+    return comments
+
+
+def help_text(defaults, doc=None, comments=None):
+    """The script's docstring, then each setting as --key=default  # comment."""
+    if comments is None:
+        main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+        comments = inline_comments(main_file) if main_file and main_file.endswith(".py") else {}
+    lines = [(doc or "").strip(), "", "settings (defaults; change them with config files or --key=value):"]
+    for key, value in defaults.items():
+        lines.append(f"  --{key}={value!r}" + (f"  # {comments[key]}" if key in comments else ""))
+    return "\n".join(lines).strip() + "\n"
+
+
+def configure(argv, defaults, renamed=None, doc=None, comments=None):
     """Apply config files and --key=value overrides from argv (in order) to a copy of defaults.
     renamed: {old key: what to say instead} for settings that were renamed.
+    doc, comments: what --help prints (default: the docstring and inline comments of the script run).
     -> (settings dict, sources dict {key: "default" | "file:line" | "command line"})."""
-    settings, sources = dict(defaults), {k: "default" for k in defaults}
     argv = list(argv)
+    if "--help" in argv or "-h" in argv:
+        print(help_text(defaults, doc if doc is not None else getattr(sys.modules.get("__main__"), "__doc__", None),
+                        comments), end="")
+        raise SystemExit(0)
+    settings, sources = dict(defaults), {k: "default" for k in defaults}
     while argv:
         arg = argv.pop(0)
         if arg.startswith("--"):

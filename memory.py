@@ -66,7 +66,8 @@ from torch.utils.checkpoint import checkpoint
 
 from model import (Block, MoETransformer, RotaryEmbedding, chunked_cross_entropy, make_norm,
                    phi35_moe_config, qwen3_30b_a3b_config)
-from optim import AdamWBF16
+import optim
+from loop import fsdp_shard
 
 GiB = 2 ** 30
 GPU_GIB = 79.6  # an "80 GB" H100 reports 81,559 MiB
@@ -132,25 +133,12 @@ def fake_world(world):
 
 
 def sharded_model(cfg, optimizer_states, mesh):
-    """Meta model -> FSDP2 shards as train.py makes them (param dtype from optimizer_states,
-    bf16 compute, fp32 reduction), still on meta: call model.to_empty(device="cpu") inside
-    fake_tensor_mode() to give the shards (fake) storage."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    param_dtype = torch.bfloat16 if optimizer_states == "bf16_sr" else torch.float32
+    """Meta model -> FSDP2 shards made by train.py's own function (loop.fsdp_shard; param dtype from
+    optimizer_states, bf16 compute as on a GPU run with dtype="bfloat16", fp32 reduction), still on
+    meta: call model.to_empty(device="cpu") inside fake_tensor_mode() to give the shards (fake) storage."""
     with torch.device("meta"):
-        model = MoETransformer(cfg).to(param_dtype)
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    for block in model.layers:
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
-    return model
-
-
-def make_optimizer(model, optimizer_states):
-    # train.py's choice (its weight-decay groups do not change the states)
-    if optimizer_states == "bf16_sr":
-        return AdamWBF16(model.parameters(), lr=1e-5, betas=(0.9, 0.999), weight_decay=0.01)
-    return torch.optim.AdamW(model.parameters(), lr=1e-5)
+        model = MoETransformer(cfg).to(torch.bfloat16 if optimizer_states == "bf16_sr" else torch.float32)
+    return fsdp_shard(model, torch.bfloat16, mesh=mesh)
 
 
 def sharded_state_bytes(cfg, optimizer_states, world=8):
@@ -161,7 +149,7 @@ def sharded_state_bytes(cfg, optimizer_states, world=8):
     with warnings.catch_warnings(), fake_tensor_mode():
         warnings.simplefilter("ignore")  # FSDP2's view-output warning (train.py's concern)
         model.to_empty(device="cpu")
-        opt = make_optimizer(model, optimizer_states)
+        opt = optim.make_optimizer(model, optimizer_states, 1e-5, (0.9, 0.95), 0.01)  # train.py's (lr, decay: same states)
         ids = torch.zeros(1, 16, dtype=torch.long)
         model(ids, labels=ids).loss.backward()
         opt.step()
@@ -240,7 +228,7 @@ def simulated_peak(cfg, optimizer_states, tokens, ckpt, world=8, sync_every_micr
     with warnings.catch_warnings(), fake_tensor_mode():
         warnings.simplefilter("ignore")
         model.to_empty(device="cpu")
-        opt = make_optimizer(model, optimizer_states)
+        opt = optim.make_optimizer(model, optimizer_states, 1e-5, (0.9, 0.95), 0.01)  # train.py's (lr, decay: same states)
         ids = torch.zeros(1, tokens, dtype=torch.long)
         tracker = FSDPMemTracker(model, opt)
         with tracker:

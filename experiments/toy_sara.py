@@ -71,9 +71,12 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import checkpoint  # noqa: E402
 from data.parallel import collate, group_key, load_parallel_jsonl, split_train_val, tokenize_samples  # noqa: E402
 from evaluation.figures import pyplot  # noqa: E402  matplotlib, optional
-from model import MoEConfig, MoETransformer  # noqa: E402
+from evaluation.routing import choose_band  # noqa: E402
+from loop import read_metrics  # noqa: E402  metrics.jsonl without its header rows
+from provenance import platform_info  # noqa: E402
 from sara_loss import js_divergence, pool_routing  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 import stats  # noqa: E402  seed-level t-interval, mean/std
@@ -174,16 +177,14 @@ def unseen_heldout(train, val):
 
 
 def load_base(run_dir):
-    base = torch.load(os.path.join(run_dir, "base.pt"), map_location="cpu", weights_only=False)
-    model = MoETransformer(MoEConfig.from_dict(base["config"]))
-    model.load_state_dict(base["model"])
-    return model.eval()
+    """The original model of a seed: train.py's base.pt, read by checkpoint.load_base (weights_only)."""
+    return checkpoint.load_base(os.path.join(run_dir, "base.pt"))[0]
 
 
 def load_finetuned(run_dir):
     """The weights of the last step: train.py's final checkpoint (see the docstring)."""
     model = load_base(run_dir)
-    state = torch.load(os.path.join(run_dir, "ckpt", "state.pt"), map_location="cpu", weights_only=False)
+    state = torch.load(os.path.join(run_dir, "ckpt", "state.pt"), map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
     return model.eval()
 
@@ -205,17 +206,6 @@ def score(model, examples, pad_id, batch_size=16):
         a = collate([dict(input_ids=e["anchor_input_ids"]) for e in chunk], pad_id)
         anchor.append(pool_routing(model(a["input_ids"], attention_mask=a["attention_mask"]).router_logits, a["attention_mask"]))
     return torch.cat(nll), torch.cat(n_tok), torch.cat(target), torch.cat(anchor)
-
-
-def best_window(curve, size):
-    """Start of the middle window of `size` layers (neither the first nor the last layer) with the
-    lowest mean: the bottom of the U. Both of the paper's bands leave out early and late layers
-    (Qwen3 7-34 of 0-47, Phi-3.5 13-26 of 0-31); a toy curve need not be U-shaped, and without
-    the constraint its minimum may sit at an edge."""
-    starts = range(1, len(curve) - size)
-    if not starts:
-        raise SystemExit(f"band_size={size} leaves no middle window in {len(curve)} layers")
-    return min(starts, key=lambda s: float(np.mean(curve[s:s + size])))
 
 
 # -----------------------------------------------------------------------------
@@ -279,7 +269,7 @@ def main():
         base_train_js.append(js_divergence(anc, tgt).mean(0).tolist())  # (L,)
     curve = np.mean(base_train_js, axis=0)
     k = settings["band_size"]
-    start = best_window(curve, k)
+    start = choose_band(curve, k)[0]  # the middle window with the lowest mean JS (evaluation/routing.py)
     band = [start, start + k - 1]
     others = [w for w in range(n_layers - k + 1) if w != start]
     random_band = {s: int(np.random.default_rng(1000 + s).choice(others)) for s in seeds}
@@ -307,7 +297,7 @@ def main():
 
     # --- same batches, same start: the ablations are matched
     for s in seeds:
-        rows = {c: [json.loads(l) for l in open(os.path.join(run_dir(s, c), "metrics.jsonl"))] for c in CONDITIONS}
+        rows = {c: read_metrics(os.path.join(run_dir(s, c), "metrics.jsonl")) for c in CONDITIONS}
         steps = {c: [(r["step"], r["batch"]) for r in rows[c] if "batch" in r and r["phase"] != "pretrain"] for c in CONDITIONS}
         n_steps = settings["train"]["epochs"] * steps_per_epoch
         assert all(steps[c] == steps["plain"] for c in CONDITIONS) and len(steps["plain"]) == n_steps, \
@@ -352,6 +342,7 @@ def main():
                    settings=settings, band_selection_curve=curve.tolist(), wall_s=time.time() - t_start,
                    runs_reused=sum(t == "reused" for t in took_base + took_ft), runs=len(took_base + took_ft),
                    loadavg_start=load_start, loadavg_end=os.getloadavg(), cpu_count=os.cpu_count(), jobs=args.jobs,
+                   platform=platform_info("cpu"),
                    curves=val_curves(seeds, run_dir))
     json.dump(summary, open(os.path.join(results, "summary.json"), "w"), indent=1)
     md = report(summary)
@@ -388,7 +379,7 @@ def reanalyse(results, settings):
 def check_against_train_py(d, nll, n, js_NL, micro_batch):
     """train.py's last eval row: val_ce is the per-micro-batch token mean weighted by batch size;
     val_js_per_layer is the mean over items of the per-item JS. Recompute both from our numbers."""
-    last = [json.loads(l) for l in open(os.path.join(d, "metrics.jsonl")) if '"val_ce"' in l][-1]
+    last = [r for r in read_metrics(os.path.join(d, "metrics.jsonl")) if "val_ce" in r][-1]
     ce = sum(float(nll[i:i + micro_batch].sum() / n[i:i + micro_batch].sum()) * len(nll[i:i + micro_batch])
              for i in range(0, len(nll), micro_batch)) / len(nll)
     assert abs(ce - last["val_ce"]) < 1e-4, f"{d}: held-out CE {ce} != train.py's {last['val_ce']}"
@@ -399,7 +390,7 @@ def val_curves(seeds, run_dir):
     """{cond: [(step, mean val_ce over seeds)]} from train.py's per-epoch evaluations."""
     curves = {}
     for c in CONDITIONS:
-        rows = [[json.loads(l) for l in open(os.path.join(run_dir(s, c), "metrics.jsonl"))] for s in seeds]
+        rows = [read_metrics(os.path.join(run_dir(s, c), "metrics.jsonl")) for s in seeds]
         per_seed = [[(r["step"], r["val_ce"]) for r in rs if "val_ce" in r] for rs in rows]
         curves[c] = [(st, float(np.mean([ps[j][1] for ps in per_seed]))) for j, (st, _) in enumerate(per_seed[0])]
     return curves

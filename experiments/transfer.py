@@ -72,7 +72,12 @@ from anchors import forward_and_pool  # noqa: E402
 from evaluation.figures import pyplot  # noqa: E402  matplotlib, optional
 from evaluation.routing import choose_band  # noqa: E402
 from model import MoEConfig, MoETransformer  # noqa: E402
-from sara_loss import js_divergence, layer_band, pool_routing, sara_loss  # noqa: E402
+from data.parallel import collate  # noqa: E402
+from loop import Dist, Run, train_phase  # noqa: E402
+from methods.sara import Sara  # noqa: E402
+from provenance import platform_info  # noqa: E402
+from sara_loss import js_divergence, layer_band, pool_routing  # noqa: E402
+from settings import TrainSettings  # noqa: E402
 from transfer_world import (RELATIONS, TARGETS, Vocab, assert_no_entity, build_world, eval_items,  # noqa: E402
                             finetuning_data, pretraining_data)
 
@@ -95,64 +100,34 @@ QUICK = {**FULL, "seeds": [0, 1], "n_entities": dict(shared=12, test=8, bridge=8
          "pretrain_batch": 32, "finetune_epochs": 2}
 
 # -----------------------------------------------------------------------------
-# batches, training
-def collate(rows, key="ids", labels_key=None, pad=0):
-    T = max(len(r[key]) for r in rows)
-    ids = torch.full((len(rows), T), pad, dtype=torch.long)
-    labels = torch.full((len(rows), T), -100, dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = len(r[key])
-        ids[i, :n] = torch.tensor(r[key])
-        mask[i, :n] = 1
-        labels[i, :n] = torch.tensor(r.get(labels_key, r[key]) if labels_key else r[key])
-    return ids, mask, labels
-
-
+# batches, training: train.py's own loop (loop.train_phase) and loss (step_loss.py, eq. 12)
 def digest(indices):
     return hashlib.sha256(np.asarray(indices, dtype=np.int64).tobytes()).hexdigest()[:12]
 
 
-def make_optimizer(model, lr, weight_decay):
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.dim() < 2]
-    return torch.optim.AdamW([dict(params=decay, weight_decay=weight_decay), dict(params=rest, weight_decay=0.0)], lr=lr)
-
-
-def lr_at(step, total, peak, warmup_frac):
-    warmup = max(1, int(warmup_frac * total))
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
 def train(model, batches, settings, lr, js_weight=0.0, band=None):
-    """batches: list of (rows, anchor_dist (B, L, E) or None). CE (+ lambda_LB * LB) + lambda_JS *
-    L_JS over `band`. With js_weight = 0 the JS term is logged, not differentiated. -> log."""
-    model.train()
-    opt = make_optimizer(model, lr, settings["weight_decay"])
-    lb_weight = model.config.router_aux_loss_coef
-    log = []
+    """batches: list of (rows, anchor_dist (B, L, E) or None), one optimizer step each, in this order.
+    Runs loop.train_phase, the loop of train.py: eq. 12 (CE + lambda_LB * LB + z-loss + lambda_JS * L_JS
+    over `band`, the mean over the step's anchored samples) with methods/sara.py as the component. With
+    js_weight = 0 the JS term is logged, not differentiated. -> [dict(step, ce, js or None)]."""
+    examples, schedule, anchors = [], [], {}
     for step, (rows, anchor_dist) in enumerate(batches):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, len(batches), lr, settings["warmup_frac"])
-        ids, mask, labels = collate(rows, labels_key="labels")
-        out = model(ids, attention_mask=mask, labels=labels)
-        loss = out.loss + lb_weight * out.aux_loss
-        js = None
-        if anchor_dist is not None:
-            target_dist = pool_routing(out.router_logits, mask, check=False)  # (B, L, E)
-            with torch.set_grad_enabled(js_weight > 0):
-                js = sara_loss(target_dist, anchor_dist, band, check=False)  # eq. 9
-            if js_weight > 0:
-                loss = loss + js_weight * js
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), settings["grad_clip"])
-        opt.step()
-        log.append(dict(step=step, ce=round(out.loss.item(), 4), js=None if js is None else round(js.item(), 5)))
+        first = len(examples)
+        for i, r in enumerate(rows):
+            key = f"{step}:{i}"
+            if anchor_dist is not None:
+                anchors[key] = anchor_dist[i]
+            examples.append(dict(id=key, input_ids=r["ids"], labels=r.get("labels", r["ids"]),
+                                 has_anchor=anchor_dist is not None))
+        schedule.append((step, [list(range(first, len(examples)))]))  # one micro-batch per step
+    s = TrainSettings(lambda_js=js_weight, beta2=0.999, weight_decay=settings["weight_decay"], warmup_frac=settings["warmup_frac"],
+                      grad_clip=settings["grad_clip"], log_interval=1, eval_interval=10 ** 9, ckpt_interval=10 ** 9)
+    method = Sara(anchors, band, js_weight) if anchors else None
+    model.train()
+    records = train_phase(Run(s, Dist(), pad_id=0, quiet=True), "transfer", model, examples, len(batches), lr, method,
+                          None, None, schedule=iter(schedule))
     model.eval()
-    return log
+    return [dict(step=r["step"], ce=round(r["ce"], 4), js=round(r["js"], 5) if "js" in r else None) for r in records]
 
 
 def pretrain_batches(en, tgt, par, settings, seed):
@@ -193,7 +168,8 @@ def candidate_logliks(model, items, batch=1024):
     single = [k for k, it in enumerate(items) if all(len(c) == 1 for c in it["cands"])]
     for i in range(0, len(single), batch):
         ks = single[i:i + batch]
-        ids, mask, _ = collate([dict(ids=items[k]["prompt"]) for k in ks])
+        b = collate([dict(input_ids=items[k]["prompt"]) for k in ks], pad_id=0)
+        ids, mask = b["input_ids"], b["attention_mask"]
         last = mask.sum(1) - 1  # the question's last token predicts the answer's first
         logp_BV = torch.log_softmax(model(ids, attention_mask=mask).logits[torch.arange(len(ks)), last].float(), -1)
         cand_B8 = torch.tensor([[c[0] for c in items[k]["cands"]] for k in ks])
@@ -201,9 +177,10 @@ def candidate_logliks(model, items, batch=1024):
     multi = [(k, c) for k, it in enumerate(items) if k not in set(single) for c in range(8)]
     for i in range(0, len(multi), batch):
         chunk = multi[i:i + batch]
-        rows = [dict(ids=items[k]["prompt"] + items[k]["cands"][c], labels=[-100] * len(items[k]["prompt"]) + items[k]["cands"][c])
-                for k, c in chunk]
-        ids, mask, labels = collate(rows, labels_key="labels")
+        rows = [dict(input_ids=items[k]["prompt"] + items[k]["cands"][c],
+                     labels=[-100] * len(items[k]["prompt"]) + items[k]["cands"][c]) for k, c in chunk]
+        b = collate(rows, pad_id=0)
+        ids, mask, labels = b["input_ids"], b["attention_mask"], b["labels"]
         logp_BTV = torch.log_softmax(model(ids, attention_mask=mask).logits.float(), -1)
         target_BT = labels[:, 1:]  # position t predicts token t + 1
         tok_BT = logp_BTV[:, :-1].gather(-1, target_BT.clamp(min=0)[..., None])[..., 0]
@@ -235,8 +212,8 @@ def routing_agreement(model, items):
         overlap, js = [], []
         for i in range(0, len(pairs), 256):
             chunk = pairs[i:i + 256]
-            ids_t, mask_t, _ = collate([dict(ids=t["prompt"]) for t, _ in chunk])
-            ids_e, mask_e, _ = collate([dict(ids=e["prompt"]) for _, e in chunk])
+            bt, be = (collate([dict(input_ids=x["prompt"]) for x in side], pad_id=0) for side in zip(*chunk))
+            ids_t, mask_t, ids_e, mask_e = bt["input_ids"], bt["attention_mask"], be["input_ids"], be["attention_mask"]
             rt, re_ = model(ids_t, attention_mask=mask_t).router_logits, model(ids_e, attention_mask=mask_e).router_logits
             top_t = torch.stack([x.topk(k, -1).indices for x in rt], 1)  # (B, L, T, k)
             top_e = torch.stack([x.topk(k, -1).indices for x in re_], 1)
@@ -501,7 +478,7 @@ def main():
              pretrain_ce={r["seed"]: r["pretrain_ce"] for r in runs}, finetune_ce={r["seed"]: r["finetune_ce"] for r in runs},
              seed_wall_s={r["seed"]: round(r["wall_s"]) for r in runs}, splits={r["seed"]: r["split"] for r in runs},
              command="python experiments/transfer.py" + (" --quick" if args.quick else ""), jobs=args.jobs,
-             cpu_count=os.cpu_count(), loadavg_start=load0, loadavg_end=os.getloadavg(), wall_s=time.time() - t0)
+             platform=platform_info("cpu"), cpu_count=os.cpu_count(), loadavg_start=load0, loadavg_end=os.getloadavg(), wall_s=time.time() - t0)
     json.dump(S, open(os.path.join(results, "summary.json"), "w"), indent=1)
     write_items(runs, os.path.join(results, "per_item.csv.gz"))
     md = report(S)

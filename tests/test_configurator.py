@@ -69,3 +69,39 @@ def test_validate_reports_every_problem_with_its_source(tmp_path):
 def test_renamed_key_says_what_to_use():
     with pytest.raises(ConfigError, match="'old' was renamed: use new"):
         configure(["--old=1"], DEFAULTS, renamed=dict(old="use new"))
+
+
+# -----------------------------------------------------------------------------
+# --help: the script's docstring and its settings with defaults, exit 0 (not "expected --key=value")
+
+def test_help_lists_docstring_settings_and_comments(capsys):
+    with pytest.raises(SystemExit) as err:
+        configure(["--lr=2", "--help"], DEFAULTS, doc="My script.\n\n    python my.py --lr=1",
+                  comments=dict(lr="the learning rate"))
+    assert err.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith("My script.") and "python my.py --lr=1" in text
+    assert "  --lr=0.001  # the learning rate\n" in text and "  --band=(1, 2)\n" in text and "  --cfg={'a': 1}" in text
+
+
+def test_inline_comments_are_read_from_the_file(tmp_path):
+    from configurator import inline_comments
+    f = tmp_path / "s.py"
+    f.write_text('a = 1  # first\nb: int = 2  # second, with "quotes" # and a hash\nc = "#not a comment"\n# d = 4\n')
+    assert inline_comments(f) == {"a": "first", "b": 'second, with "quotes" # and a hash'}
+
+
+@pytest.mark.parametrize("script, expect", [
+    ("train.py", ["SARA fine-tuning", "--lambda_js=1.0  # lambda_JS", "--sara_band=(1, 2)", "--method='sara'"]),
+    ("sample.py", ["Chat with a checkpoint", "--checkpoint=''  # HF checkpoint directory", "--top_p=1.0"]),
+])
+def test_scripts_print_help(script, expect):
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, script, "--help"], cwd=root, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    for text in expect:
+        assert text in res.stdout, (text, res.stdout[-3000:])
+    assert "expected --key=value" not in res.stdout + res.stderr

@@ -44,6 +44,7 @@ def test_table_has_every_language_and_condition(quick):
         assert row.count("[") == 3 and row.count("(p ") == 3  # three paired intervals with p
         assert set(summary["ce"][lang]) == {"base", "plain", "band", "all", "random"}
     assert summary["verdict"] in ("helped", "no detectable effect", "hurt")
+    assert summary["platform"]["torch"] == torch.__version__  # where the numbers were made
     assert f"— {summary['verdict']}.**" in md
     for png in ("routing_js.png", "heldout_ce.png"):
         if importlib.util.find_spec("matplotlib"):
@@ -97,9 +98,9 @@ def test_one_held_out_loss_recomputed_from_the_checkpoint(quick):
     sample = next(s for s in load_parallel_jsonl(os.path.join(ROOT, t["data_path"])) if s["id"] == row["id"])
     example = tokenize_samples(load_tokenizer(os.path.join(ROOT, t["tokenizer_path"])), [sample], t["max_len"])[0][0]
     run = quick["runs"] / f"seed{row['seed']}" / "band"
-    base = torch.load(run / "base.pt", weights_only=False)
+    base = torch.load(run / "base.pt", weights_only=True)
     model = MoETransformer(MoEConfig.from_dict(base["config"]))
-    model.load_state_dict(torch.load(run / "ckpt" / "state.pt", weights_only=False)["model"])
+    model.load_state_dict(torch.load(run / "ckpt" / "state.pt", weights_only=True)["model"])
     with torch.no_grad():
         loss = model.eval()(torch.tensor([example["input_ids"]]), labels=torch.tensor([example["labels"]])).loss
     assert abs(loss.item() - float(row["ce"])) < 1e-4
@@ -112,6 +113,8 @@ def test_the_four_conditions_are_matched(quick):
         digests = {}
         for cond in ("plain", "band", "all", "random"):
             rows = [json.loads(l) for l in open(quick["runs"] / f"seed{seed}" / cond / "metrics.jsonl")]
+            assert rows[0]["header"] and rows[0]["platform"]["torch"] == torch.__version__  # where it was made
+            rows = [r for r in rows if "header" not in r]
             digests[cond] = [r["batch"] for r in rows if "batch" in r]
             assert not any(r["phase"] == "pretrain" for r in rows)  # stage 0 ran once, in the base run
         assert len(digests["plain"]) > 0 and all(d == digests["plain"] for d in digests.values())

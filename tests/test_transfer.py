@@ -95,6 +95,8 @@ def test_quick_identical_batches_and_primary_declared(quick):
         assert len(per_cond["plain"]) == steps > 0 and all(d == per_cond["plain"] for d in per_cond.values())
         assert not set(S["bands"][seed]) & set(S["other_bands"][seed])
     assert "**primary: (b) band − (a) plain**" in quick["md"]
+    import torch
+    assert S["platform"]["torch"] == torch.__version__ and "cpu" in S["platform"]  # where the numbers were made
 
 
 def test_quick_no_test_fact_in_fine_tuning(quick):

@@ -1,0 +1,1 @@
+"""Alignment methods: one component per file (docs/method.md, "Alignment methods")."""
