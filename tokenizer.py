@@ -57,6 +57,8 @@ import shutil
 import warnings
 from pathlib import Path
 
+from families import FAMILIES
+
 # GPT-4 (cl100k) style pre-tokenisation, with \p{M} (combining marks) counted as part of a word:
 # with plain \p{L} every Devanagari/Bengali/Telugu vowel sign would split a word in two. The
 # possessive quantifiers of the cl100k original are dropped: Oniguruma (used by the trainer via
@@ -69,25 +71,10 @@ TOY_PAT_STR = (
 # <|endoftext|> doubles as the padding token.
 TOY_SPECIAL_TOKENS = ("<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 
-_PHI_SHAPE = dict(
-    system="<|system|>\n{system}<|end|>\n",
-    prompt="<|user|>\n{prompt}<|end|>\n<|assistant|>\n",
-    response="{response}<|end|>",
-    specials=("<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|endoftext|>"),
-    eos="<|end|>", stop=("<|end|>", "<|endoftext|>"), pad="<|endoftext|>",
-)
-CHAT_FORMATS = {
-    "qwen3": dict(
-        system="<|im_start|>system\n{system}<|im_end|>\n",
-        prompt="<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n",
-        response="{response}<|im_end|>",
-        specials=("<|im_start|>", "<|im_end|>", "<think>", "</think>", "<|endoftext|>"),
-        eos="<|im_end|>", stop=("<|im_end|>", "<|endoftext|>"), pad="<|endoftext|>",
-    ),
-    "phi35": _PHI_SHAPE,
-    "toy": _PHI_SHAPE,
-}
-MODEL_TYPE_TO_CHAT_FORMAT = {"qwen3_moe": "qwen3", "phimoe": "phi35"}
+# Each family's own format lives in its families/<model_type>.py (CHAT_FORMAT); the toy shares Phi-3.5's
+# shape, with the toy tokenizer's own special tokens.
+CHAT_FORMATS = {**{f.CHAT_FORMAT_NAME: f.CHAT_FORMAT for f in FAMILIES.values()}, "toy": FAMILIES["phimoe"].CHAT_FORMAT}
+MODEL_TYPE_TO_CHAT_FORMAT = {model_type: f.CHAT_FORMAT_NAME for model_type, f in FAMILIES.items()}
 
 _SLOT = re.compile(r"\{(system|prompt|response)\}")
 
