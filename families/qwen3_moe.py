@@ -36,6 +36,8 @@ CHAT_FORMAT = dict(
     response="{response}<|im_end|>",
     specials=("<|im_start|>", "<|im_end|>", "<think>", "</think>", "<|endoftext|>"),
     eos="<|im_end|>", stop=("<|im_end|>", "<|endoftext|>"), pad="<|endoftext|>",
+    # the end of `prompt` that Qwen3's template writes only with enable_thinking=False (its switch)
+    thinking_off="<think>\n\n</think>\n\n",
 )
 
 # Qwen3-30B-A3B (30.5B total / 3.3B active parameters): MoEConfig keywords
