@@ -107,6 +107,15 @@ def config_from_hf(hf, source="config.json"):
         family = families.get(hf.get("model_type"))
     except ValueError as err:
         raise CheckpointError(f"{source}: {err}") from None
+    architectures = hf.get("architectures") or []
+    for name in architectures if isinstance(architectures, list) else [architectures]:
+        try:
+            other = families.by_architecture(name)
+        except ValueError as err:
+            raise CheckpointError(f"{source}: {err}") from None
+        if other is not family:
+            raise CheckpointError(f"{source}: architectures names {name!r} ({other.MODEL_TYPE}) but model_type is "
+                                  f"{family.MODEL_TYPE!r}: which one is it?")
     # a key set to null means "the default", as in transformers
     c = {**family.HF_DEFAULTS, **{k: v for k, v in hf.items() if v is not None}}
     problems = _type_problems(c, family)

@@ -63,6 +63,12 @@ def test_unknown_model_type_and_architecture_are_named_with_the_supported_ones()
         families.by_architecture("MixtralForCausalLM")
     assert "'MixtralForCausalLM'" in str(err.value)
     assert all(f.ARCHITECTURE in str(err.value) for f in families.FAMILIES.values())
+    with pytest.raises(CheckpointError, match=r"^/c/config.json: architecture 'MixtralForCausalLM' is not supported"):
+        config_from_hf(_qwen(architectures=["MixtralForCausalLM"]), source="/c/config.json")
+    with pytest.raises(CheckpointError, match=r"'PhiMoEForCausalLM' \(phimoe\) but model_type is 'qwen3_moe'"):
+        config_from_hf(_qwen(architectures=["PhiMoEForCausalLM"]))
+    # transformers' own class name (what its save_pretrained writes) is the family's too
+    assert config_from_hf(_phi(architectures=["PhimoeForCausalLM"])) == config_from_hf(_phi())
     with pytest.raises(CheckpointError, match=r"model_type 'mixtral' is not supported \(supported: "):
         hf_tensor_map(MoETransformer(qwen3_30b_a3b_config(**TINY)), "mixtral")
 
