@@ -1,10 +1,17 @@
 """
 Times one training step (forward + backward with labels, router aux loss included on both sides)
-of our MoE transformer against transformers' Qwen3-MoE / Phi-3.5-MoE holding the same weights.
+of our MoE transformer against transformers' model of the same family (families/: Qwen3-MoE,
+Phi-3.5-MoE) holding the same weights.
 
     python bench.py                      # GPU: real dims, truncated (L and 2L layers), bf16, 4 x 2048
-    python bench.py --device=cpu         # CPU: toy dims, fp32, 2 x 256
-    python bench.py --shapes=phi --routing=balanced --depths=1 --parity=False
+    python bench.py --device=cpu         # CPU: toy dims, fp32, 2 x 256, 1 thread, process clock
+    python bench.py --device=cpu --quick # the quick mode (CI): tiny dims, 1 x 64, 3 pairs; every path once
+    python bench.py --shapes=phimoe --routing=balanced --depths=1 --parity=False
+
+--shapes are families (families.FAMILIES keys); each family's bench dimensions and base depth are in
+its module (BENCH, PRESET). A config of no known family is refused (bench_hf.hf_family), never
+timed against another family's transformers model. The JSON (--out_json) carries
+provenance.platform_info().
 
 How it measures (what a performance engineer checks):
 - Every comparison is a pair run in ONE process, interleaved A B A B after the same warm-up, and
@@ -34,7 +41,8 @@ Measured (2-core shared VM, load average 6-12, --device=cpu --threads=1 --clock=
 2.13, transformers 5.23, 20 pairs): ours 1.00-1.02x transformers' fastest stock option (grouped_mm)
 in all 8 cases (2 shapes x 2 depths x balanced/skewed), per-pair spread about +-6%; 1.17-1.25x
 its eager experts; batched_mm 30-50x slower at these shapes. On a shared machine, wall-clock
-pairs at 2 threads spread by +-50%: use --threads=1 --clock=process there.
+pairs at 2 threads spread by +-50% (x1.37 [0.20-15.71] seen): so on a CPU the default is one thread
+and the process clock.
 """
 import gc
 import json
@@ -46,24 +54,27 @@ import traceback
 
 import torch
 
-import model as model_module
+import chunked_ce
 from configurator import at_least, configure, one_of, validate
-from model import MoE, MoETransformer, SwiGLU, phi35_moe_config, qwen3_30b_a3b_config
+import families
+from model import MoE, MoEConfig, MoETransformer, SwiGLU
+from provenance import platform_info
 from sara_loss import pool_routing, sara_loss
 
 # -----------------------------------------------------------------------------
 # settings: nanoGPT-style globals, overridden by --key=value (configurator.py)
 device = "cuda" if torch.cuda.is_available() else "cpu"
-shapes = "qwen,phi"
+shapes = ",".join(families.FAMILIES)  # model families (families/: qwen3_moe, phimoe)
 batch_size = 0  # 0: 4 on GPU, 2 on CPU
 seq_len = 0  # 0: 2048 on GPU, 256 on CPU
-depths = "1,2"  # multiples of each shape's base depth (GPU: Qwen3 4, Phi 2 layers; CPU toy: 2)
+depths = "1,2"  # multiples of each family's base depth (families/*.py BENCH: GPU Qwen3 4, Phi 2; CPU 2)
 routing = "balanced,skewed"
 zipf_s = 1.0  # skewed routing: load of the r-th most loaded expert ~ 1/r^zipf_s
 modes = ""  # "": eager,compiled on GPU, eager on CPU (inductor on 2 cores takes minutes)
-steps = 0  # timed pairs per comparison (0: 10 on GPU, 20 on CPU)
+steps = 0  # timed pairs per comparison (0: 10 on GPU and CPU)
 warmup = 3
-clock = "wall"  # "process": CPU time of this process (CPU, 1 thread): robust on a shared machine
+clock = ""  # "process" (CPU time of this process, 1 thread: robust on a shared machine) or "wall";
+# "": process on a CPU (with threads=1), wall on a GPU (CUDA events)
 hf = True  # compare with transformers (needs it importable)
 hf_eager = False  # also time transformers' "eager" experts loop on a GPU (~1 s/step; always on CPU)
 parity = True
@@ -72,30 +83,41 @@ loss_chunk_size = -1  # lm_head + CE chunk (0: plain); -1: 4096 on GPU (8-GPU co
 expert_impl = ""  # ours' dispatch: "" = the model's default ("auto"), or loop / grouped
 peak_tflops = 0.0  # override the spec peak (dense bf16 TFLOP/s) of an accelerator not in the table
 cpu_ratio = True  # CPU: one MoE block vs a dense SwiGLU of the same active FLOPs
-threads = 0  # CPU threads (0: torch's default)
+threads = 0  # CPU threads (0: 1 with the process clock, else torch's default)
+quick = False  # the quick mode (CI): tiny dims, 1 x 64 tokens, 3 pairs; settings given explicitly still win
 out_json = ""  # write all numbers here too
-_settings, _sources = configure(sys.argv[1:], {k: v for k, v in globals().items() if not k.startswith("_") and
-                                               isinstance(v, (int, float, bool, str))})
+# a bare --quick is --quick=True (configurator.py takes --key=value)
+_argv = ["--quick=True" if a == "--quick" else a for a in sys.argv[1:]]
+_settings, _sources = configure(_argv, {k: v for k, v in globals().items() if not k.startswith("_") and
+                                        isinstance(v, (int, float, bool, str))})
+if _settings["quick"]:  # defaults of the quick mode, where the command line did not set them
+    for _key, _val in dict(batch_size=1, seq_len=64, steps=3, warmup=1, cpu_ratio=False).items():
+        if _sources[_key] == "default":
+            _settings[_key] = _val
 globals().update(_settings)
-validate(_settings, _sources, {"clock": one_of("wall", "process"), "expert_impl": one_of("", "loop", "grouped"),
-                               "steps": at_least(0), "warmup": at_least(0)})
+validate(_settings, _sources, {"clock": one_of("", "wall", "process"), "expert_impl": one_of("", "loop", "grouped"),
+                               "steps": at_least(0), "warmup": at_least(0), "threads": at_least(0)})
 
 on_gpu = device.startswith("cuda")
 if on_gpu and not torch.cuda.is_available():
     raise SystemExit(f"bench.py: --device={device} but torch.cuda.is_available() is False "
                      f"(torch {torch.__version__}); run with --device=cpu")
+if not clock:  # the docstring's advice: on a shared CPU, wall-clock pairs spread by +-50%
+    clock = "process" if not on_gpu and threads in (0, 1) else "wall"
+if clock == "process" and not threads:
+    threads = 1
 if threads:
     torch.set_num_threads(threads)
 if clock == "process" and (on_gpu or torch.get_num_threads() != 1):
     raise SystemExit("bench.py: --clock=process measures one CPU thread: use it with --device=cpu --threads=1")
 dtype = torch.bfloat16 if on_gpu else torch.float32
 B = batch_size or (4 if on_gpu else 2)
-steps = steps or (10 if on_gpu else 20)
+steps = steps or 10
 T = seq_len or (2048 if on_gpu else 256)
 if loss_chunk_size < 0:
     loss_chunk_size = 4096 if on_gpu else 0
 MODES = (modes or ("eager,compiled" if on_gpu else "eager")).split(",")
-for _key, _val, _allowed in (("modes", MODES, ("eager", "compiled")), ("shapes", shapes.split(","), ("qwen", "phi")),
+for _key, _val, _allowed in (("modes", MODES, ("eager", "compiled")), ("shapes", shapes.split(","), tuple(families.FAMILIES)),
                               ("routing", routing.split(","), ("balanced", "skewed"))):
     if set(_val) - set(_allowed):  # before any model is built
         raise SystemExit(f"bench.py: --{_key}: {sorted(set(_val) - set(_allowed))} not in {list(_allowed)}")
@@ -106,18 +128,22 @@ if "compiled" in MODES:  # ours + transformers, two shapes, two depths: more gra
     for _key, _val in (("recompile_limit", 64), ("fail_on_recompile_limit_hit", True)):
         if hasattr(torch._dynamo.config, _key):
             setattr(torch._dynamo.config, _key, _val)
-if on_gpu:  # the real dimensions, fewer layers
-    BASE = {"qwen": (qwen3_30b_a3b_config, 4, {}), "phi": (phi35_moe_config, 2, {})}
-else:  # toy: the same structure, small
-    toy = dict(vocab_size=4096, hidden_size=256, n_heads=4, head_dim=64, n_kv_heads=2,
-               intermediate_size=512, max_position_embeddings=4096)
-    BASE = {"qwen": (qwen3_30b_a3b_config, 2, dict(toy, n_experts=16, top_k=4, moe_intermediate_size=128)),
-            "phi": (phi35_moe_config, 2, dict(toy, n_experts=8, moe_intermediate_size=512))}
+# per family: (MoEConfig keywords, base depth). GPU: the real dimensions, fewer layers; CPU: toy
+# dimensions, the same structure; quick: tiny (a smoke test of every path, not a measurement)
+TOY = dict(vocab_size=4096, hidden_size=256, n_heads=4, head_dim=64, n_kv_heads=2, intermediate_size=512,
+           max_position_embeddings=4096)
+TINY = dict(vocab_size=512, hidden_size=64, n_heads=4, head_dim=16, n_kv_heads=2, intermediate_size=64,
+            moe_intermediate_size=64, n_experts=4, top_k=2, max_position_embeddings=1024)
+BASE = {name: ({**f.PRESET, **f.BENCH["cpu"], **TOY} if not on_gpu and not quick else
+               {**f.PRESET, **TINY} if quick else dict(f.PRESET),
+               f.BENCH["layers_gpu"] if on_gpu and not quick else f.BENCH["layers_cpu"] // (2 if quick else 1))
+        for name, f in families.FAMILIES.items()}
 # dense bf16 tensor-core peaks (TFLOP/s, without 2:4 sparsity) from NVIDIA's datasheets; the
 # first name contained in torch.cuda.get_device_name() wins
 SPEC_PEAK_TFLOPS = [("H100 PCIe", 756), ("H100 NVL", 835), ("H200 NVL", 835), ("GH200", 989), ("H100", 989),
                     ("H200", 989), ("A100", 312), ("GB200", 2500), ("B200", 2250)]
-results = {"device": device, "dtype": str(dtype), "batch": [B, T], "torch": torch.__version__, "rows": []}
+results = {"device": device, "dtype": str(dtype), "batch": [B, T], "torch": torch.__version__, "clock": clock,
+           "quick": quick, "provenance": platform_info(device), "rows": []}
 try:
     import transformers
     import bench_hf
@@ -195,9 +221,9 @@ def step_flops(model):
 # models and their switches
 
 def build_ours(name, depth):
-    make, base, extra = BASE[name]
-    cfg = make(**extra, n_layers=base * depth, loss_chunk_size=loss_chunk_size,
-               **({"expert_impl": expert_impl} if expert_impl else {}))
+    keys, base = BASE[name]
+    cfg = MoEConfig(**{**keys, "n_layers": base * depth, "loss_chunk_size": loss_chunk_size,
+                       **({"expert_impl": expert_impl} if expert_impl else {})})
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # initialise in the bench dtype, on the device: no fp32 copy
@@ -226,12 +252,12 @@ class LayerCompile:
             layer._compiled_call_impl = impl if on else None
 
 
-_COMPILED_CE = model_module._compiled_ce_chunk
+_COMPILED_CE = chunked_ce._compiled_ce_chunk
 
 
 def set_loss_kernel_compiled(on):
-    # model.py compiles its cross-entropy chunk kernel on CUDA; the eager mode must not hide it
-    model_module._compiled_ce_chunk = _COMPILED_CE if on else (lambda: model_module._ce_chunk)
+    # chunked_ce.py compiles its cross-entropy chunk kernel on CUDA; the eager mode must not hide it
+    chunked_ce._compiled_ce_chunk = _COMPILED_CE if on else (lambda: chunked_ce._ce_chunk)
 
 
 def ours_step(model, ids, sara=None):
@@ -410,6 +436,9 @@ def bench_case(name, depth, peak, ceiling):
                             else os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
                     why = f"needs ~{need / 2**30:.0f} GiB (a weight copy per token slot), {have / 2**30:.0f} free" \
                         if need > 0.5 * have else None
+                    if not why and not on_gpu and need > 2**30:  # its probe alone took 7 GiB RSS and 2 min
+                        why = (f"needs ~{need / 2**30:.1f} GiB (a weight copy per token slot); on this CPU's toy "
+                               "shapes one step took 45-52x a grouped_mm step (2026-12-03)")
                 if why:
                     print(f"  hf {impl}: skipped, {why}")
                     continue
@@ -480,8 +509,8 @@ def cpu_moe_vs_dense(d=512, n_experts=8, k=2, n_tokens=4096, pairs=9):
     """Forward + backward, fp32, MoE (router + experts, I = d) vs dense SwiGLU of width k * d,
     interleaved; median of the per-pair ratios."""
     torch.manual_seed(0)
-    cfg = qwen3_30b_a3b_config(hidden_size=d, n_experts=n_experts, top_k=k, moe_intermediate_size=d,
-                               **({"expert_impl": expert_impl} if expert_impl else {}))
+    cfg = MoEConfig(**{**families.get("qwen3_moe").PRESET, "hidden_size": d, "n_experts": n_experts, "top_k": k,
+                       "moe_intermediate_size": d}, **({"expert_impl": expert_impl} if expert_impl else {}))
     moe, dense = MoE(cfg), SwiGLU(d, k * d)
     torch.nn.init.normal_(moe.gate_up_proj, std=0.02)
     torch.nn.init.normal_(moe.down_proj, std=0.02)

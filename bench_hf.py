@@ -1,5 +1,6 @@
 """
-The transformers side of bench.py: transformers' Qwen3-MoE / Phi-3.5-MoE holding a copy of our
+The transformers side of bench.py: transformers' model of our config's family (families/: its
+config.json mapping and class names; a config of no known family is refused) holding a copy of our
 weights, the stock speed options of the installed transformers, and a parity check in the bench
 dtype. transformers is a test/benchmark oracle only: the product never imports this file.
 
@@ -19,40 +20,44 @@ import torch.nn.functional as F
 
 import transformers
 
+from hf_config import config_to_hf, family_of
+
 STOCK_EXPERTS = ("grouped_mm", "batched_mm", "eager", "sonicmoe", "deepgemm")
 
 
+def hf_family(cfg):
+    """The family module of our config (families/), with its transformers classes: an error naming
+    the config's unmet needs for every family we know, or the class this transformers lacks. Never a
+    fallback to another family: a Mixtral-like config is refused, not timed as Qwen3-MoE."""
+    family = family_of(cfg)
+    missing = [n for n in (family.HF_CONFIG_CLASS, family.HF_MODEL_CLASS) if not hasattr(transformers, n)]
+    if missing:
+        raise RuntimeError(f"transformers {transformers.__version__} has no {missing} for {family.MODEL_TYPE}")
+    return family
+
+
 def hf_config(cfg, experts_impl, attn_impl):
-    common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.n_layers,
-                  num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
-                  num_experts_per_tok=cfg.top_k, rms_norm_eps=cfg.norm_eps,
-                  max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=False,
-                  rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-                  router_aux_loss_coef=cfg.router_aux_loss_coef, use_cache=False,
-                  attn_implementation=attn_impl, experts_implementation=experts_impl)
-    if cfg.router == "sparsemixer":
-        return transformers.PhimoeConfig(**common, intermediate_size=cfg.moe_intermediate_size,
-                                         num_local_experts=cfg.n_experts, attention_bias=cfg.attention_bias,
-                                         lm_head_bias=cfg.lm_head_bias, router_jitter_noise=cfg.router_jitter_eps,
-                                         input_jitter_noise=cfg.input_jitter)
-    return transformers.Qwen3MoeConfig(**common, head_dim=cfg.head_dim, intermediate_size=cfg.intermediate_size,
-                                       num_experts=cfg.n_experts, moe_intermediate_size=cfg.moe_intermediate_size,
-                                       norm_topk_prob=cfg.norm_topk_prob, mlp_only_layers=list(cfg.mlp_only_layers),
-                                       decoder_sparse_step=cfg.decoder_sparse_step)
+    """transformers' config of our config: the family's own config.json mapping (hf_config.config_to_hf)."""
+    family = hf_family(cfg)
+    keys = {k: v for k, v in config_to_hf(cfg).items() if k not in ("architectures", "model_type")}
+    keys.update(use_cache=False, attn_implementation=attn_impl, experts_implementation=experts_impl)
+    return getattr(transformers, family.HF_CONFIG_CLASS)(**keys)
 
 
 def hf_state_dict(ours, theirs_keys):
-    """ours.state_dict() renamed to transformers' parameter names (KeyError naming the tensor)."""
+    """ours.state_dict() renamed to transformers' in-memory parameter names (stacked experts, as
+    ours). transformers 5.x calls every family's MoE block `mlp` in memory (Phi-3.5's router `router`),
+    older versions use the family's on-disk name (EXPERT_NAMES[0]); KeyError naming the tensor."""
+    prefixes = dict.fromkeys(("mlp", hf_family(ours.config).EXPERT_NAMES[0]))  # "mlp" / "block_sparse_moe"
     mapped = {}
     for name, t in ours.state_dict().items():
         candidates = [name] if name.startswith("lm_head.") else ["model." + name]
         if name.endswith(".mlp.router.gate.weight"):
             stem = "model." + name[:-len(".mlp.router.gate.weight")]
-            candidates = [stem + s for s in (".mlp.gate.weight", ".mlp.router.weight",
-                                             ".block_sparse_moe.gate.weight", ".block_sparse_moe.router.weight")]
+            candidates = [f"{stem}.{moe}.{router}.weight" for moe in prefixes for router in ("gate", "router")]
         elif name.endswith((".mlp.gate_up_proj", ".mlp.down_proj")):
             stem, _, leaf = name.rpartition(".mlp.")
-            candidates = ["model." + stem + s + leaf for s in (".mlp.experts.", ".block_sparse_moe.experts.")]
+            candidates = [f"model.{stem}.{moe}.experts.{leaf}" for moe in prefixes]
         hit = [c for c in candidates if c in theirs_keys]
         if not hit:
             raise KeyError(f"no transformers parameter for {name} (tried {candidates})")
@@ -61,14 +66,13 @@ def hf_state_dict(ours, theirs_keys):
 
 
 def build_hf(ours, experts_impl, attn_impl, dtype, device):
-    """transformers' model of ours' architecture, holding a copy of ours' weights."""
-    cfg = ours.config
-    cls = transformers.PhimoeForCausalLM if cfg.router == "sparsemixer" else transformers.Qwen3MoeForCausalLM
+    """transformers' model of ours' family, holding a copy of ours' weights."""
+    cls = getattr(transformers, hf_family(ours.config).HF_MODEL_CLASS)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # initialise in the bench dtype, on the device: no fp32 copy
     try:
         with torch.device(device):
-            model = cls(hf_config(cfg, experts_impl, attn_impl))
+            model = cls(hf_config(ours.config, experts_impl, attn_impl))
     finally:
         torch.set_default_dtype(default)
     model.load_state_dict(hf_state_dict(ours, set(model.state_dict())), strict=True)

@@ -38,6 +38,7 @@ from torch.utils.checkpoint import checkpoint
 
 from chunked_ce import chunked_cross_entropy
 from experts import GROUPED_MM, GROUPED_ON_CPU, experts_grouped, experts_loop
+from families import phimoe, qwen3_moe
 from router import TopKRouter, SparseMixerRouter, load_balancing_loss, router_z_loss
 
 
@@ -131,25 +132,14 @@ class MoEConfig:
 
 
 def qwen3_30b_a3b_config(**overrides):
-    """Qwen3-30B-A3B's architecture (30.5B total / 3.3B active parameters)."""
-    cfg = dict(vocab_size=151936, hidden_size=2048, n_layers=48, n_heads=32, n_kv_heads=4,
-               head_dim=128, intermediate_size=6144, n_experts=128, top_k=8,
-               moe_intermediate_size=768, router="topk", norm_topk_prob=True, norm="rmsnorm",
-               norm_eps=1e-6, qk_norm=True, attention_bias=False, rope_theta=1e6,
-               max_position_embeddings=40960, router_aux_loss_coef=0.001)
-    return MoEConfig(**{**cfg, **overrides})
+    """Qwen3-30B-A3B's architecture (30.5B total / 3.3B active parameters): families/qwen3_moe.py PRESET."""
+    return MoEConfig(**{**qwen3_moe.PRESET, **overrides})
 
 
 def phi35_moe_config(**overrides):
     """Phi-3.5-MoE-instruct's architecture (41.9B total / 6.6B active), without LongRoPE factors
-    (those come with the checkpoint's config.json)."""
-    cfg = dict(vocab_size=32064, hidden_size=4096, n_layers=32, n_heads=32, n_kv_heads=8,
-               head_dim=128, intermediate_size=6400, n_experts=16, top_k=2,
-               moe_intermediate_size=6400, router="sparsemixer", router_jitter_eps=0.01,
-               input_jitter=0.01, norm="layernorm", norm_eps=1e-5, qk_norm=False,
-               attention_bias=True, lm_head_bias=True, rope_theta=1e4,
-               max_position_embeddings=131072, router_aux_loss_coef=0.0)
-    return MoEConfig(**{**cfg, **overrides})
+    (those come with the checkpoint's config.json): families/phimoe.py PRESET."""
+    return MoEConfig(**{**phimoe.PRESET, **overrides})
 
 
 # -----------------------------------------------------------------------------

@@ -7,11 +7,16 @@ Two backends behind the same small class:
   tiktoken.Encoding built from that dict (nothing is downloaded, nothing registered globally);
 - a checkpoint's `tokenizer.json` (Qwen3, Phi-3.5), run by the `tokenizers` package.
 
-Chat formats (docs/architectures.md, "Tokenizers and chat formats"); `|` marks the prompt/response split:
+Chat formats, one per model family (families/<model_type>.py CHAT_FORMAT; docs/architectures.md,
+"Tokenizers and chat formats"); `|` marks the prompt/response split:
   qwen3  [<|im_start|>system\n{system}<|im_end|>\n]<|im_start|>user\n{prompt}<|im_end|>\n
          <|im_start|>assistant\n<think>\n\n</think>\n\n | {response}<|im_end|>      (thinking disabled)
   phi35  [<|system|>\n{system}<|end|>\n]<|user|>\n{prompt}<|end|>\n<|assistant|>\n | {response}<|end|>
-  toy    same shape as phi35, with the toy tokenizer's own special tokens.
+The toy tokenizer has either, with 5 special tokens of its own (toy_special_tokens): the format of the
+family its model is exported as. Its default is qwen3 (the toy model is a qwen3_moe); save_hf_tokenizer
+refuses a toy tokenizer whose format is not the exported model's family's (a Qwen3 server would parse
+a Phi-style template's output as ChatML and echo the prompt). Exports written before this named
+Phi-3.5's layout with the toy's tokens "toy"; that name still loads, as phi35.
 
 How a turn is encoded (encode_chat):
 - The template is cut into markup specials and text. Each special becomes its single id, looked up
@@ -37,7 +42,7 @@ writes `bos_token`. So, for a tokenizer.json whose directory has a chat template
 Phi-3.5 instruct template writes no BOS, so its chats have none, whatever `add_bos_token` or the
 tokenizer.json post_processor (`<s> $A`) say about plain encode calls. Without a template: BOS iff the file's post_processor is a TemplateProcessing
 whose single-sequence template starts with a special token (`<s> $A`), unless tokenizer_config.json
-has an explicit boolean `add_bos_token`. qwen3 and toy have none. `encode(text)` never adds BOS or
+has an explicit boolean `add_bos_token`. qwen3 and the toy have none. `encode(text)` never adds BOS or
 any special token.
 
 Export (save_hf_tokenizer): a Hugging Face directory gets the files that make AutoTokenizer and
@@ -57,6 +62,8 @@ import shutil
 import warnings
 from pathlib import Path
 
+from families import FAMILIES
+
 # GPT-4 (cl100k) style pre-tokenisation, with \p{M} (combining marks) counted as part of a word:
 # with plain \p{L} every Devanagari/Bengali/Telugu vowel sign would split a word in two. The
 # possessive quantifiers of the cl100k original are dropped: Oniguruma (used by the trainer via
@@ -65,29 +72,23 @@ TOY_PAT_STR = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{M}\p{N}]?[\p{L}\p{M}]+|\p{N}{1,3}"""
     r"""| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
-# Toy special tokens; their ids follow the mergeable ranks in this order (n_ranks + i).
-# <|endoftext|> doubles as the padding token.
-TOY_SPECIAL_TOKENS = ("<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+# Chat formats: each family's own lives in its families/<model_type>.py (CHAT_FORMAT). The toy tokenizer
+# carries the format of the family its model is exported as, with special tokens of its own (see
+# toy_special_tokens); the toy model (train.py model_config) is a qwen3_moe, so its default is qwen3.
+CHAT_FORMATS = {f.CHAT_FORMAT_NAME: f.CHAT_FORMAT for f in FAMILIES.values()}
+MODEL_TYPE_TO_CHAT_FORMAT = {model_type: f.CHAT_FORMAT_NAME for model_type, f in FAMILIES.items()}
+TOY_CHAT_FORMAT = "qwen3"
+# exports written before the toy followed its family named Phi-3.5's layout "toy"
+_LEGACY_CHAT_FORMATS = {"toy": "phi35"}
 
-_PHI_SHAPE = dict(
-    system="<|system|>\n{system}<|end|>\n",
-    prompt="<|user|>\n{prompt}<|end|>\n<|assistant|>\n",
-    response="{response}<|end|>",
-    specials=("<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|endoftext|>"),
-    eos="<|end|>", stop=("<|end|>", "<|endoftext|>"), pad="<|endoftext|>",
-)
-CHAT_FORMATS = {
-    "qwen3": dict(
-        system="<|im_start|>system\n{system}<|im_end|>\n",
-        prompt="<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n",
-        response="{response}<|im_end|>",
-        specials=("<|im_start|>", "<|im_end|>", "<think>", "</think>", "<|endoftext|>"),
-        eos="<|im_end|>", stop=("<|im_end|>", "<|endoftext|>"), pad="<|endoftext|>",
-    ),
-    "phi35": _PHI_SHAPE,
-    "toy": _PHI_SHAPE,
-}
-MODEL_TYPE_TO_CHAT_FORMAT = {"qwen3_moe": "qwen3", "phimoe": "phi35"}
+
+def toy_special_tokens(chat_format):
+    """The toy tokenizer's special tokens in a chat format: <|endoftext|> (padding) first, then the
+    format's own, with ids n_ranks + i in this order. Every format has 5, so the toy vocabulary is
+    4096 in each (data/udhr/prepare.py)."""
+    _check_format(chat_format)
+    return ("<|endoftext|>",) + tuple(s for s in CHAT_FORMATS[chat_format]["specials"] if s != "<|endoftext|>")
+
 
 _SLOT = re.compile(r"\{(system|prompt|response)\}")
 
@@ -195,20 +196,24 @@ def load_tokenizer(path, chat_format=None):
     tokenizer.json file -> that tokenizer. A directory holding one .tiktoken file (a toy export)
     loads that file: the original, not its tokenizer.json conversion. Chat format, unless given:
     tokenizer_config.json `sara_chat_format` (written by save_hf_tokenizer), else config.json
-    `model_type`."""
+    `model_type`; a bare .tiktoken file: TOY_CHAT_FORMAT (the toy model's family)."""
     path = Path(path)
+    if chat_format is None and path.is_dir():
+        chat_format = _read_json_if_file(path / "tokenizer_config.json").get("sara_chat_format")
     if path.is_dir():
         ranks = sorted(path.glob("*.tiktoken"))  # a toy checkpoint exported by train.py
         if len(ranks) == 1:
             path = ranks[0]
+    chat_format = _LEGACY_CHAT_FORMATS.get(chat_format, chat_format)
     if path.suffix == ".tiktoken":
-        return _load_toy(path, chat_format or "toy")
+        return _load_toy(path, chat_format or TOY_CHAT_FORMAT)
     tok_file = path / "tokenizer.json" if path.is_dir() else path
     if not tok_file.is_file():
         raise ValueError(f"tokenizer not found: {tok_file} (expected a .tiktoken file, a "
                          "tokenizer.json or a directory containing one)")
     if chat_format is None:
         chat_format = _read_json_if_file(tok_file.parent / "tokenizer_config.json").get("sara_chat_format")
+        chat_format = _LEGACY_CHAT_FORMATS.get(chat_format, chat_format)
     if chat_format is None:
         chat_format = _chat_format_from_config(tok_file.parent / "config.json")
     return _load_hf(tok_file, chat_format)
@@ -228,6 +233,9 @@ def _check_format(chat_format):
         raise ValueError(f"unknown chat format {chat_format!r}; known: {sorted(CHAT_FORMATS)}")
 
 
+TOY_SPECIAL_TOKENS = toy_special_tokens(TOY_CHAT_FORMAT)  # the toy's default (data/udhr/prepare.py counts them)
+
+
 def _chat_format_from_config(config_file):
     if not config_file.is_file():
         raise ValueError(f"{config_file} not found: pass chat_format explicitly")
@@ -241,17 +249,14 @@ def _chat_format_from_config(config_file):
 def _load_toy(path, chat_format):
     import tiktoken
     _check_format(chat_format)
-    if chat_format != "toy":
-        raise ValueError(f"{path}: a .tiktoken file carries the toy tokenizer; chat format "
-                         f"{chat_format!r} needs that model's tokenizer.json")
     if not path.is_file():
         raise ValueError(f"tokenizer file not found: {path}")
     ranks = load_tiktoken_ranks(path)
-    specials = {s: len(ranks) + i for i, s in enumerate(TOY_SPECIAL_TOKENS)}
-    enc = tiktoken.Encoding(f"sara-toy-{path.stem}", pat_str=TOY_PAT_STR,
+    specials = {s: len(ranks) + i for i, s in enumerate(toy_special_tokens(chat_format))}
+    enc = tiktoken.Encoding(f"sara-toy-{path.stem}-{chat_format}", pat_str=TOY_PAT_STR,
                             mergeable_ranks=ranks, special_tokens=specials)
     return Tokenizer(encode_plain=enc.encode_ordinary, decode=enc.decode,
-                     vocab_size=enc.n_vocab, token_to_id=specials, chat_format="toy",
+                     vocab_size=enc.n_vocab, token_to_id=specials, chat_format=chat_format,
                      source=path.read_bytes(), path=path)
 
 
@@ -355,7 +360,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 def chat_template(chat_format, bos=False):
     """A Jinja chat template (Hugging Face's format) that renders encode_chat's layout:
     [system] + user + generation prompt == prompt_ids, and + an assistant turn == prompt + response.
-    Further turns follow the same pattern (assistant turns end with the separator, e.g. "\\n")."""
+    Further turns follow the same pattern (assistant turns end with the separator, e.g. "\\n").
+    A format with `thinking_off` (Qwen3) has the thinking switch as Qwen3's own template does: the
+    generation prompt ends with the empty think block only with enable_thinking=False (encode_chat
+    always has it: thinking disabled), and of the assistant turns only those after the last user turn
+    carry it."""
     fmt = CHAT_FORMATS[chat_format]
     sys_open, sys_close = fmt["system"].split("{system}")
     user_open, rest = fmt["prompt"].split("{prompt}")
@@ -363,27 +372,40 @@ def chat_template(chat_format, bos=False):
     # the layouts share one turn ending (sys_close); the generation prompt follows it
     assert rest.startswith(sys_close) and sys_close.startswith(end), chat_format
     gen, sep = rest[len(sys_close):], sys_close[len(end):]
+    think = fmt.get("thinking_off", "")
+    assert gen.endswith(think), chat_format
+    gen_open = gen[:len(gen) - len(think)]  # the generation prompt with thinking on
 
     def lit(s):  # a Jinja string literal
         return "'" + s.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
 
     def turn(opening, closing):  # one message: opening + content + closing
         return "{{- " + lit(opening) + " + message['content'] + " + lit(closing) + " -}}"
+    if not think:
+        assistant, generation = turn(gen, end), "{{- " + lit(gen) + " -}}"
+    else:
+        assistant = ("{%- if loop.index0 > ns.last_user -%}" + turn(gen, end) + "{%- else -%}" + turn(gen_open, end)
+                     + "{%- endif -%}")
+        generation = ("{{- " + lit(gen_open) + " -}}{%- if enable_thinking is defined and enable_thinking is false -%}"
+                      "{{- " + lit(think) + " -}}{%- endif -%}")
     return "".join([
         "{{- bos_token -}}" if bos else "",
+        ("{%- set ns = namespace(last_user=-1) -%}{%- for message in messages -%}{%- if message['role'] == 'user' -%}"
+         "{%- set ns.last_user = loop.index0 -%}{%- endif -%}{%- endfor -%}") if think else "",
         "{%- for message in messages -%}",
         "{%- if message['role'] == 'system' -%}", turn(sys_open, sys_close),
         "{%- elif message['role'] == 'user' -%}", turn(user_open, sys_close),
-        "{%- elif message['role'] == 'assistant' -%}", turn(gen, end),
+        "{%- elif message['role'] == 'assistant' -%}", assistant,
         "{%- if not loop.last -%}{{- ", lit(sep), " -}}{%- endif -%}",
         "{%- else -%}{{- raise_exception('roles: system, user, assistant; got ' + message['role']) -}}",
         "{%- endif -%}{%- endfor -%}",
-        "{%- if add_generation_prompt -%}{{- ", lit(gen), " -}}{%- endif -%}",
+        "{%- if add_generation_prompt -%}", generation, "{%- endif -%}",
     ])
 
 
-def toy_to_hf(path):
-    """The toy tiktoken ranks file -> an equivalent `tokenizers.Tokenizer` (byte-level BPE)."""
+def toy_to_hf(path, chat_format=TOY_CHAT_FORMAT):
+    """The toy tiktoken ranks file, with its special tokens in `chat_format` -> an equivalent
+    `tokenizers.Tokenizer` (byte-level BPE)."""
     from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers
     ranks = load_tiktoken_ranks(path)
@@ -399,8 +421,9 @@ def toy_to_hf(path):
         pre_tokenizers.Split(Regex(TOY_PAT_STR), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tk.decoder = decoders.ByteLevel()
-    tk.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in TOY_SPECIAL_TOKENS])
-    for i, s in enumerate(TOY_SPECIAL_TOKENS):
+    specials = toy_special_tokens(chat_format)
+    tk.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    for i, s in enumerate(specials):
         assert tk.token_to_id(s) == len(ranks) + i, s
     return tk
 
@@ -450,7 +473,13 @@ def save_hf_tokenizer(tok, out_dir, model_max_length=None):
     eos = _string_of(tok, tok.eos_id)
     pad = _string_of(tok, tok.pad_id)
     if src.suffix == ".tiktoken":
-        hf = toy_to_hf(src)
+        model_type = _read_json_if_file(out_dir / "config.json").get("model_type")
+        family_format = MODEL_TYPE_TO_CHAT_FORMAT.get(model_type)
+        if family_format is not None and family_format != tok.chat_format:
+            raise ValueError(f"{out_dir / 'config.json'}: a {model_type} model chats in {family_format!r} "
+                             f"(families/{model_type}.py) but this toy tokenizer ({src}) is in {tok.chat_format!r}: "
+                             f"load it with chat_format={family_format!r}; nothing written")
+        hf = toy_to_hf(src, tok.chat_format)
         for text in (PROBE, PROBE.upper(), " ".join(PROBE.split()[::-1])):
             got, want = hf.encode(text, add_special_tokens=False).ids, tok.encode(text)
             if got != want:

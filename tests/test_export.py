@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig  
 import tokenizer as T  # noqa: E402
 from checkpoint import save_hf  # noqa: E402
 from model import MoEConfig, MoETransformer  # noqa: E402
-from tokenizer import TOY_SPECIAL_TOKENS, load_tokenizer, save_hf_tokenizer  # noqa: E402
+from tokenizer import load_tokenizer, save_hf_tokenizer, toy_special_tokens  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = ROOT / "data" / "udhr" / "bpe.tiktoken"
@@ -25,18 +25,25 @@ PARALLEL = ROOT / "data" / "udhr" / "parallel.jsonl"
 ROWS = [json.loads(line) for line in PARALLEL.read_text(encoding="utf-8").splitlines()]
 # every character of the bundled text, plus whitespace / digits / punctuation the regex splits on
 ALPHABET = sorted(set("".join(r["prompt"] + r["response"] for r in ROWS)) | set(" \t\n\r\n'0123456789.,;!?-"))
+# the toy in Qwen3's layout (its default: the toy model is a qwen3_moe) and in Phi-3.5's:
+# (end-of-turn token, its index among the toy's 5 specials)
+EOT = {"qwen3": ("<|im_end|>", 2), "phi35": ("<|end|>", 4)}
+ALL_SPECIALS = set(toy_special_tokens("qwen3")) | set(toy_special_tokens("phi35"))
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+@pytest.fixture(scope="module", params=list(EOT))
+def exported(request, tmp_path_factory):
     """(our toy tokenizer, its exported directory, transformers' AutoTokenizer on it)."""
-    tok = load_tokenizer(TOY)
+    tok = load_tokenizer(TOY, chat_format=request.param)
     out = tmp_path_factory.mktemp("export") / "hf"
     save_hf_tokenizer(tok, out, model_max_length=512)
     return tok, out, AutoTokenizer.from_pretrained(out)
 
 
 def _chat_ids(hf, messages, **kw):
+    # enable_thinking=False: Qwen3's switch for the empty think block encode_chat writes (other templates ignore it)
+    if kw.get("add_generation_prompt"):
+        kw.setdefault("enable_thinking", False)
     return list(hf.apply_chat_template(messages, tokenize=True, return_dict=False, **kw))
 
 
@@ -47,12 +54,13 @@ def test_export_files_and_autotokenizer_basics(exported):
     assert {p.name for p in out.iterdir()} == {"tokenizer.json", "tokenizer_config.json",
                                                "generation_config.json", "bpe.tiktoken"}
     assert len(hf) == tok.vocab_size == 4096  # (the issue: an export without it loaded as length 1)
-    assert hf.eos_token == "<|end|>" and hf.eos_token_id == tok.eos_id
+    eot, index = EOT[tok.chat_format]
+    assert hf.eos_token == eot and hf.eos_token_id == tok.eos_id
     assert hf.pad_token_id == tok.pad_id and hf.bos_token is None
-    assert {s: hf.convert_tokens_to_ids(s) for s in TOY_SPECIAL_TOKENS} == tok.special_ids
+    assert {s: hf.convert_tokens_to_ids(s) for s in toy_special_tokens(tok.chat_format)} == tok.special_ids
     gen = GenerationConfig.from_pretrained(out)
-    n = tok.vocab_size - len(TOY_SPECIAL_TOKENS)  # <|end|> = n + 4 ends a turn, <|endoftext|> = n
-    assert gen.eos_token_id == [n + 4, n] and gen.pad_token_id == n
+    n = tok.vocab_size - 5  # the end of turn = n + index (<|end|> n + 4, <|im_end|> n + 2), <|endoftext|> = n
+    assert gen.eos_token_id == [n + index, n] and gen.pad_token_id == n
     assert hf.model_max_length == 512
 
 
@@ -71,7 +79,7 @@ def test_autotokenizer_ids_equal_ours_on_every_bundled_language(exported):
 @given(st.one_of(st.text(), st.text(alphabet=st.sampled_from(ALPHABET), max_size=200)))
 def test_autotokenizer_ids_equal_ours_on_random_text(exported, text):
     tok, _, hf = exported
-    assume(not any(s in text for s in TOY_SPECIAL_TOKENS))  # HF reads those as control tokens
+    assume(not any(s in text for s in ALL_SPECIALS))  # HF reads those as control tokens
     assert hf.encode(text, add_special_tokens=False) == tok.encode(text)
 
 
@@ -93,7 +101,7 @@ TEXT = st.one_of(st.text(max_size=40), st.text(alphabet=st.sampled_from(ALPHABET
 @given(TEXT, TEXT, st.one_of(st.none(), TEXT))
 def test_apply_chat_template_equals_encode_chat_on_random_turns(exported, prompt, response, system):
     tok, _, hf = exported
-    assume(not any(s in t for t in (prompt, response, system or "") for s in TOY_SPECIAL_TOKENS))
+    assume(not any(s in t for t in (prompt, response, system or "") for s in ALL_SPECIALS))
     # a response that starts with whitespace may merge with the generation prompt's "\n" in a
     # whole-string encoding; encode_chat keeps prompt_ids as generation sees them (tokenizer.py)
     assume(not response[:1].isspace())
@@ -111,7 +119,7 @@ def test_exported_tokenizer_json_loads_back_as_the_toy(exported, tmp_path):
     for f in ("tokenizer.json", "tokenizer_config.json"):  # no .tiktoken: the conversion is used
         (only_json / f).write_bytes((out / f).read_bytes())
     back = load_tokenizer(only_json)
-    assert back.chat_format == "toy" and back.path.name == "tokenizer.json" and back.bos_id is None
+    assert back.chat_format == tok.chat_format and back.path.name == "tokenizer.json" and back.bos_id is None
     assert (back.special_ids, back.eos_id, back.stop_ids) == (tok.special_ids, tok.eos_id, tok.stop_ids)
     for row in ROWS[::53]:
         assert back.encode_chat(row["prompt"], row["response"]) == tok.encode_chat(row["prompt"], row["response"])
@@ -121,8 +129,8 @@ def test_exported_tokenizer_json_loads_back_as_the_toy(exported, tmp_path):
 def test_a_conversion_that_disagrees_is_refused(tmp_path, monkeypatch):
     good = T.toy_to_hf
 
-    def without_some_merges(path):
-        tk = good(path)
+    def without_some_merges(path, chat_format):
+        tk = good(path, chat_format)
         data = json.loads(tk.to_str())
         data["model"]["merges"] = data["model"]["merges"][::2]
         data["model"]["ignore_merges"] = False
@@ -202,3 +210,60 @@ def test_toy_export_logits_with_automodel(tmp_path):
     assert (ours - theirs).abs().max() <= 1e-5 * theirs.abs().max()
     assert hf_model.generation_config.eos_token_id == [tok.eos_id, tok.pad_id]
 
+
+
+# -----------------------------------------------------------------------------
+# a toy export chats in its model family's format (families/<model_type>.py CHAT_FORMAT)
+def _tiny_model(**kw):
+    torch.manual_seed(0)
+    return MoETransformer(MoEConfig(**{**dict(vocab_size=4096, hidden_size=32, n_layers=1, n_heads=4, n_kv_heads=2,
+                                               intermediate_size=32, n_experts=4, top_k=2, moe_intermediate_size=32,
+                                               max_position_embeddings=256), **kw}))
+
+
+QWEN_LIKE = dict(qk_norm=True)
+PHI_LIKE = dict(router="sparsemixer", norm="layernorm", norm_eps=1e-5, attention_bias=True, lm_head_bias=True)
+
+
+@pytest.mark.parametrize("arch,chat_format,model_type", [(QWEN_LIKE, "qwen3", "qwen3_moe"), (PHI_LIKE, "phi35", "phimoe")])
+def test_toy_export_carries_its_familys_chat_format(tmp_path, arch, chat_format, model_type):
+    out = tmp_path / "hf"
+    save_hf(_tiny_model(**arch), out)
+    assert json.loads((out / "config.json").read_text())["model_type"] == model_type
+    wrong = "phi35" if chat_format == "qwen3" else "qwen3"
+    with pytest.raises(ValueError, match=rf"a {model_type} model chats in '{chat_format}'.*chat_format='{chat_format}'"):
+        save_hf_tokenizer(load_tokenizer(TOY, chat_format=wrong), out)
+    assert not (out / "tokenizer.json").exists() and not (out / "tokenizer_config.json").exists()
+    tok = load_tokenizer(TOY, chat_format=chat_format)
+    save_hf_tokenizer(tok, out)
+    assert load_tokenizer(out).chat_format == chat_format  # sample.py / eval.py read the export back
+    hf = AutoTokenizer.from_pretrained(out)
+    p, r = tok.encode_chat("Habari?", "Nzuri.", system="Be brief.")
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Habari?"}]
+    assert _chat_ids(hf, msgs, add_generation_prompt=True) == p
+    assert _chat_ids(hf, msgs + [{"role": "assistant", "content": "Nzuri."}]) == p + r
+    opening = "<|im_start|>system\n" if chat_format == "qwen3" else "<|system|>\n"
+    assert hf.apply_chat_template(msgs, tokenize=False).startswith(opening)
+
+
+def test_qwen3_toy_template_has_qwen3s_thinking_switch(tmp_path):
+    """As Qwen3's own template: the empty think block ends the generation prompt only with
+    enable_thinking=False, and only the assistant turns after the last user turn carry it."""
+    tok = load_tokenizer(TOY)
+    save_hf_tokenizer(tok, tmp_path)
+    hf = AutoTokenizer.from_pretrained(tmp_path)
+    msgs = [{"role": "user", "content": "A"}]
+    render = lambda m, **kw: hf.apply_chat_template(m, tokenize=False, **kw)  # noqa: E731
+    assert render(msgs, add_generation_prompt=True) == "<|im_start|>user\nA<|im_end|>\n<|im_start|>assistant\n"
+    assert render(msgs, add_generation_prompt=True, enable_thinking=False) == \
+        "<|im_start|>user\nA<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    assert render(msgs + [{"role": "assistant", "content": "B"}, {"role": "user", "content": "C"},
+                          {"role": "assistant", "content": "D"}]) == (
+        "<|im_start|>user\nA<|im_end|>\n<|im_start|>assistant\nB<|im_end|>\n<|im_start|>user\nC<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\n\n</think>\n\nD<|im_end|>")
+    p, _ = tok.encode_chat("A")
+    sp = tok.special_ids
+    think = [sp["<think>"]] + tok.encode("\n\n") + [sp["</think>"]] + tok.encode("\n\n")
+    assert p[-len(think):] == think
+    assert list(hf.apply_chat_template(msgs, tokenize=True, return_dict=False, add_generation_prompt=True)) == \
+        p[:-len(think)]

@@ -1,0 +1,42 @@
+"""
+The model families we implement, one module each (families/qwen3_moe.py, families/phimoe.py), keyed
+by config.json's `model_type`. A family module holds everything family-specific: the config.json
+mapping both ways (HF_DEFAULTS, from_hf, to_hf, needs, problems), the on-disk expert names, the
+chat format, the architecture names (config.json / vLLM, transformers' classes), the paper-size
+preset and bench.py's shapes. hf_config.py, tokenizer.py, model.py and bench*.py read them from here.
+
+Adding a family: one new module with the same names, one line in FAMILIES, and its tests
+(docs/architectures.md, "Adding a family").
+"""
+from families import phimoe, qwen3_moe
+
+FAMILIES = {qwen3_moe.MODEL_TYPE: qwen3_moe, phimoe.MODEL_TYPE: phimoe}
+
+
+def get(model_type):
+    """The family module of a config.json model_type; ValueError naming it and the supported ones."""
+    if model_type not in FAMILIES:
+        raise ValueError(f"model_type {model_type!r} is not supported (supported: {sorted(FAMILIES)})")
+    return FAMILIES[model_type]
+
+
+def by_architecture(name):
+    """The family whose config.json `architectures` entry (or transformers class) is `name`."""
+    for family in FAMILIES.values():
+        if name in (family.ARCHITECTURE, family.HF_MODEL_CLASS):
+            return family
+    known = sorted(n for f in FAMILIES.values() for n in {f.ARCHITECTURE, f.HF_MODEL_CLASS})
+    raise ValueError(f"architecture {name!r} is not supported (supported: {known})")
+
+
+def of_config(cfg):
+    """The family a MoEConfig is (the first whose needs() are all met); ValueError listing, per
+    family, what it needs and what is unmet."""
+    unmet = {}
+    for model_type, family in FAMILIES.items():
+        needs = family.needs(cfg)
+        if all(needs.values()):
+            return family
+        unmet[model_type] = (list(needs), [k for k, ok in needs.items() if not ok])
+    raise ValueError("MoEConfig is neither " + " nor ".join(f"{t} (needs {', '.join(n)})" for t, (n, _) in unmet.items())
+                     + "; unmet: " + ", ".join(f"{t} {u}" for t, (_, u) in unmet.items()))
