@@ -26,6 +26,7 @@ remove the layer's output, or record what was routed. Analyses (evaluation/routi
 experiments (experiments/gated_world.py's per-sequence language prior) go through it; with no intervention set
 (the default) the layer runs exactly as without the hook, bit for bit (tests/test_routing_intervention.py).
 """
+import dataclasses
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -283,6 +284,13 @@ class RoutingIntervention:
         if self.record:
             self.recorded = (new_ids.detach().reshape(B, T, K), new_w.detach().reshape(B, T, K))
         return new_w, new_ids
+
+
+def merge_intervention(edits, layer, **fields):
+    """edits[layer] (an intervention a forward runs with anyway, e.g. a language prior) with `fields` set, or a
+    new RoutingIntervention(**fields) if edits has none for that layer. edits: {layer: RoutingIntervention} or None."""
+    base = (edits or {}).get(layer)
+    return dataclasses.replace(base, **fields) if base is not None else RoutingIntervention(**fields)
 
 
 @contextmanager

@@ -32,7 +32,6 @@ position the anchor position whose routing it takes, -1 = keep its own (e.g. a l
 counterpart).
 """
 import csv
-import dataclasses
 import math
 from pathlib import Path
 
@@ -42,7 +41,7 @@ import torch
 from anchors import forward_and_pool
 from data.parallel import group_key
 from evaluation.benchmarks import read_rows
-from router import RoutingIntervention, intervene
+from router import intervene, merge_intervention
 from sara_loss import layer_divergence, pooled_layer_divergence
 
 def routing_distributions(model, tok, samples, *, batch_size=16, max_len=512, system=None):
@@ -185,17 +184,11 @@ def band_divergence_change(rows, band, model_a, model_b, metric="js_norm"):
 
 # -----------------------------------------------------------------------------
 # the routing oracle
-def _merge(edits, layer, **fields):
-    """edits[layer] (the interventions a forward always runs with, e.g. a language prior) with `fields` set."""
-    base = (edits or {}).get(layer)
-    return dataclasses.replace(base, **fields) if base is not None else RoutingIntervention(**fields)
-
-
 @torch.no_grad()
 def record_routing(model, ids, mask, layers, edits=None):
     """-> {layer: (expert_ids (B, T, K), weights (B, T, K))}, the routing each of `layers` (decoder indices) ran
     with on ids/mask (B, T); `edits` {layer: RoutingIntervention} are applied as in any other forward."""
-    recs = {l: _merge(edits, l, record=True) for l in set(layers) | set(edits or {})}
+    recs = {l: merge_intervention(edits, l, record=True) for l in set(layers) | set(edits or {})}
     with intervene(model, recs):
         model(ids, attention_mask=mask)
     return {l: recs[l].recorded for l in layers}
@@ -221,7 +214,7 @@ def oracle_interventions(model, anchor_ids, anchor_mask, align, layers, anchor_e
     edits = dict(target_edits or {})
     for l, (ids_BTK, w_BTK) in recorded.items():
         idx = pos[..., None].expand(-1, -1, ids_BTK.shape[-1])  # (B, T, K)
-        edits[l] = _merge(target_edits, l, expert_ids=ids_BTK.gather(1, idx), weights=w_BTK.gather(1, idx), where=used)
+        edits[l] = merge_intervention(target_edits, l, expert_ids=ids_BTK.gather(1, idx), weights=w_BTK.gather(1, idx), where=used)
     return edits
 
 
