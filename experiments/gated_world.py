@@ -10,10 +10,14 @@ aligned English token does not raise target accuracy (review: 0.170 -> 0.174), a
 experts run almost only in layer 0. There, no routing-alignment method can help, whatever it does to routing.
 
 The world (the facts, entities and templates of experiments/transfer_world.py, imported): the target language
-`tgt` is English with a tag token after <bos> (`<bos> <tgt> the color of Bakira is red .`), and every router
-gets a fixed PER-SEQUENCE prior: +beta on experts 0..E/2-1 for English sequences, +beta on E/2..E-1 for target
-sequences, in pretraining and at evaluation (router.RoutingIntervention(logit_bias=(B, 1, E)): the model's one
-routing hook, not a fork of the model). Entity splits as in transfer.py: shared (facts in English and in the
+`tgt` is English with a tag token after <bos> (`<bos> <tgt> the color of Bakira is red .`), and the routers of
+the middle layers 1..L-2 (settings["prior_layers"] = "middle"; "all" = every layer) get a fixed PER-SEQUENCE
+prior: +beta on experts 0..E/2-1 for English sequences, +beta on E/2..E-1 for target sequences, in pretraining and
+at evaluation (router.RoutingIntervention(logit_bias=(B, 1, E)): the model's one routing hook, not a fork of the
+model). Why the middle layers only, measured while sizing (seed 0, beta 2, one run each, 1,000 steps): with the
+prior on every layer the oracle on the middle band recovered 0.02-0.04 of a 0.11-0.16 English-target gap (the
+oracle on all layers recovered all of it): the gate sat largely in the edge layers, which the paper's band rule
+excludes; with the prior on layers 1-2 only, the band oracle recovered 0.16 of a 0.17 gap. Entity splits as in transfer.py: shared (facts in English and in the
 target in pretraining), test (facts ONLY in English, in pretraining: what we measure), bridge (English facts in
 pretraining; their target Q/A are the fine-tuning rows of the later SARA comparison, with English anchors),
 control (never shown: must stay at chance). beta = 0 is the control world: both languages use the same experts.
@@ -30,6 +34,10 @@ Measured per (beta, seed) on the base model, test entities, 8 candidate values p
     routing     per layer, pooled JS(target question || English question) of the router distributions the layers
                 return (prior included: what SARA's loss would pool) and token-level top-k agreement over
                 aligned tokens.
+Sizing (seed 0, beta 2, 2-core machine shared with other jobs): English accuracy on test facts 0.47-0.73 after
+700-1,500 steps at lr 5e-3 / 1e-2 (1,500 steps at 1e-2: 0.24, training went wrong); the facts are not fully
+learned at this CPU budget (~1 CPU-minute per base model; the full run is 12 base models).
+
 The later SARA comparison (declared in results/gated_world/report.md, not run here): from the same base models,
 plain fine-tuning vs SARA on the middle band, on identical batches; its training step is `train_steps` below, a
 placeholder until the product's training loop lands (it raises NotImplementedError).
@@ -56,13 +64,13 @@ from sara_loss import js_divergence, pool_routing  # noqa: E402
 from transfer_world import QUESTIONS, RELATIONS, Vocab, build_world, qa_row, render, statement_rows  # noqa: E402
 
 MODEL = dict(hidden_size=48, n_layers=4, n_heads=4, n_kv_heads=2, intermediate_size=96, n_experts=8, top_k=2,
-             moe_intermediate_size=48, qk_norm=True, norm_topk_prob=True, max_position_embeddings=32,
+             moe_intermediate_size=96, qk_norm=True, norm_topk_prob=True, max_position_embeddings=32,
              router_aux_loss_coef=0.01, expert_impl="loop")
 FULL = dict(betas=[0.0, 1.0, 2.0, 4.0], seeds=[0, 1, 2], model=MODEL,
             n_entities=dict(shared=16, test=12, bridge=12, control=6), target_share=0.25,
-            pretrain_steps=700, pretrain_batch=32, pretrain_lr=1e-2, warmup_frac=0.1, weight_decay=0.01, grad_clip=1.0)
+            prior_layers="middle", pretrain_steps=1000, pretrain_batch=32, pretrain_lr=5e-3, warmup_frac=0.1, weight_decay=0.01, grad_clip=1.0)
 QUICK = {**FULL, "betas": [0.0, 2.0], "seeds": [0, 1], "n_entities": dict(shared=8, test=6, bridge=6, control=4),
-         "pretrain_steps": 120}
+         "pretrain_steps": 60}
 LANGS = ("en", "tgt")
 
 
@@ -133,9 +141,18 @@ def check_splits(world, vocab, en, tgt, ft):
 
 # -----------------------------------------------------------------------------
 # the language prior (a per-sequence router bias through the model's routing hook)
-def language_prior(langs, beta, cfg):
-    """{every MoE layer: RoutingIntervention(logit_bias (B, 1, E))}: +beta on the first half of the experts for
-    English sequences, on the second half for target ones. beta = 0: no intervention at all."""
+def world_prior(settings, beta, cfg):
+    """-> dict(beta, layers): the prior of one world; settings["prior_layers"] = "all" or "middle" (1..L-2)."""
+    if settings["prior_layers"] not in ("all", "middle"):
+        raise SystemExit(f"prior_layers={settings['prior_layers']!r}: must be 'all' or 'middle'")
+    layers = cfg.moe_layers if settings["prior_layers"] == "all" else [l for l in cfg.moe_layers if 0 < l < cfg.n_layers - 1]
+    return dict(beta=float(beta), layers=layers)
+
+
+def language_prior(langs, prior, cfg):
+    """{each of prior["layers"]: RoutingIntervention(logit_bias (B, 1, E))}: +beta on the first half of the
+    experts for English sequences, on the second half for target ones. beta = 0: no intervention at all."""
+    beta = prior["beta"]
     if beta == 0:
         return {}
     E = cfg.n_experts
@@ -143,7 +160,7 @@ def language_prior(langs, beta, cfg):
     for b, lang in enumerate(langs):
         half = slice(0, E // 2) if lang == "en" else slice(E // 2, E)
         bias[b, 0, half] = beta
-    return {l: RoutingIntervention(logit_bias=bias) for l in cfg.moe_layers}
+    return {l: RoutingIntervention(logit_bias=bias) for l in prior["layers"]}
 
 
 def collate(seqs, pad=0):
@@ -165,7 +182,7 @@ def lr_at(step, total, peak, warmup_frac):
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def pretrain(model, en, tgt, settings, seed, beta):
+def pretrain(model, en, tgt, settings, seed, prior):
     """Language modelling on every token; each row is a target row with probability target_share; each
     sequence's routers carry its language's prior. -> mean CE of the last 20 steps."""
     rng = np.random.default_rng(2000 + seed)
@@ -181,7 +198,7 @@ def pretrain(model, en, tgt, settings, seed, beta):
         n_t = rng.binomial(B, settings["target_share"])
         rows = [en[i] for i in rng.integers(len(en), size=B - n_t)] + [tgt[i] for i in rng.integers(len(tgt), size=n_t)]
         ids, mask = collate([r["ids"] for r in rows])
-        with intervene(model, language_prior([r["lang"] for r in rows], beta, model.config)):
+        with intervene(model, language_prior([r["lang"] for r in rows], prior, model.config)):
             out = model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
         loss = out.loss + model.config.router_aux_loss_coef * out.aux_loss
         opt.zero_grad(set_to_none=True)
@@ -193,10 +210,10 @@ def pretrain(model, en, tgt, settings, seed, beta):
     return float(np.mean(ces[-20:]))
 
 
-def train_steps(model, batches, *, lambda_js, band, beta, settings):
+def train_steps(model, batches, *, lambda_js, band, prior, settings):
     """THE PLACEHOLDER of the later SARA comparison (not run yet): one fine-tuning pass over `batches` (lists of
     finetuning_rows) with CE + lambda_LB * LB + lambda_JS * L_JS over `band`, anchors = the base model's pooled
-    routing of each row's anchor_ids under the English prior, each forward under language_prior(..., beta).
+    routing of each row's anchor_ids under the English prior, each forward under language_prior(..., prior).
     It will call the product's training step once train.py's loop is restructured; until then it refuses."""
     raise NotImplementedError("the SARA comparison waits for the product's training loop (train_steps)")
 
@@ -204,7 +221,7 @@ def train_steps(model, batches, *, lambda_js, band, beta, settings):
 # -----------------------------------------------------------------------------
 # measurement
 @torch.no_grad()
-def correct(model, items, beta, extra=None):
+def correct(model, items, prior, extra=None):
     """Per item: 1 if the gold value has the highest log-probability among the relation's 8 candidates after the
     question. Each item runs under its language's prior; extra(batch) -> {layer: RoutingIntervention} adds
     interventions (merged into the prior's) for that batch."""
@@ -215,7 +232,7 @@ def correct(model, items, beta, extra=None):
             continue
         batch = [items[k] for k in ks]
         ids, mask = collate([it["prompt"] for it in batch])
-        edits = language_prior([lang] * len(batch), beta, model.config)
+        edits = language_prior([lang] * len(batch), prior, model.config)
         for l, e in (extra(batch) if extra else {}).items():
             edits[l] = merge_intervention(edits, l, **{f: getattr(e, f) for f in ("expert_ids", "weights", "randomise",
                                                                                    "where", "remove_output")})
@@ -227,11 +244,11 @@ def correct(model, items, beta, extra=None):
     return out
 
 
-def oracle_edits(model, batch, beta, layers, own=False):
+def oracle_edits(model, batch, prior, layers, own=False):
     """Impose on the target batch the routing of the aligned English tokens (own=True: the target's own)."""
     cfg = model.config
     tgt_ids, tgt_mask = collate([it["prompt"] for it in batch])
-    tgt_prior = language_prior(["tgt"] * len(batch), beta, cfg)
+    tgt_prior = language_prior(["tgt"] * len(batch), prior, cfg)
     if own:
         align = torch.arange(tgt_ids.shape[1]).expand_as(tgt_ids).masked_fill(tgt_mask == 0, -1)
         return oracle_interventions(model, tgt_ids, tgt_mask, align, layers, tgt_prior, tgt_prior)
@@ -240,25 +257,25 @@ def oracle_edits(model, batch, beta, layers, own=False):
     for b, it in enumerate(batch):
         align[b, :len(it["prompt"])] = torch.tensor(english_position(len(it["prompt"])))
     return oracle_interventions(model, en_ids, en_mask, align, layers,
-                                language_prior(["en"] * len(batch), beta, cfg), tgt_prior)
+                                language_prior(["en"] * len(batch), prior, cfg), tgt_prior)
 
 
 @torch.no_grad()
-def routing_match(model, items, beta):
+def routing_match(model, items, prior):
     """Per layer, mean over test questions: pooled JS(target || English) of the returned router distributions,
     and token-level top-k agreement over aligned tokens (the tag left out). -> (js (L,), topk (L,))."""
     cfg = model.config
     tgt = [it for it in items if it["lang"] == "tgt"]
     t_ids, t_mask = collate([it["prompt"] for it in tgt])
     e_ids, e_mask = collate([it["english"] for it in tgt])
-    with intervene(model, language_prior(["tgt"] * len(tgt), beta, cfg)):
+    with intervene(model, language_prior(["tgt"] * len(tgt), prior, cfg)):
         t_logits = model(t_ids, attention_mask=t_mask).router_logits
-    with intervene(model, language_prior(["en"] * len(tgt), beta, cfg)):
+    with intervene(model, language_prior(["en"] * len(tgt), prior, cfg)):
         e_logits = model(e_ids, attention_mask=e_mask).router_logits
     js = js_divergence(pool_routing(e_logits, e_mask), pool_routing(t_logits, t_mask)).mean(0)  # (L,)
     layers = cfg.moe_layers
-    t_rec = record_routing(model, t_ids, t_mask, layers, language_prior(["tgt"] * len(tgt), beta, cfg))
-    e_rec = record_routing(model, e_ids, e_mask, layers, language_prior(["en"] * len(tgt), beta, cfg))
+    t_rec = record_routing(model, t_ids, t_mask, layers, language_prior(["tgt"] * len(tgt), prior, cfg))
+    e_rec = record_routing(model, e_ids, e_mask, layers, language_prior(["en"] * len(tgt), prior, cfg))
     agree = []
     for l in layers:
         a, b = t_rec[l][0][:, 2:], e_rec[l][0][:, 1:]  # target w_j at j + 1 (after the tag); (B, T-2, K) each
@@ -268,11 +285,11 @@ def routing_match(model, items, beta):
     return js.tolist(), agree
 
 
-def measure(model, items, beta, seed):
+def measure(model, items, prior, seed):
     cfg = model.config
     L = cfg.n_layers
     sel = lambda split, lang: [k for k, it in enumerate(items) if it["split"] == split and it["lang"] == lang]
-    own = correct(model, items, beta)
+    own = correct(model, items, prior)
     acc = lambda c, split, lang: float(np.mean(c[sel(split, lang)]))
     test = [it for it in items if it["split"] == "test"]
     test_tgt = [it for it in test if it["lang"] == "tgt"]
@@ -282,19 +299,19 @@ def measure(model, items, beta, seed):
                                                                                 if it["split"] == "control"]])))
     own_tgt = own[sel("test", "tgt")]
     # sanity: imposing the target's own routing on every layer changes no answer
-    same = correct(model, test_tgt, beta, lambda b: oracle_edits(model, b, beta, cfg.moe_layers, own=True))
+    same = correct(model, test_tgt, prior, lambda b: oracle_edits(model, b, prior, cfg.moe_layers, own=True))
     assert (same == own_tgt).all(), "imposing the target's own routing changed answers"
     sets = {"all": cfg.moe_layers, "band": list(range(1, L - 1)), **{f"L{l}": [l] for l in cfg.moe_layers}}
-    res["oracle"] = {name: float(correct(model, test_tgt, beta, lambda b, ls=ls: oracle_edits(model, b, beta, ls)).mean())
+    res["oracle"] = {name: float(correct(model, test_tgt, prior, lambda b, ls=ls: oracle_edits(model, b, prior, ls)).mean())
                      for name, ls in sets.items()}
     gen = lambda l: torch.Generator().manual_seed(10_000 * seed + l)
-    res["random_en"] = [float(correct(model, test_en, beta, lambda b, l=l: {l: RoutingIntervention(randomise=gen(l))}).mean())
+    res["random_en"] = [float(correct(model, test_en, prior, lambda b, l=l: {l: RoutingIntervention(randomise=gen(l))}).mean())
                         for l in cfg.moe_layers]
-    res["random_tgt"] = [float(correct(model, test_tgt, beta, lambda b, l=l: {l: RoutingIntervention(randomise=gen(l))}).mean())
+    res["random_tgt"] = [float(correct(model, test_tgt, prior, lambda b, l=l: {l: RoutingIntervention(randomise=gen(l))}).mean())
                          for l in cfg.moe_layers]
-    res["removed_en"] = [float(correct(model, test_en, beta, lambda b, l=l: {l: RoutingIntervention(remove_output=True)}).mean())
+    res["removed_en"] = [float(correct(model, test_en, prior, lambda b, l=l: {l: RoutingIntervention(remove_output=True)}).mean())
                          for l in cfg.moe_layers]
-    res["js"], res["topk"] = routing_match(model, test, beta)
+    res["js"], res["topk"] = routing_match(model, test, prior)
     return res
 
 
@@ -311,9 +328,10 @@ def run_one(job):
     check_splits(world, vocab, en, tgt, finetuning_rows(world, vocab, s["bridge"]))
     torch.manual_seed(seed)
     model = MoETransformer(MoEConfig(vocab_size=len(vocab.itos), **settings["model"]))
-    ce = pretrain(model, en, tgt, settings, seed, beta)
+    prior = world_prior(settings, beta, model.config)
+    ce = pretrain(model, en, tgt, settings, seed, prior)
     items = sum((eval_items(world, vocab, s[k], k) for k in ("test", "shared", "control")), [])
-    res = measure(model, items, beta, seed)
+    res = measure(model, items, prior, seed)
     res.update(beta=beta, seed=seed, pretrain_ce=ce, wall_s=round(time.time() - t0, 1))
     print(f"beta {beta:g} seed {seed}: en {res['en']:.3f} tgt {res['tgt']:.3f} oracle band {res['oracle']['band']:.3f} "
           f"all {res['oracle']['all']:.3f} control {res['control']:.3f} ({res['wall_s']:.0f}s)", flush=True)

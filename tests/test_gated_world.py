@@ -46,8 +46,9 @@ def test_the_target_is_english_with_a_tag_and_aligned_token_for_token():
 def test_language_prior_is_a_per_sequence_router_bias():
     cfg = MoEConfig(vocab_size=50, hidden_size=16, n_layers=2, n_heads=2, n_kv_heads=1, n_experts=8, top_k=2,
                     moe_intermediate_size=8, intermediate_size=16)
-    assert G.language_prior(["en"], 0.0, cfg) == {}
-    edits = G.language_prior(["en", "tgt"], 4.0, cfg)
+    assert G.language_prior(["en"], G.world_prior(G.FULL, 0.0, cfg), cfg) == {}
+    assert G.world_prior({**G.FULL, "prior_layers": "middle"}, 4.0, MoEConfig(**{**cfg.to_dict(), "n_layers": 4}))["layers"] == [1, 2]
+    edits = G.language_prior(["en", "tgt"], G.world_prior(G.FULL, 4.0, cfg), cfg)
     assert sorted(edits) == [0, 1]
     bias = edits[0].logit_bias
     assert bias.shape == (2, 1, 8)
@@ -64,7 +65,7 @@ def test_language_prior_is_a_per_sequence_router_bias():
 
 def test_train_steps_is_an_explicit_placeholder():
     with pytest.raises(NotImplementedError, match="train_steps"):
-        G.train_steps(None, [], lambda_js=1.5, band=[1, 2], beta=2.0, settings=G.FULL)
+        G.train_steps(None, [], lambda_js=1.5, band=[1, 2], prior=None, settings=G.FULL)
 
 
 def test_quick_study_end_to_end(tmp_path):
