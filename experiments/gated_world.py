@@ -15,7 +15,7 @@ the middle layers 1..L-2 (settings["prior_layers"] = "middle"; "all" = every lay
 prior: +beta on experts 0..E/2-1 for English sequences, +beta on E/2..E-1 for target sequences, in pretraining and
 at evaluation (router.RoutingIntervention(logit_bias=(B, 1, E)): the model's one routing hook, not a fork of the
 model). Why the middle layers only, measured while sizing (seed 0, beta 2, one run each, 1,000 steps): with the
-prior on every layer the oracle on the middle band recovered 0.02-0.04 of a 0.11-0.16 English-target gap (the
+prior on every layer the oracle on the middle band recovered 0.02-0.06 of a 0.11-0.18 English-target gap (the
 oracle on all layers recovered all of it): the gate sat largely in the edge layers, which the paper's band rule
 excludes; with the prior on layers 1-2 only, the band oracle recovered 0.16 of a 0.17 gap. Entity splits as in transfer.py: shared (facts in English and in the
 target in pretraining), test (facts ONLY in English, in pretraining: what we measure), bridge (English facts in

@@ -133,3 +133,19 @@ def test_oracle_rejects_bad_alignments():
         R.oracle_interventions(model, anc, mask, torch.tensor([[0, 4], [0, 4]]), [0])
     with pytest.raises(ValueError, match=r"expected \(B, T\)"):
         R.oracle_interventions(model, anc, mask, torch.tensor([[0, 1]]), [0])
+
+
+def test_the_docs_oracle_example_runs():
+    """The Python example of docs/experiments.md, section 3, executed as written."""
+    import os
+    import re
+    text = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "experiments.md"),
+                encoding="utf-8").read()
+    section = text[text.index("## 3. The routing oracle"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    scope = {}
+    exec(compile(code, "docs/experiments.md (section 3)", "exec"), scope)
+    res = scope["res"]
+    assert set(res) == {"own", "imposed", "delta", "layers"} and res["layers"] == [1, 2]
+    assert res["delta"] == pytest.approx(res["imposed"] - res["own"]) and res["delta"] != 0
+    assert all(b.mlp.intervention is None for b in scope["model"].layers)

@@ -46,9 +46,10 @@ def test_the_target_is_english_with_a_tag_and_aligned_token_for_token():
 def test_language_prior_is_a_per_sequence_router_bias():
     cfg = MoEConfig(vocab_size=50, hidden_size=16, n_layers=2, n_heads=2, n_kv_heads=1, n_experts=8, top_k=2,
                     moe_intermediate_size=8, intermediate_size=16)
-    assert G.language_prior(["en"], G.world_prior(G.FULL, 0.0, cfg), cfg) == {}
+    every = {**G.FULL, "prior_layers": "all"}
+    assert G.language_prior(["en"], G.world_prior(every, 0.0, cfg), cfg) == {}
     assert G.world_prior({**G.FULL, "prior_layers": "middle"}, 4.0, MoEConfig(**{**cfg.to_dict(), "n_layers": 4}))["layers"] == [1, 2]
-    edits = G.language_prior(["en", "tgt"], G.world_prior(G.FULL, 4.0, cfg), cfg)
+    edits = G.language_prior(["en", "tgt"], G.world_prior(every, 4.0, cfg), cfg)
     assert sorted(edits) == [0, 1]
     bias = edits[0].logit_bias
     assert bias.shape == (2, 1, 8)
@@ -89,5 +90,7 @@ def test_quick_study_end_to_end(tmp_path):
         if gain.std() > 0:
             lo, hi = sps.t.interval(0.95, len(gain) - 1, loc=gain.mean(), scale=sps.sem(gain))
             assert a["gain_band"]["lo"] == pytest.approx(lo) and a["gain_band"]["hi"] == pytest.approx(hi)
-    # beta = 0: both languages route with the same (no) prior; the tag is the only difference
-    assert S["by_beta"]["0"]["js"][0] < S["by_beta"]["2"]["js"][0]
+    # beta = 0: both languages route with the same (no) prior, the tag is the only difference; with beta = 2 on
+    # the middle layers the target's routing there is pulled apart from the English one
+    assert S["settings"]["prior_layers"] == "middle"
+    assert S["by_beta"]["0"]["js"][1] < S["by_beta"]["2"]["js"][1]
