@@ -39,8 +39,8 @@ Sizing (seed 0, beta 2, 2-core machine shared with other jobs): English accuracy
 learned at this CPU budget (~1 CPU-minute per base model; the full run is 12 base models).
 
 The later SARA comparison (declared in results/gated_world/report.md, not run here): from the same base models,
-plain fine-tuning vs SARA on the middle band, on identical batches; its training step is `train_steps` below, a
-placeholder until the product's training loop lands (it raises NotImplementedError).
+plain fine-tuning vs SARA on the middle band, on identical batches; its training step is `train_steps`, a
+placeholder in experiments/gated_sara.py until the product's training loop lands (it raises NotImplementedError).
 """
 import argparse
 import json
@@ -67,9 +67,9 @@ MODEL = dict(hidden_size=48, n_layers=4, n_heads=4, n_kv_heads=2, intermediate_s
              moe_intermediate_size=96, qk_norm=True, norm_topk_prob=True, max_position_embeddings=32,
              router_aux_loss_coef=0.01, expert_impl="loop")
 FULL = dict(betas=[0.0, 1.0, 2.0, 4.0], seeds=[0, 1, 2], model=MODEL,
-            n_entities=dict(shared=16, test=12, bridge=12, control=6), target_share=0.25,
+            n_entities=dict(shared=8, test=8, bridge=8, control=4), target_share=0.25,
             prior_layers="middle", pretrain_steps=1000, pretrain_batch=32, pretrain_lr=5e-3, warmup_frac=0.1, weight_decay=0.01, grad_clip=1.0)
-QUICK = {**FULL, "betas": [0.0, 2.0], "seeds": [0, 1], "n_entities": dict(shared=8, test=6, bridge=6, control=4),
+QUICK = {**FULL, "betas": [0.0, 2.0], "seeds": [0, 1], "n_entities": dict(shared=6, test=6, bridge=6, control=4),
          "pretrain_steps": 60}
 LANGS = ("en", "tgt")
 
@@ -208,14 +208,6 @@ def pretrain(model, en, tgt, settings, seed, prior):
         ces.append(out.loss.item())
     model.eval()
     return float(np.mean(ces[-20:]))
-
-
-def train_steps(model, batches, *, lambda_js, band, prior, settings):
-    """THE PLACEHOLDER of the later SARA comparison (not run yet): one fine-tuning pass over `batches` (lists of
-    finetuning_rows) with CE + lambda_LB * LB + lambda_JS * L_JS over `band`, anchors = the base model's pooled
-    routing of each row's anchor_ids under the English prior, each forward under language_prior(..., prior).
-    It will call the product's training step once train.py's loop is restructured; until then it refuses."""
-    raise NotImplementedError("the SARA comparison waits for the product's training loop (train_steps)")
 
 
 # -----------------------------------------------------------------------------
@@ -405,13 +397,23 @@ def main():
                                                                    else ("experiments", "results", "gated_world"))))
     os.makedirs(results, exist_ok=True)
     t0 = time.time()
-    jobs = [(settings, beta, seed) for beta in settings["betas"] for seed in settings["seeds"]]
+    jobs = [(settings, beta, seed) for seed in settings["seeds"] for beta in settings["betas"]]  # whole seeds first
+    partial = os.path.join(results, "runs.jsonl")  # each base model's record as it finishes (an interrupted run keeps them)
+    open(partial, "w").close()
+    runs = []
+
+    def keep(res):
+        runs.append(res)
+        with open(partial, "a") as f:
+            f.write(json.dumps(res) + "\n")
     if args.jobs > 1:
         import multiprocessing as mp
         with mp.get_context("spawn").Pool(min(args.jobs, len(jobs))) as pool:
-            runs = pool.map(run_one, jobs)
+            for res in pool.imap_unordered(run_one, jobs):
+                keep(res)
     else:
-        runs = [run_one(j) for j in jobs]
+        for job in jobs:
+            keep(run_one(job))
     S = dict(command="python experiments/gated_world.py" + (" --quick" if args.quick else ""), settings=settings,
              by_beta=analyse(runs, settings), runs=runs, wall_s=round(time.time() - t0, 1), jobs=args.jobs,
              cpu_seconds=round(sum(r["wall_s"] for r in runs), 1), platform=platform_info("cpu"))

@@ -64,9 +64,35 @@ def test_language_prior_is_a_per_sequence_router_bias():
     torch.testing.assert_close(biased[0], plain[0] + bias)  # layer 0's input is the same: exactly + prior
 
 
-def test_train_steps_is_an_explicit_placeholder():
-    with pytest.raises(NotImplementedError, match="train_steps"):
-        G.train_steps(None, [], lambda_js=1.5, band=[1, 2], prior=None, settings=G.FULL)
+def test_sara_comparison_driver_up_to_its_placeholder():
+    """experiments/gated_sara.py with a stand-in training function: both conditions start from the same base
+    model, see identical batches, get the base model's English-prior anchors, and only lambda_JS differs."""
+    import gated_sara as C
+    with pytest.raises(NotImplementedError, match="placeholder"):
+        C.train_steps(None, [], [], lambda_js=1.5, band=[1, 2], prior=None, settings=G.FULL)
+    calls = []
+
+    def stand_in(model, batches, anchors, **kw):
+        calls.append(dict(state={k: v.clone() for k, v in model.state_dict().items()}, ids=[[r["ids"] for r in b] for b in batches],
+                          anchors=anchors, **kw))
+        with torch.no_grad():
+            next(model.parameters()).add_(1.0)  # a "training" that changes the model: the next condition must reset it
+    settings = {**G.QUICK, "pretrain_steps": 5}
+    compare = {**C.COMPARE, "finetune_epochs": 1, "finetune_batch": 16}
+    out = C.compare_seed(settings, compare, 0, train=stand_in)
+    plain, band = calls
+    assert plain["lambda_js"] == 0.0 and band["lambda_js"] == compare["lambda_js"] and plain["band"] == band["band"] == [1, 2]
+    assert plain["ids"] == band["ids"] and all(torch.equal(plain["state"][k], band["state"][k]) for k in plain["state"])
+    vocab = G.make_vocab(settings)
+    assert all(vocab.tgt in ids for b in plain["ids"] for ids in b)  # target-language rows
+    assert plain["anchors"][0].shape == (16, 4, 8) and torch.allclose(plain["anchors"][0].sum(-1), torch.ones(16, 4))
+    # the anchors are the English versions' pooled routing under the English prior: experts 0-3 favoured in the band
+    a = torch.cat(plain["anchors"])
+    assert (a[:, 1, :4].sum(-1) > 0.5).float().mean() > 0.9
+    assert set(out) == {"seed", "band_layers", "base", "plain", "band"} and out["band_layers"] == [1, 2]
+    assert {"tgt", "en", "oracle"} <= set(out["plain"])
+    d = C.primary([dict(plain=dict(tgt=0.5), band=dict(tgt=0.6)), dict(plain=dict(tgt=0.4), band=dict(tgt=0.4))])
+    assert d["per_seed"] == pytest.approx([0.1, 0.0]) and d["mean"] == pytest.approx(0.05)
 
 
 def test_quick_study_end_to_end(tmp_path):
