@@ -328,10 +328,19 @@ class MoE(nn.Module):
             self.router = TopKRouter(H, E, cfg.top_k, cfg.norm_topk_prob)
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))  # [gate; up] rows per expert
         self.down_proj = nn.Parameter(torch.empty(E, H, I))
+        # router.RoutingIntervention or None (untouched, bit for bit); set it with router.intervene
+        self.intervention = None
 
     def forward(self, x):  # x: (B, T, H) -> (B, T, H), router logits (B, T, E)
         B, T, H = x.shape
-        weights, expert_ids, logits = self.router(x)  # (N, K), (N, K), (B, T, E) (not a view)
+        hook = self.intervention
+        if hook is None:
+            weights, expert_ids, logits = self.router(x)  # (N, K), (N, K), (B, T, E) (not a view)
+        else:
+            weights, expert_ids, logits = self.router(x, edit_logits=hook.edit_logits)
+            weights, expert_ids = hook.route(weights, expert_ids, B, T, self.cfg.n_experts)
+            if hook.remove_output:
+                return torch.zeros_like(x), logits
         x = x.reshape(B * T, H)
         impl = self.cfg.expert_impl
         if impl == "auto":

@@ -10,14 +10,26 @@ A router maps each token's hidden state h (H,) to
   - top-k combine weights                     (K,)
 Every router here takes x (..., H) and returns (weights (N, K), expert_ids (N, K), logits (..., E)),
 N = the number of tokens, logits not a view (FSDP2 warns about views among a module's outputs); the MoE layer in
-model.py does the rest. Two routers cover the models SARA is applied to:
+model.py does the rest. Both take an optional edit_logits (a function (..., E) -> (..., E), applied to the gate
+logits before any expert is chosen): the hook of RoutingIntervention below. Two routers cover the models SARA is
+applied to:
   - TopKRouter: softmax over ALL experts, then top-k, optionally renormalised over the chosen k
     (Qwen3-MoE, Mixtral, OLMoE).
   - SparseMixerRouter: Phi-3.5-MoE's "sparsemixer" top-2 (arXiv 2409.12136), which picks experts
     by argmax at inference and by Gumbel sampling in training, with a straight-through multiplier.
 Numerics (dtype of each step) follow the released checkpoints' reference code exactly, so that
 bf16 outputs are bit-identical to transformers' eager path (see docs/architectures.md).
+
+RoutingIntervention / intervene (end of the file): one per-layer hook on model.MoE that can add a prior to the
+router logits, rewrite them (steering rules), impose given experts and gate weights, randomise the routing,
+remove the layer's output, or record what was routed. Analyses (evaluation/routing.py's routing oracle) and
+experiments (experiments/gated_world.py's per-sequence language prior) go through it; with no intervention set
+(the default) the layer runs exactly as without the hook, bit for bit (tests/test_routing_intervention.py).
 """
+import dataclasses
+from contextlib import contextmanager
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 
@@ -31,8 +43,10 @@ class TopKRouter(nn.Module):
         self.top_k = top_k
         self.norm_topk_prob = norm_topk_prob
 
-    def forward(self, x):  # x: (..., H), e.g. (B, T, H) or (N, H)
+    def forward(self, x, edit_logits=None):  # x: (..., H), e.g. (B, T, H) or (N, H)
         logits = self.gate(x)  # (..., E), model dtype, as the checkpoints do
+        if edit_logits is not None:  # an intervention: the experts are chosen from the edited logits
+            logits = edit_logits(logits)
         scores = logits.reshape(-1, logits.shape[-1])  # (N, E)
         # softmax over ALL experts in fp32 (float64 stays float64, for gradcheck)
         probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
@@ -117,18 +131,22 @@ class SparseMixerRouter(nn.Module):
         self.input_jitter = input_jitter
         self.clean_logits = clean_logits
 
-    def forward(self, x):  # x: (..., H), e.g. (B, T, H) or (N, H)
+    def forward(self, x, edit_logits=None):  # x: (..., H), e.g. (B, T, H) or (N, H)
         clean = x
         if self.training and self.input_jitter > 0:
             # multiplicative noise U(1-j, 1+j) on the router input only (out of place, unlike
             # transformers 5.x, which jitters the shared hidden state in place and twice)
             x = x * torch.empty_like(x).uniform_(1.0 - self.input_jitter, 1.0 + self.input_jitter)
         logits = self.gate(x)  # (..., E)
+        if edit_logits is not None:  # an intervention: the experts are chosen from the edited logits
+            logits = edit_logits(logits)
         weights, expert_ids = sparsemixer(logits.reshape(-1, logits.shape[-1]), self.jitter_eps, self.training)
         if self.clean_logits and x is not clean:
             # the returned logits (which the SARA term pools, and the router losses use) are those
             # of the un-jittered input: softmax(h W_g) exactly; the routing itself stays jittered
             logits = self.gate(clean)
+            if edit_logits is not None:
+                logits = edit_logits(logits)
         return weights, expert_ids, logits
 
 
@@ -179,3 +197,119 @@ def router_z_loss(router_logits, attention_mask=None):
         return z.mean()
     mask = attention_mask.reshape(-1).to(device=z.device, dtype=torch.float32)
     return (z * mask).sum() / (mask.sum() * z.shape[0])
+
+
+# -----------------------------------------------------------------------------
+# interventions on routing (model.MoE.intervention)
+
+@dataclass
+class RoutingIntervention:
+    """
+    A change to one MoE layer's routing, set as model.MoE.intervention (None: the layer is untouched). Steps, in
+    the order the layer applies them (B sequences, T positions, E experts, K experts per token):
+      1. logits   z <- z + logit_bias (any shape that broadcasts to (B, T, E): (B, 1, E) is a per-sequence
+                  prior, (E,) one for every token), then z <- logit_fn(z) (a function (B, T, E) -> (B, T, E):
+                  inference-time steering rules, e.g. z + lam * s_E * z.abs(), or raising chosen experts above
+                  the token's maximum). The router chooses experts and gate weights from the edited z, and the
+                  layer returns the edited z (what sara_loss pools and the router losses see).
+      2. routing  where `where` (B, T) bool is True (default: every token) the chosen experts and weights are
+                  replaced: by expert_ids (B, T, K) long and weights (B, T, K) (impose; weights as given, not
+                  renormalised), or by K distinct experts drawn uniformly with the torch.Generator `randomise`
+                  (the router's own K weights kept, in their order).
+      3. output   remove_output=True: the layer adds nothing to the residual stream (its router still runs).
+    record=True keeps the routing the experts ran with in .recorded = (expert_ids, weights), (B, T, K) each.
+    Gradients flow through steps 1 and 3 as usual; imposed weights are constants.
+    """
+    logit_bias: torch.Tensor = None
+    logit_fn: object = None
+    expert_ids: torch.Tensor = None
+    weights: torch.Tensor = None
+    randomise: torch.Generator = None
+    where: torch.Tensor = None
+    remove_output: bool = False
+    record: bool = False
+    recorded: tuple = None
+
+    def __post_init__(self):
+        if (self.expert_ids is None) != (self.weights is None):
+            raise ValueError("RoutingIntervention: give expert_ids and weights together (both (B, T, K)), or neither")
+        if self.expert_ids is not None and self.randomise is not None:
+            raise ValueError("RoutingIntervention: impose (expert_ids, weights) or randomise, not both")
+        if self.logit_fn is not None and not callable(self.logit_fn):
+            raise ValueError(f"RoutingIntervention: logit_fn must be a function (B, T, E) -> (B, T, E), "
+                             f"got {type(self.logit_fn).__name__}")
+
+    def edit_logits(self, logits):  # logits (B, T, E) -> (B, T, E); the router calls this before choosing
+        if self.logit_bias is not None:
+            try:
+                fits = torch.broadcast_shapes(self.logit_bias.shape, logits.shape) == logits.shape
+            except RuntimeError:
+                fits = False
+            if not fits:
+                raise ValueError(f"RoutingIntervention.logit_bias has shape {tuple(self.logit_bias.shape)}, which "
+                                 f"does not broadcast to the router logits {tuple(logits.shape)} (B, T, E)")
+            logits = logits + self.logit_bias.to(device=logits.device, dtype=logits.dtype)
+        if self.logit_fn is not None:
+            edited = self.logit_fn(logits)
+            if edited.shape != logits.shape:
+                raise ValueError(f"RoutingIntervention.logit_fn returned shape {tuple(edited.shape)}, expected "
+                                 f"{tuple(logits.shape)} (B, T, E)")
+            logits = edited
+        return logits
+
+    def route(self, weights, expert_ids, B, T, n_experts):
+        """The router's weights, expert_ids (N, K), N = B*T -> the ones the experts run with (N, K)."""
+        K = expert_ids.shape[-1]
+        new_w, new_ids = weights, expert_ids
+        if self.expert_ids is not None:
+            for name, t in (("expert_ids", self.expert_ids), ("weights", self.weights)):
+                if tuple(t.shape) != (B, T, K):
+                    raise ValueError(f"RoutingIntervention.{name} has shape {tuple(t.shape)}, expected (B, T, K) = "
+                                     f"{(B, T, K)} (this layer's input and top_k)")
+            ids = self.expert_ids.to(expert_ids.device)
+            if ids.dtype.is_floating_point or bool(((ids < 0) | (ids >= n_experts)).any()):
+                raise ValueError(f"RoutingIntervention.expert_ids must be integer ids in [0, {n_experts}); got "
+                                 f"dtype {ids.dtype}, range [{ids.min().item()}, {ids.max().item()}]")
+            new_ids = ids.reshape(B * T, K).long()
+            new_w = self.weights.to(device=weights.device, dtype=weights.dtype).reshape(B * T, K)
+        elif self.randomise is not None:
+            draw = torch.rand(B * T, n_experts, generator=self.randomise, device=self.randomise.device)
+            new_ids = draw.argsort(dim=-1)[:, :K].to(expert_ids.device)  # K distinct, uniformly
+        if self.where is not None and new_ids is not expert_ids:
+            if tuple(self.where.shape) != (B, T):
+                raise ValueError(f"RoutingIntervention.where has shape {tuple(self.where.shape)}, expected (B, T) = {(B, T)}")
+            keep_mine = ~self.where.to(expert_ids.device).reshape(B * T, 1).bool()
+            new_ids = torch.where(keep_mine, expert_ids, new_ids)
+            new_w = torch.where(keep_mine, weights, new_w)
+        if self.record:
+            self.recorded = (new_ids.detach().reshape(B, T, K), new_w.detach().reshape(B, T, K))
+        return new_w, new_ids
+
+
+def merge_intervention(edits, layer, **fields):
+    """edits[layer] (an intervention a forward runs with anyway, e.g. a language prior) with `fields` set, or a
+    new RoutingIntervention(**fields) if edits has none for that layer. edits: {layer: RoutingIntervention} or None."""
+    base = (edits or {}).get(layer)
+    return dataclasses.replace(base, **fields) if base is not None else RoutingIntervention(**fields)
+
+
+@contextmanager
+def intervene(model, by_layer):
+    """with intervene(model, {decoder_layer_index: RoutingIntervention, ...}): set the interventions on those MoE
+    layers, and on exit put back what was there before (normally None). Raises before setting anything if a
+    layer does not exist or is not an MoE layer."""
+    layers = model.layers
+    moe = [i for i, b in enumerate(layers) if getattr(b, "is_moe", False)]
+    for i, edit in by_layer.items():
+        if i not in moe:
+            raise ValueError(f"intervene: layer {i} is not an MoE layer of this model (MoE layers: {moe})")
+        if not isinstance(edit, RoutingIntervention):
+            raise ValueError(f"intervene: layer {i}: expected a RoutingIntervention, got {type(edit).__name__}")
+    before = {i: layers[i].mlp.intervention for i in by_layer}
+    try:
+        for i, edit in by_layer.items():
+            layers[i].mlp.intervention = edit
+        yield model
+    finally:
+        for i, edit in before.items():
+            layers[i].mlp.intervention = edit

@@ -20,6 +20,16 @@ a window may not contain the first or the last MoE layer. Both of the paper's ba
 layers (Qwen3 7-34 of 0-47, Phi-3.5 13-26 of 0-31); a measured curve need not be U-shaped, and without the
 constraint its minimum may sit at an edge. edges=True (`--edges`) allows the edge windows explicitly.
 Earliest window on ties. Reported in decoder-layer indices, as train.py takes them.
+
+The routing oracle (record_routing, oracle_interventions, routing_oracle_loss): run target-language inputs with
+the routing of their aligned English tokens imposed on chosen MoE layers -- each target token gets exactly the
+top-k experts and gate weights its English token was routed to -- and measure the change in loss (or, in an
+experiment, accuracy). That change is the ceiling of what any routing-alignment method (SARA included) can gain
+on that model and data: no alignment of routing makes a token's routing more English than its English token's
+own. A ceiling near zero means the model's knowledge does not depend on WHICH experts run in those layers.
+Through router.RoutingIntervention (the model's one routing hook). Alignment: align (B, T) long, for each target
+position the anchor position whose routing it takes, -1 = keep its own (e.g. a language tag with no English
+counterpart).
 """
 import csv
 import math
@@ -31,6 +41,7 @@ import torch
 from anchors import forward_and_pool
 from data.parallel import group_key
 from evaluation.benchmarks import read_rows
+from router import intervene, merge_intervention
 from sara_loss import layer_divergence, pooled_layer_divergence
 
 def routing_distributions(model, tok, samples, *, batch_size=16, max_len=512, system=None):
@@ -169,4 +180,53 @@ def band_divergence_change(rows, band, model_a, model_b, metric="js_norm"):
         for lang, vals in by_lang.items():
             out.setdefault(lang, []).append(sign * float(np.mean([vals[k] for k in keep])))
     return {l: sum(v) for l, v in out.items() if len(v) == 2}
+
+
+# -----------------------------------------------------------------------------
+# the routing oracle
+@torch.no_grad()
+def record_routing(model, ids, mask, layers, edits=None):
+    """-> {layer: (expert_ids (B, T, K), weights (B, T, K))}, the routing each of `layers` (decoder indices) ran
+    with on ids/mask (B, T); `edits` {layer: RoutingIntervention} are applied as in any other forward."""
+    recs = {l: merge_intervention(edits, l, record=True) for l in set(layers) | set(edits or {})}
+    with intervene(model, recs):
+        model(ids, attention_mask=mask)
+    return {l: recs[l].recorded for l in layers}
+
+
+def oracle_interventions(model, anchor_ids, anchor_mask, align, layers, anchor_edits=None, target_edits=None):
+    """Interventions for the TARGET forward that impose, on each of `layers`, the routing of the aligned anchor
+    (English) tokens. anchor_ids/anchor_mask (B, Ta); align (B, T) long: anchor position per target position, -1
+    = keep the target token's own routing. anchor_edits / target_edits: {layer: RoutingIntervention} each forward
+    runs with anyway (kept in the result for every layer). -> {layer: RoutingIntervention}."""
+    align = torch.as_tensor(align, dtype=torch.long)
+    if align.dim() != 2 or align.shape[0] != anchor_ids.shape[0]:
+        raise ValueError(f"align has shape {tuple(align.shape)}, expected (B, T) with B = {anchor_ids.shape[0]} "
+                         "anchor sequences")
+    Ta = anchor_ids.shape[1]
+    if bool((align >= Ta).any()):
+        raise ValueError(f"align points past the anchor sequences (max {align.max().item()}, anchor length {Ta})")
+    used = align >= 0
+    pos = align.clamp(min=0)
+    if bool((anchor_mask.gather(1, pos) == 0)[used].any()):
+        raise ValueError("align points at anchor padding (anchor_mask = 0) for some target positions")
+    recorded = record_routing(model, anchor_ids, anchor_mask, layers, anchor_edits)
+    edits = dict(target_edits or {})
+    for l, (ids_BTK, w_BTK) in recorded.items():
+        idx = pos[..., None].expand(-1, -1, ids_BTK.shape[-1])  # (B, T, K)
+        edits[l] = merge_intervention(target_edits, l, expert_ids=ids_BTK.gather(1, idx), weights=w_BTK.gather(1, idx), where=used)
+    return edits
+
+
+@torch.no_grad()
+def routing_oracle_loss(model, target_ids, target_mask, labels, anchor_ids, anchor_mask, align, layers,
+                        anchor_edits=None, target_edits=None):
+    """Mean CE on labels (B, T; -100 ignored) of the target inputs with their own routing and with the aligned
+    anchor tokens' routing imposed on `layers` -> dict(own, imposed, delta = imposed - own) in nats/token."""
+    with intervene(model, dict(target_edits or {})):
+        own = model(target_ids, attention_mask=target_mask, labels=labels).loss.item()
+    edits = oracle_interventions(model, anchor_ids, anchor_mask, align, layers, anchor_edits, target_edits)
+    with intervene(model, edits):
+        imposed = model(target_ids, attention_mask=target_mask, labels=labels).loss.item()
+    return dict(own=own, imposed=imposed, delta=imposed - own, layers=sorted(layers))
 
