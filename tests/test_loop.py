@@ -135,7 +135,9 @@ def test_js_term_is_the_step_mean_over_anchored_samples(tmp_path, sw_examples):
     model = fresh_model().train()
     records = train_phase(tiny_run(tmp_path), "sara", model, examples, 1, 3e-3, Sara(anchors, [1, 2], 1.0), None, None)
     assert len(per_sample) == 3
-    assert records[0]["js"] == pytest.approx(sum(per_sample) / 3, rel=1e-4)
+    # JS of near-identical distributions (~1e-4 here) is a difference of O(1) fp32 terms: its absolute
+    # rounding error is O(1e-8), so a relative bound alone depends on how close the routings happen to be
+    assert records[0]["js"] == pytest.approx(sum(per_sample) / 3, rel=1e-4, abs=1e-7)
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert rows == json.loads(json.dumps(records))  # what was returned is what was written
 
