@@ -160,8 +160,11 @@ def load_split(settings):
     train, val = split_train_val(samples, t["val_fraction"], seed=0)
     targets = lambda rows: [s for s in rows if s["lang"] in t["train_langs"]]
     train, val = targets(train), targets(val)
-    kept = unseen_heldout(train, val)
-    return tok, tokenize_samples(tok, train, t["max_len"])[0], tokenize_samples(tok, val, t["max_len"])[0], kept
+    train_ex, val_ex = tokenize_samples(tok, train, t["max_len"])[0], tokenize_samples(tok, val, t["max_len"])[0]
+    # kept is decided on the rows, then read for the examples tokenize_samples kept (it drops a row whose
+    # prompt fills max_len), by id: position i of the rows is not position i of the examples
+    kept_by_id = dict(zip((s["id"] for s in val), unseen_heldout(train, val)))
+    return tok, train_ex, val_ex, [kept_by_id[e["id"]] for e in val_ex]
 
 
 def unseen_heldout(train, val):
