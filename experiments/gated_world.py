@@ -34,9 +34,11 @@ Measured per (beta, seed) on the base model, test entities, 8 candidate values p
     routing     per layer, pooled JS(target question || English question) of the router distributions the layers
                 return (prior included: what SARA's loss would pool) and token-level top-k agreement over
                 aligned tokens.
-Sizing (seed 0, beta 2, 2-core machine shared with other jobs): English accuracy on test facts 0.47-0.73 after
-700-1,500 steps at lr 5e-3 / 1e-2 (1,500 steps at 1e-2: 0.24, training went wrong); the facts are not fully
-learned at this CPU budget (~1 CPU-minute per base model; the full run is 12 base models).
+Sizing (2-core machine shared with other jobs; one run each): English accuracy on test facts after 1,000 steps
+was the limiting quantity. With 16/12/12/6 shared/test/bridge/control entities (160 facts to learn) it was 0.17-0.25
+at beta 0 (3 seeds), 0.55-0.88 at beta 1, 0.56 at beta 2 (run stopped after 6 of 12 base models); with 8/8/8/4
+(96 facts), beta 2, seed 1: English 1.00, target 0.83, band oracle 1.00. Earlier, 700-1,500 steps at lr 5e-3 / 1e-2
+with 160 facts gave 0.24-0.73 (1,500 steps at 1e-2: 0.24). A base model costs ~70 CPU-seconds.
 
 The later SARA comparison (declared in results/gated_world/report.md, not run here): from the same base models,
 plain fine-tuning vs SARA on the middle band, on identical batches; its training step is `train_steps`, a
@@ -416,7 +418,7 @@ def main():
             keep(run_one(job))
     S = dict(command="python experiments/gated_world.py" + (" --quick" if args.quick else ""), settings=settings,
              by_beta=analyse(runs, settings), runs=runs, wall_s=round(time.time() - t0, 1), jobs=args.jobs,
-             cpu_seconds=round(sum(r["wall_s"] for r in runs), 1), platform=platform_info("cpu"))
+             job_wall_s_sum=round(sum(r["wall_s"] for r in runs), 1), platform=platform_info("cpu"))
     with open(os.path.join(results, "summary.json"), "w") as f:
         json.dump(S, f, indent=1)
     md = tables(S)
