@@ -308,7 +308,7 @@ def load_hf(path, dtype=None, device=None, **overrides):
     path = Path(path)
     hf = _read_json(path / "config.json")
     try:  # config.json's values are mapped (and mostly checked) by hf_config.py; a wrong type can get past
-        cfg = config_from_hf(hf)
+        cfg = config_from_hf(hf, source=str(path / "config.json"))
         cfg = MoEConfig.from_dict({**cfg.to_dict(), **overrides})
         wrong = _wrongly_typed(cfg)
         if wrong:
@@ -316,8 +316,8 @@ def load_hf(path, dtype=None, device=None, **overrides):
         with torch.device("meta"):
             model = MoETransformer(cfg)
         hf_tensor_map(model, hf["model_type"])
-    except CheckpointError:
-        raise
+    except CheckpointError as err:  # the family's own checks (families/), naming the key: add the fix
+        raise CheckpointError(f"{err}; restore config.json from the original checkpoint") from None
     except Exception as err:
         raise CheckpointError(f"{path / 'config.json'}: a value of the wrong type or out of range "
                               f"({_first_line(err)}); restore config.json from the original checkpoint") from None

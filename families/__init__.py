@@ -15,7 +15,7 @@ FAMILIES = {qwen3_moe.MODEL_TYPE: qwen3_moe, phimoe.MODEL_TYPE: phimoe}
 
 def get(model_type):
     """The family module of a config.json model_type; ValueError naming it and the supported ones."""
-    if model_type not in FAMILIES:
+    if not isinstance(model_type, str) or model_type not in FAMILIES:  # (a list is unhashable: named, too)
         raise ValueError(f"model_type {model_type!r} is not supported (supported: {sorted(FAMILIES)})")
     return FAMILIES[model_type]
 
