@@ -13,7 +13,7 @@ import families
 import hf_config
 import tokenizer
 from hf_config import CheckpointError, config_from_hf, config_to_hf, hf_tensor_map
-from model import MoEConfig, MoETransformer, phi35_moe_config, qwen3_30b_a3b_config
+from model import MoEConfig, MoETransformer, gpt_oss_20b_config, phi35_moe_config, qwen3_30b_a3b_config
 
 # what every family module must define (docs/architectures.md, "Adding a family")
 NAMES = ("MODEL_TYPE", "ARCHITECTURE", "HF_CONFIG_CLASS", "HF_MODEL_CLASS", "EXPERT_NAMES", "HF_DEFAULTS",
@@ -46,7 +46,8 @@ def test_family_defaults_and_classes_are_transformers_own(model_type):
     assert theirs == family.HF_DEFAULTS
 
 
-@pytest.mark.parametrize("preset,model_type", [(qwen3_30b_a3b_config, "qwen3_moe"), (phi35_moe_config, "phimoe")])
+@pytest.mark.parametrize("preset,model_type", [(qwen3_30b_a3b_config, "qwen3_moe"), (phi35_moe_config, "phimoe"),
+                                               (gpt_oss_20b_config, "gpt_oss")])
 def test_presets_are_their_family(preset, model_type):
     assert families.of_config(preset()) is families.FAMILIES[model_type]
     assert config_to_hf(preset())["model_type"] == model_type
@@ -57,7 +58,7 @@ def test_unknown_model_type_and_architecture_are_named_with_the_supported_ones()
     with pytest.raises(CheckpointError) as err:
         config_from_hf({"model_type": "mixtral", "num_local_experts": 8})
     assert "'mixtral'" in str(err.value) and supported in str(err.value) and "config.json" in str(err.value)
-    with pytest.raises(ValueError, match=r"'olmoe' is not supported \(supported: \['phimoe', 'qwen3_moe'\]\)"):
+    with pytest.raises(ValueError, match=r"'olmoe' is not supported \(supported: \['gpt_oss', 'phimoe', 'qwen3_moe'\]\)"):
         families.get("olmoe")
     with pytest.raises(ValueError) as err:
         families.by_architecture("MixtralForCausalLM")
