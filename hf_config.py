@@ -96,8 +96,14 @@ def _switch_problems(c, hf, family):
         problems.append("unsupported quantization_config (quantized checkpoints are not supported"
                         + (f" except {list(family.QUANT_METHODS)}" if getattr(family, "QUANT_METHODS", ()) else "") + ")")
     window = family.sliding_window(c)
-    if window is not None and not (_is_int(window) and window >= c["max_position_embeddings"]):
-        problems.append(f"unsupported sliding_window={window!r} (sliding-window attention is not implemented)")
+    if window is not None and not (_is_int(window) and window > 0):
+        problems.append(f"sliding_window={window!r} (expected a positive integer or null)")
+    # a family without SLIDING_WINDOW = True does not map the window into MoEConfig: a window that
+    # would cut attention short is then a switch we do not implement for it
+    elif (window is not None and window < c["max_position_embeddings"]
+          and not getattr(family, "SLIDING_WINDOW", False)):
+        problems.append(f"unsupported sliding_window={window!r} (sliding-window attention is not implemented "
+                        f"for {family.MODEL_TYPE})")
     problems += [f"unsupported {k}={c[k]!r} (dropout is not implemented; only 0)" for k in _DROPOUTS
                  if c.get(k, 0) != 0]
     return problems + family.problems(c, hf)

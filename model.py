@@ -43,6 +43,9 @@ from families import gpt_oss, phimoe, qwen3_moe
 from router import TopKRouter, SparseMixerRouter, load_balancing_loss, router_z_loss
 
 
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
 @dataclass
 class MoEConfig:
     vocab_size: int = 4096
@@ -86,6 +89,12 @@ class MoEConfig:
     attn_impl: str = "sdpa"  # "sdpa" or "eager" (the checkpoints' reference numerics)
     # a learned per-head logit in every softmax's denominator (GPT-OSS): eager attention only
     attention_sinks: bool = False
+    # sliding-window attention: a query at index i sees keys at indices i - sliding_window < j <= i
+    # (the window counts the query itself; transformers' sliding_window_overlay). layer_types names
+    # each layer "sliding_attention" or "full_attention" (transformers' spelling); None means every
+    # layer is sliding when sliding_window is set (Phi-3.5 / Phi-mini-MoE), else every layer full.
+    sliding_window: int = None
+    layer_types: tuple = None
     # --- positions
     rope_theta: float = 10000.0
     max_position_embeddings: int = 4096
@@ -107,7 +116,21 @@ class MoEConfig:
         if self.head_dim == 0:
             self.head_dim = self.hidden_size // self.n_heads
         self.mlp_only_layers = tuple(self.mlp_only_layers)
+        if self.layer_types is not None:
+            self.layer_types = tuple(self.layer_types)
         problems = []
+        if self.sliding_window is not None and not (
+                isinstance(self.sliding_window, int) and not isinstance(self.sliding_window, bool)
+                and self.sliding_window > 0):
+            problems.append(f"sliding_window={self.sliding_window!r} must be a positive integer or None")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.n_layers:
+                problems.append(f"layer_types has {len(self.layer_types)} entries, expected n_layers={self.n_layers}")
+            bad = sorted({t for t in self.layer_types if t not in LAYER_TYPES}, key=str)
+            if bad:
+                problems.append(f"layer_types {bad} are not among {LAYER_TYPES}")
+            if "sliding_attention" in self.layer_types and self.sliding_window is None:
+                problems.append("layer_types has 'sliding_attention' layers but sliding_window is None")
         if self.n_heads % self.n_kv_heads:
             problems.append(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         if self.head_dim % 2:
@@ -131,6 +154,12 @@ class MoEConfig:
                             "scaled_dot_product_attention has no attention-sink term; use attn_impl='eager'")
         if problems:
             raise ValueError("MoEConfig: " + "; ".join(problems))
+
+    def attention_window(self, i):
+        """The sliding window of layer i's attention, or None (full causal attention)."""
+        if self.layer_types is None or self.layer_types[i] == "sliding_attention":
+            return self.sliding_window
+        return None
 
     def is_moe_layer(self, i):
         return (self.n_experts > 0 and i not in self.mlp_only_layers
@@ -350,6 +379,7 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, S, hd)
+        mask = self.window_mask(mask, T, k.shape[2], x.device)
         if self.cfg.attn_impl == "eager":
             # GQA: query head h uses kv head h // (nh/nkv)
             k = k.repeat_interleave(nh // nkv, dim=1)
@@ -376,6 +406,21 @@ class Attention(nn.Module):
                                                enable_gqa=nh != nkv)
         y = y.transpose(1, 2).reshape(B, T, nh * hd)
         return self.o_proj(y)
+
+    def window_mask(self, mask, T, S, device):
+        """mask (B, 1, T, S) bool or None (plain causal) -> the same with this layer's sliding window
+        applied: query i (absolute index S - T + i, the cache index, as transformers counts it) sees
+        keys j > i - window. A window that covers all S keys changes nothing and is not applied,
+        so short sequences keep SDPA's mask-free causal kernel."""
+        window = self.cfg.attention_window(self.layer_idx)
+        if window is None or window >= S:
+            return mask
+        q_index = torch.arange(S - T, S, device=device)[:, None]
+        k_index = torch.arange(S, device=device)[None, :]
+        in_window = (k_index > q_index - window)[None, None]  # (1, 1, T, S)
+        if mask is None:  # plain causal, T == S
+            return (k_index <= q_index)[None, None] & in_window
+        return mask & in_window
 
 
 class SwiGLU(nn.Module):

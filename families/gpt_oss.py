@@ -40,6 +40,7 @@ HF_DEFAULTS = dict(vocab_size=201088, hidden_size=2880, intermediate_size=2880, 
 ROPE_TYPES = ("default", "yarn")
 INT_KEYS = ("num_local_experts",)
 BOOL_KEYS = ()
+SLIDING_WINDOW = True  # config.json's sliding_window / layer_types are implemented (model.py)
 NONNEGATIVE_KEYS = ("swiglu_alpha", "swiglu_limit")
 QUANT_METHODS = ("mxfp4",)  # quantization_config.quant_method values load_hf dequantizes
 
@@ -66,7 +67,8 @@ PRESET = dict(vocab_size=201088, hidden_size=2880, n_layers=24, n_heads=64, n_kv
               max_position_embeddings=131072,
               rope_scaling={"type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
                             "truncate": False, "original_max_position_embeddings": 4096},
-              router_aux_loss_coef=0.9)
+              router_aux_loss_coef=0.9, sliding_window=128,
+              layer_types=tuple("sliding_attention" if i % 2 == 0 else "full_attention" for i in range(24)))
 
 BENCH = dict(layers_gpu=2, layers_cpu=2, cpu=dict(n_experts=8, top_k=4, moe_intermediate_size=128))
 
@@ -76,8 +78,8 @@ _YARN_KEYS = ("factor", "beta_fast", "beta_slow", "truncate", "original_max_posi
 
 def sliding_window(c):
     """The window config.json asks for, None if no layer is a sliding one."""
-    layer_types = c.get("layer_types")  # None: transformers' default, even layers slide
-    return c.get("sliding_window") if layer_types is None or "sliding_attention" in layer_types else None
+    layer_types = _layer_types(c)  # (problems() names a malformed one)
+    return c.get("sliding_window") if isinstance(layer_types, list) and "sliding_attention" in layer_types else None
 
 
 def problems(c, hf):
@@ -99,7 +101,23 @@ def from_hf(c):
     return dict(intermediate_size=c["intermediate_size"], moe_intermediate_size=c["intermediate_size"],
                 router="topk", router_bias=True, router_softmax_after_topk=True, expert_bias=True,
                 expert_act="clamped_swiglu", swiglu_alpha=c["swiglu_alpha"], swiglu_limit=c["swiglu_limit"],
-                norm="rmsnorm", qk_norm=False, attention_sinks=True, attn_impl="eager", lm_head_bias=False)
+                norm="rmsnorm", qk_norm=False, attention_sinks=True, attn_impl="eager", lm_head_bias=False,
+                **_window_from_hf(c))
+
+
+def _layer_types(c):
+    # transformers' default: layer i slides iff i is even
+    return c.get("layer_types") or ["sliding_attention" if (i + 1) % 2 else "full_attention"
+                                    for i in range(c["num_hidden_layers"])]
+
+
+def _window_from_hf(c):
+    """sliding_window / layer_types of MoEConfig; both None when no layer slides (so that a config
+    with every layer full is one MoEConfig whatever window it names)."""
+    layer_types = _layer_types(c)
+    if "sliding_attention" not in layer_types:
+        return dict(sliding_window=None, layer_types=None)
+    return dict(sliding_window=c["sliding_window"], layer_types=tuple(layer_types))
 
 
 def rope_scaling_from_hf(params):
@@ -128,14 +146,10 @@ def to_hf(cfg):
     hf = dict(head_dim=cfg.head_dim, intermediate_size=cfg.moe_intermediate_size, num_local_experts=cfg.n_experts,
               swiglu_alpha=cfg.swiglu_alpha, swiglu_limit=cfg.swiglu_limit, rope_scaling=rope,
               attention_dropout=0.0, output_router_logits=False)
-    hf.update(window_to_hf(cfg))
+    # MoEConfig's layer_types None: every layer slides if there is a window, else none does
+    layer_types = cfg.layer_types or ["sliding_attention" if cfg.sliding_window else "full_attention"] * cfg.n_layers
+    hf.update(sliding_window=cfg.sliding_window, layer_types=list(layer_types))
     return hf
-
-
-def window_to_hf(cfg):
-    """sliding_window / layer_types of config.json: none yet (every layer full attention)."""
-    return dict(sliding_window=cfg.max_position_embeddings,
-                layer_types=["full_attention"] * cfg.n_layers)
 
 
 # -----------------------------------------------------------------------------
