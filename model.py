@@ -84,6 +84,7 @@ class MoEConfig:
     # --- attention and normalisation
     norm: str = "rmsnorm"  # "rmsnorm" (Qwen3) or "layernorm" (Phi-3.5, with bias)
     norm_eps: float = 1e-6
+    rmsnorm_weight_fp32: bool = False  # RMSNorm multiplies its weight before the cast back (GPT-OSS)
     qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (Qwen3)
     attention_bias: bool = False
     attn_impl: str = "sdpa"  # "sdpa" or "eager" (the checkpoints' reference numerics)
@@ -202,21 +203,25 @@ def phi35_moe_config(**overrides):
 # building blocks
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim, eps):
+    def __init__(self, dim, eps, weight_fp32=False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.weight_fp32 = weight_fp32
 
     def forward(self, x):
-        # normalise in fp32, cast back BEFORE the weight multiply (checkpoints' numerics)
+        # normalise in fp32, cast back BEFORE the weight multiply (Qwen3's numerics), or AFTER it
+        # (weight_fp32: GPT-OSS's; one rounding instead of two, which bf16 parity needs)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight_fp32:
+            return (self.weight * x32).to(x.dtype)
         return self.weight * x32.to(x.dtype)
 
 
 def make_norm(cfg, dim):
     if cfg.norm == "rmsnorm":
-        return RMSNorm(dim, cfg.norm_eps)
+        return RMSNorm(dim, cfg.norm_eps, weight_fp32=cfg.rmsnorm_weight_fp32)
     return nn.LayerNorm(dim, eps=cfg.norm_eps)  # with weight and bias
 
 

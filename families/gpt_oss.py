@@ -62,7 +62,8 @@ PRESET_NAME = "gpt_oss_20b"
 PRESET = dict(vocab_size=201088, hidden_size=2880, n_layers=24, n_heads=64, n_kv_heads=8, head_dim=64,
               intermediate_size=2880, n_experts=32, top_k=4, moe_intermediate_size=2880, router="topk",
               router_bias=True, router_softmax_after_topk=True, expert_bias=True, expert_act="clamped_swiglu",
-              swiglu_alpha=1.702, swiglu_limit=7.0, norm="rmsnorm", norm_eps=1e-5, qk_norm=False,
+              swiglu_alpha=1.702, swiglu_limit=7.0, norm="rmsnorm", rmsnorm_weight_fp32=True, norm_eps=1e-5,
+              qk_norm=False,
               attention_bias=True, attention_sinks=True, attn_impl="eager", rope_theta=150000.0,
               max_position_embeddings=131072,
               rope_scaling={"type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
@@ -101,8 +102,8 @@ def from_hf(c):
     return dict(intermediate_size=c["intermediate_size"], moe_intermediate_size=c["intermediate_size"],
                 router="topk", router_bias=True, router_softmax_after_topk=True, expert_bias=True,
                 expert_act="clamped_swiglu", swiglu_alpha=c["swiglu_alpha"], swiglu_limit=c["swiglu_limit"],
-                norm="rmsnorm", qk_norm=False, attention_sinks=True, attn_impl="eager", lm_head_bias=False,
-                **_window_from_hf(c))
+                norm="rmsnorm", rmsnorm_weight_fp32=True, qk_norm=False, attention_sinks=True, attn_impl="eager",
+                lm_head_bias=False, **_window_from_hf(c))
 
 
 def _layer_types(c):
@@ -133,6 +134,7 @@ def needs(cfg):
             "router_softmax_after_topk": cfg.router_softmax_after_topk, "expert_bias": cfg.expert_bias,
             "expert_act == 'clamped_swiglu'": cfg.expert_act == "clamped_swiglu",
             "attention_sinks": cfg.attention_sinks, "norm == 'rmsnorm'": cfg.norm == "rmsnorm",
+            "rmsnorm_weight_fp32": cfg.rmsnorm_weight_fp32,
             "not qk_norm": not cfg.qk_norm, "not lm_head_bias": not cfg.lm_head_bias,
             "every layer MoE": cfg.moe_layers == list(range(cfg.n_layers)),
             "rope_scaling None or yarn": rs is None or rs.get("type") == "yarn"}

@@ -111,6 +111,21 @@ def test_forward_parity_fp32(hf_dir, name):
     print(f"{name}: max rel logit error {err:.2e}")
 
 
+@pytest.mark.parametrize("name", CONFIGS)
+def test_forward_parity_bf16_bit_for_bit(hf_dir, name):
+    """bf16 on CPU with the reference paths (eager attention, per-expert loop): the same bits,
+    logits, router logits and aux loss (RMSNorm's weight multiply before the cast back matters:
+    rmsnorm_weight_fp32)."""
+    path = hf_dir(name)
+    mine = load_model(path, dtype=torch.bfloat16, expert_impl="loop")
+    a, b = run_both(oracle(path, torch.bfloat16), mine, random_ids(2, 24))
+    assert torch.equal(a.logits, b.logits), (a.logits.float() - b.logits.float()).abs().max()
+    assert all(torch.equal(x.view_as(y), y) for x, y in zip(a.router_logits, b.router_logits))
+    assert torch.equal(a.aux_loss, b.aux_loss)
+    ours_loss = b.loss + mine.config.router_aux_loss_coef * b.aux_loss
+    assert abs(a.loss - ours_loss) <= 2 * torch.finfo(torch.float32).eps * a.loss
+
+
 @pytest.mark.parametrize("impl", ["loop", "grouped"])
 def test_both_expert_paths_match_transformers(hf_dir, impl):
     from experts import GROUPED_MM
