@@ -111,6 +111,18 @@ def test_forward_parity_fp32(hf_dir, name):
     print(f"{name}: max rel logit error {err:.2e}")
 
 
+@pytest.mark.parametrize("name", ["yarn", "plain_rope_own_layer_types"])
+def test_greedy_generation_with_the_cache_matches_transformers(hf_dir, name):
+    """KV-cache decoding past the window (prompt 10, window 6, 12 new tokens): sinks, the window and
+    YaRN on the cached path give transformers' tokens."""
+    path = hf_dir(name)
+    theirs, mine = oracle(path), load_model(path, dtype=torch.float32)
+    ids = random_ids(2, 10, seed=5)
+    theirs.generation_config.bos_token_id = theirs.generation_config.eos_token_id = None
+    out = theirs.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert mine.generate(ids, max_new_tokens=12) == out[:, 10:].tolist()
+
+
 @pytest.mark.parametrize("name", CONFIGS)
 def test_forward_parity_bf16_bit_for_bit(hf_dir, name):
     """bf16 on CPU with the reference paths (eager attention, per-expert loop): the same bits,
