@@ -245,7 +245,9 @@ def simulated_peak(cfg, optimizer_states, tokens, ckpt, world=8, sync_every_micr
 
 def extrapolated_peak(cfg, optimizer_states, tokens, ckpt, layers=(4, 6), **kw):
     """simulated_peak at two depths, extended linearly to cfg.n_layers."""
-    a, b = (simulated_peak(type(cfg)(**{**cfg.to_dict(), "n_layers": n}), optimizer_states, tokens,
+    # a per-layer pattern (gpt_oss: sliding / full attention alternating) keeps its first n entries
+    a, b = (simulated_peak(type(cfg)(**{**cfg.to_dict(), "n_layers": n,
+                                        "layer_types": cfg.layer_types and cfg.layer_types[:n]}), optimizer_states, tokens,
                            ckpt, **kw) for n in layers)
     return a + (b - a) / (layers[1] - layers[0]) * (cfg.n_layers - layers[0])
 

@@ -405,6 +405,9 @@ class Attention(nn.Module):
                 probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
             y = torch.matmul(probs, v)
         else:
+            if self.cfg.attention_sinks:  # (MoEConfig refuses it; this catches a config edited after)
+                raise ValueError("attention_sinks=True cannot run with attn_impl='sdpa': scaled_dot_product_attention "
+                                 "has no attention-sink term; use attn_impl='eager'")
             # mask None (plain causal) lets SDPA take its flash kernel; enable_gqa maps query head
             # h to kv head h // (nh/nkv) without copying k and v (a 4-8x larger tensor)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,

@@ -203,6 +203,11 @@ def test_sinks_are_refused_by_a_kernel_that_cannot_take_them():
         MoEConfig(attention_sinks=True, attn_impl="sdpa")
     with pytest.raises(Exception, match="attn_impl='sdpa'"):
         gpt_oss_20b_config(attn_impl="sdpa")  # (a config only: nothing is built)
+    cfg = MoEConfig(n_layers=1, attention_sinks=True, attn_impl="eager")
+    model = MoETransformer(cfg)
+    cfg.attn_impl = "sdpa"  # edited after the check (as a benchmark switching paths might)
+    with pytest.raises(ValueError, match="attention_sinks=True cannot run with attn_impl='sdpa'"):
+        model(torch.zeros(1, 4, dtype=torch.long))
 
 
 # -----------------------------------------------------------------------------
