@@ -285,6 +285,20 @@ def test_mxfp4_checkpoint_loads_dequantized(hf_dir, tmp_path):
     check_parity(*run_both(theirs, mine, random_ids(2, 24)), mine.config.router_aux_loss_coef)
 
 
+def test_mxfp4_checkpoint_loads_in_bf16_and_saves_plain_bf16_that_transformers_loads(hf_dir, tmp_path):
+    """The released path: MXFP4 experts -> bf16 model -> save_hf writes plain bf16 (no
+    quantization_config) -> transformers' model from it gives our logits bit for bit."""
+    mxfp4_checkpoint(hf_dir("yarn"), tmp_path / "mxfp4")
+    mine = load_model(tmp_path / "mxfp4", dtype=torch.bfloat16, expert_impl="loop")
+    assert mine.layers[0].mlp.gate_up_proj.dtype == torch.bfloat16
+    save_hf(mine, tmp_path / "plain")
+    hf = json.loads((tmp_path / "plain" / "config.json").read_text())
+    assert "quantization_config" not in hf and hf["torch_dtype"] == "bfloat16"
+    theirs = oracle(tmp_path / "plain", torch.bfloat16)
+    a, b = run_both(theirs, mine, random_ids(2, 24))
+    assert torch.equal(a.logits, b.logits)
+
+
 def test_mxfp4_blocks_of_the_wrong_shape_are_named_before_reading(hf_dir, tmp_path):
     from checkpoint import CheckpointError
     from safetensors.torch import load_file
