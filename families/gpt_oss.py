@@ -63,8 +63,7 @@ PRESET = dict(vocab_size=201088, hidden_size=2880, n_layers=24, n_heads=64, n_kv
               intermediate_size=2880, n_experts=32, top_k=4, moe_intermediate_size=2880, router="topk",
               router_bias=True, router_softmax_after_topk=True, expert_bias=True, expert_act="clamped_swiglu",
               swiglu_alpha=1.702, swiglu_limit=7.0, norm="rmsnorm", rmsnorm_weight_fp32=True, norm_eps=1e-5,
-              qk_norm=False,
-              attention_bias=True, attention_sinks=True, attn_impl="eager", rope_theta=150000.0,
+              qk_norm=False, attention_bias=True, attention_sinks=True, attn_impl="eager", rope_theta=150000.0,
               max_position_embeddings=131072,
               rope_scaling={"type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
                             "truncate": False, "original_max_position_embeddings": 4096},
@@ -87,7 +86,7 @@ def problems(c, hf):
     problems = []
     layer_types = c.get("layer_types")
     if layer_types is not None and (not isinstance(layer_types, list) or len(layer_types) != c["num_hidden_layers"]
-                                    or set(layer_types) - {"sliding_attention", "full_attention"}):
+                                    or any(t not in ("sliding_attention", "full_attention") for t in layer_types)):
         problems.append(f"layer_types={layer_types!r} (expected num_hidden_layers={c['num_hidden_layers']} "
                         "entries, each 'sliding_attention' or 'full_attention')")
     return problems

@@ -321,6 +321,20 @@ def test_other_quantization_methods_are_refused():
         config_from_hf(hf)
 
 
+@pytest.mark.parametrize("change,pattern", [
+    ({"layer_types": ["sliding_attention"]}, "layer_types=.*expected num_hidden_layers=3"),
+    ({"layer_types": ["sliding_attention", "full_attention", "local"]}, "layer_types="),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}},
+     "yarn rope_scaling without original_max_position_embeddings"),
+    ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "RoPE type 'longrope' for gpt_oss"),
+])
+def test_bad_gpt_oss_configs_are_named(change, pattern):
+    from checkpoint import CheckpointError
+    hf = {**hf_config("yarn").to_dict(), **change}
+    with pytest.raises(CheckpointError, match=pattern):
+        config_from_hf(hf)
+
+
 # -----------------------------------------------------------------------------
 # save -> transformers
 
