@@ -48,6 +48,7 @@ from pathlib import Path
 
 import torch
 
+import families
 from hf_config import CheckpointError, config_from_hf, config_to_hf, hf_tensor_map  # noqa: F401 (re-exported)
 from model import MoEConfig, MoETransformer
 
@@ -55,7 +56,8 @@ from model import MoEConfig, MoETransformer
 # -----------------------------------------------------------------------------
 # safetensors, read and written with plain file I/O (see the module docstring for why)
 
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "U8": torch.uint8}  # U8: packed (MXFP4) weights, unpacked by the family (load_hf)
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 
 
@@ -335,23 +337,37 @@ def load_hf(path, dtype=None, device=None, **overrides):
     ignored = {n for n in on_disk if n.endswith("rotary_emb.inv_freq")}
     if cfg.tie_word_embeddings:
         ignored.add("lm_head.weight")
-    missing = sorted(set(targets) - set(on_disk))
-    unexpected = sorted(set(on_disk) - set(targets) - ignored)
-    wrong = [f"{n}: {on_disk[n][2]} on disk, expected {list(targets[n].shape)}"
-             for n in sorted(set(targets) & set(on_disk)) if on_disk[n][2] != list(targets[n].shape)]
+    # the one family hook: tensors stored packed (gpt_oss: MXFP4 experts), {target: (sources, unpack)}
+    packed, wrong = getattr(families.get(hf["model_type"]), "packed_tensors", lambda *a: ({}, []))(
+        targets, {n: v[2] for n, v in on_disk.items()}, {n: v[1] for n, v in on_disk.items()})
+    missing = sorted(set(targets) - set(on_disk) - set(packed))
+    unexpected = sorted(set(on_disk) - set(targets) - ignored - {s for sources, _ in packed.values() for s in sources})
+    wrong += [f"{n}: {on_disk[n][2]} on disk, expected {list(targets[n].shape)}"
+              for n in sorted(set(targets) & set(on_disk)) if on_disk[n][2] != list(targets[n].shape)]
+    wrong += [f"{n}: {on_disk[n][1]} on disk, expected a floating-point dtype" for n in sorted(set(targets) & set(on_disk))
+              if not on_disk[n][1].is_floating_point]
     if missing or unexpected or wrong:
         parts = [f"{label} ({len(items)}): {_listing(items)}" for label, items in
                  (("missing tensors", missing), ("unexpected tensors", unexpected), ("wrong shapes", wrong)) if items]
         raise CheckpointError(f"{path} does not fit its config.json ({hf['model_type']}): " + " | ".join(parts))
     by_file = {}
     for name, target in targets.items():
-        by_file.setdefault(on_disk[name][0], []).append((on_disk[name][3], name, target))
+        if name not in packed:
+            by_file.setdefault(on_disk[name][0], []).append((on_disk[name][3], name, target))
     with torch.no_grad():
         for file, jobs in sorted(by_file.items()):
             with open(file, "rb", buffering=0) as f:
                 for offset, name, target in sorted(jobs, key=lambda job: job[0]):  # sequential reads
                     _, disk_dtype, _, _, nbytes = on_disk[name]
                     _read_into(f, offset, nbytes, disk_dtype, target)
+        for name, (sources, unpack) in packed.items():  # one target at a time: its sources, then unpacked
+            parts = []
+            for source in sources:
+                file, disk_dtype, shape, offset, nbytes = on_disk[source]
+                parts.append(torch.empty(shape, dtype=disk_dtype))
+                with open(file, "rb", buffering=0) as f:
+                    _read_into(f, offset, nbytes, disk_dtype, parts[-1])
+            targets[name].copy_(unpack(*parts))
     return model.eval()
 
 

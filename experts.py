@@ -7,6 +7,9 @@ The two expert dispatch paths of the MoE layer (model.MoE), the same function co
                      gathers in both directions, no host sync
 
 Both: x (N, H), expert_ids (N, K), weights (N, K), gate_up (E, 2I, H), down (E, H, I) -> (N, H).
+Options (GPT-OSS, families/gpt_oss.py): per-expert biases gate_up_bias (E, 2I) and down_bias (E, H), and
+`act`, the function (n, 2I) -> (n, I) between the projections (default: swiglu, rows [gate; up];
+clamped_swiglu: GPT-OSS's, rows interleaved). Without them both paths run exactly as before.
 MoEConfig.expert_impl="auto" takes grouped wherever torch has a grouped_mm kernel for the device
 (CUDA; CPU from torch 2.11). Measured on CPU (bench.py's toy shapes, fp32, 1 thread, process CPU
 time, interleaved pairs, torch 2.13): a training step with grouped runs 1.12-1.26x the loop's
@@ -53,23 +56,52 @@ GROUPED_MM = find_grouped_mm()
 GROUPED_ON_CPU = GROUPED_MM is not None and tuple(map(int, torch.__version__.split(".")[:2])) >= (2, 11)
 
 
-def experts_loop(x, expert_ids, weights, gate_up, down):
+def swiglu(h):
+    """h (n, 2I), columns [gate; up] -> silu(gate) * up (n, I): Qwen3's and Phi-3.5's experts."""
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def clamped_swiglu(h, alpha, limit):
+    """
+    GPT-OSS's expert activation. h (n, 2I) with gate and up INTERLEAVED (gate_j = column 2j, up_j =
+    column 2j + 1, the layout its checkpoints store) -> (n, I):
+        gate <- min(gate, limit);  up <- clamp(up, -limit, limit)
+        out = (up + 1) * gate * sigmoid(alpha * gate)
+    (transformers' GptOssExperts._apply_gate, op for op.)
+    """
+    gate, up = h[..., ::2], h[..., 1::2]
+    gate = gate.clamp(min=None, max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
+def experts_loop(x, expert_ids, weights, gate_up, down, gate_up_bias=None, down_bias=None, act=None):
     """
     Reference dispatch: one matmul per expert, results accumulated in ascending expert order.
-    x (N, H), expert_ids (N, K), weights (N, K), gate_up (E, 2I, H), down (E, H, I) -> (N, H)
+    x (N, H), expert_ids (N, K), weights (N, K), gate_up (E, 2I, H), down (E, H, I) -> (N, H);
+    optional gate_up_bias (E, 2I), down_bias (E, H), act (n, 2I) -> (n, I) (module docstring).
     """
     out = torch.zeros_like(x)
     for e in range(gate_up.shape[0]):
         # tokens (and which of their K slots) routed to expert e; a host sync, fine on CPU.
         # An expert with no tokens still runs on an empty batch: its weights get a zero gradient.
         token_idx, slot = torch.where(expert_ids == e)
-        gate, up = F.linear(x[token_idx], gate_up[e]).chunk(2, dim=-1)
-        y = F.linear(F.silu(gate) * up, down[e])  # (n_e, H)
+        if act is None and gate_up_bias is None and down_bias is None:  # Qwen3 / Phi-3.5, as always
+            gate, up = F.linear(x[token_idx], gate_up[e]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, down[e])  # (n_e, H)
+        else:
+            h = F.linear(x[token_idx], gate_up[e])  # (n_e, 2I); bias added after, as transformers does
+            if gate_up_bias is not None:
+                h = h + gate_up_bias[e]
+            y = F.linear((act or swiglu)(h), down[e])  # (n_e, H)
+            if down_bias is not None:
+                y = y + down_bias[e]
         out.index_add_(0, token_idx, y * weights[token_idx, slot, None])  # eq. 5: y = sum_k w_k E_k(h)
     return out
 
 
-def experts_grouped(x, expert_ids, weights, gate_up, down):
+def experts_grouped(x, expert_ids, weights, gate_up, down, gate_up_bias=None, down_bias=None, act=None):
     """
     Grouped-GEMM dispatch, no host syncs: sort the N*K (token, slot) pairs by expert, run each
     projection as one grouped matmul over contiguous per-expert row blocks, un-sort, and combine
@@ -85,8 +117,15 @@ def experts_grouped(x, expert_ids, weights, gate_up, down):
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(N * K, device=x.device))
     xs = _GatherRows.apply(x, order // K, inverse, K)  # (N*K, H), row r = token order[r] // K
     h = GROUPED_MM(xs, gate_up.transpose(1, 2), offs=offsets)  # (N*K, 2I)
-    gate, up = h.chunk(2, dim=-1)
-    y = GROUPED_MM(F.silu(gate) * up, down.transpose(1, 2), offs=offsets)  # (N*K, H)
+    if act is None and gate_up_bias is None and down_bias is None:  # Qwen3 / Phi-3.5, as always
+        gate, up = h.chunk(2, dim=-1)
+        y = GROUPED_MM(F.silu(gate) * up, down.transpose(1, 2), offs=offsets)  # (N*K, H)
+    else:  # row r of the sorted pairs belongs to expert sorted_ids[r]: its bias row is gathered
+        if gate_up_bias is not None:
+            h = h + gate_up_bias.index_select(0, sorted_ids)
+        y = GROUPED_MM((act or swiglu)(h), down.transpose(1, 2), offs=offsets)  # (N*K, H)
+        if down_bias is not None:
+            y = y + down_bias.index_select(0, sorted_ids)
     y = _GatherRows.apply(y, inverse, order, 1).view(N, K, H)  # back to (token, slot) order
     if torch.compiler.is_compiling() or not y.is_cuda:
         # inductor fuses the gather above, this product and the sum into one pass over y (and

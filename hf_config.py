@@ -89,11 +89,21 @@ def _switch_problems(c, hf, family):
     problems = []
     if c["hidden_act"] != "silu":
         problems.append(f"unsupported hidden_act={c['hidden_act']!r} (only 'silu')")
-    if "quantization_config" in c:
-        problems.append("unsupported quantization_config (quantized checkpoints are not supported)")
+    quant = c.get("quantization_config")
+    # a family may dequantize its released format on load (gpt_oss: mxfp4)
+    if "quantization_config" in c and not (isinstance(quant, dict) and
+                                           quant.get("quant_method") in getattr(family, "QUANT_METHODS", ())):
+        problems.append("unsupported quantization_config (quantized checkpoints are not supported"
+                        + (f" except {list(family.QUANT_METHODS)}" if getattr(family, "QUANT_METHODS", ()) else "") + ")")
     window = family.sliding_window(c)
-    if window is not None and not (_is_int(window) and window >= c["max_position_embeddings"]):
-        problems.append(f"unsupported sliding_window={window!r} (sliding-window attention is not implemented)")
+    if window is not None and not (_is_int(window) and window > 0):
+        problems.append(f"sliding_window={window!r} (expected a positive integer or null)")
+    # a family without SLIDING_WINDOW = True does not map the window into MoEConfig: a window that
+    # would cut attention short is then a switch we do not implement for it
+    elif (window is not None and window < c["max_position_embeddings"]
+          and not getattr(family, "SLIDING_WINDOW", False)):
+        problems.append(f"unsupported sliding_window={window!r} (sliding-window attention is not implemented "
+                        f"for {family.MODEL_TYPE})")
     problems += [f"unsupported {k}={c[k]!r} (dropout is not implemented; only 0)" for k in _DROPOUTS
                  if c.get(k, 0) != 0]
     return problems + family.problems(c, hf)
@@ -156,6 +166,10 @@ def _rope_from_hf(c, family, problems):
         return theta, None
     if rope_type == "default":
         return theta, None
+    if rope_type == "yarn":  # (gpt_oss)
+        if "original_max_position_embeddings" not in params:
+            problems.append("yarn rope_scaling without original_max_position_embeddings")
+        return theta, family.rope_scaling_from_hf(params)
     missing = [k for k in ("short_factor", "long_factor") if k not in params]  # longrope
     if missing:
         problems.append(f"longrope without {missing}")
@@ -199,9 +213,12 @@ def hf_tensor_map(model, model_type):
     """{on-disk name: the (detached) tensor it fills}. Expert tensors map to slices (views) of the
     stacked weights; the tensors partition the model's parameters (tied ones counted once)."""
     try:
-        moe, gate, up, down = families.get(model_type).EXPERT_NAMES
+        family = families.get(model_type)
     except ValueError as err:
         raise CheckpointError(str(err)) from None
+    moe, gate, up, down = family.EXPERT_NAMES
+    # a family whose MoE tensors are laid out otherwise on disk names them itself (gpt_oss: stacked)
+    layer_tensors = getattr(family, "layer_tensors", lambda prefix, rest, p: None)
     I = model.config.moe_intermediate_size
     out = {}
     for name, p in model.named_parameters():  # tied lm_head.weight is not listed: embed only
@@ -213,7 +230,10 @@ def hf_tensor_map(model, model_type):
         else:
             _, i, rest = name.split(".", 2)
             prefix = f"model.layers.{i}."
-            if rest == "mlp.router.gate.weight":
+            own = layer_tensors(prefix, rest, p)
+            if own is not None:
+                out.update(own)
+            elif rest == "mlp.router.gate.weight":
                 out[f"{prefix}{moe}.gate.weight"] = p
             elif rest == "mlp.gate_up_proj":  # (E, 2I, H): rows [gate; up]
                 for e in range(p.shape[0]):

@@ -64,7 +64,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.checkpoint import checkpoint
 
-from model import (Block, MoETransformer, RotaryEmbedding, chunked_cross_entropy, make_norm,
+from model import (Block, MoETransformer, RotaryEmbedding, chunked_cross_entropy, gpt_oss_20b_config, make_norm,
                    phi35_moe_config, qwen3_30b_a3b_config)
 import optim
 from loop import fsdp_shard
@@ -73,7 +73,8 @@ GiB = 2 ** 30
 GPU_GIB = 79.6  # an "80 GB" H100 reports 81,559 MiB
 HEADROOM = 1.15  # fits if peak * 1.15 <= 79.6 GiB: CUDA context, NCCL buffers, fragmentation
 # model -> (architecture, the optimizer_states its config in configs/ uses)
-MODELS = {"qwen3": (qwen3_30b_a3b_config, "fp32"), "phi35": (phi35_moe_config, "bf16_sr")}
+MODELS = {"qwen3": (qwen3_30b_a3b_config, "fp32"), "phi35": (phi35_moe_config, "bf16_sr"),
+          "gpt_oss_20b": (gpt_oss_20b_config, "fp32")}
 OPTIMIZER_STATES = ("fp32", "bf16_sr")  # train.py's optimizer_states options
 
 
@@ -244,7 +245,9 @@ def simulated_peak(cfg, optimizer_states, tokens, ckpt, world=8, sync_every_micr
 
 def extrapolated_peak(cfg, optimizer_states, tokens, ckpt, layers=(4, 6), **kw):
     """simulated_peak at two depths, extended linearly to cfg.n_layers."""
-    a, b = (simulated_peak(type(cfg)(**{**cfg.to_dict(), "n_layers": n}), optimizer_states, tokens,
+    # a per-layer pattern (gpt_oss: sliding / full attention alternating) keeps its first n entries
+    a, b = (simulated_peak(type(cfg)(**{**cfg.to_dict(), "n_layers": n,
+                                        "layer_types": cfg.layer_types and cfg.layer_types[:n]}), optimizer_states, tokens,
                            ckpt, **kw) for n in layers)
     return a + (b - a) / (layers[1] - layers[0]) * (cfg.n_layers - layers[0])
 

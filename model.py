@@ -30,6 +30,7 @@ Decisions and why:
 """
 import math
 from dataclasses import dataclass, fields, asdict
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -37,9 +38,12 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from chunked_ce import chunked_cross_entropy
-from experts import GROUPED_MM, GROUPED_ON_CPU, experts_grouped, experts_loop
-from families import phimoe, qwen3_moe
+from experts import GROUPED_MM, GROUPED_ON_CPU, clamped_swiglu, experts_grouped, experts_loop
+from families import gpt_oss, phimoe, qwen3_moe
 from router import TopKRouter, SparseMixerRouter, load_balancing_loss, router_z_loss
+
+
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclass
@@ -62,6 +66,16 @@ class MoEConfig:
     # sparsemixer with input_jitter, in training: return the logits of the un-jittered input (what
     # the SARA term pools: softmax(h W_g) exactly), while routing still uses the jittered ones
     router_clean_logits: bool = False
+    router_bias: bool = False  # the gate has a bias (GPT-OSS); out.router_logits include it
+    # topk router: top-k of the logits, then softmax over the k chosen (GPT-OSS), instead of
+    # softmax over all E -> top-k (-> renormalise)
+    router_softmax_after_topk: bool = False
+    expert_bias: bool = False  # per-expert biases of both projections (GPT-OSS)
+    # "swiglu": silu(gate) * up, gate_up rows [gate; up]; "clamped_swiglu": GPT-OSS's
+    # (up + 1) * gate * sigmoid(alpha * gate) after clamping to swiglu_limit, rows interleaved (experts.py)
+    expert_act: str = "swiglu"
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
     mlp_only_layers: tuple = ()  # these layers get a dense SwiGLU instead of experts
     decoder_sparse_step: int = 1  # layer i is MoE iff (i + 1) % step == 0 (and not mlp-only)
     router_aux_loss_coef: float = 0.001  # lambda_LB; used by train.py, reported by the model
@@ -70,13 +84,22 @@ class MoEConfig:
     # --- attention and normalisation
     norm: str = "rmsnorm"  # "rmsnorm" (Qwen3) or "layernorm" (Phi-3.5, with bias)
     norm_eps: float = 1e-6
+    rmsnorm_weight_fp32: bool = False  # RMSNorm multiplies its weight before the cast back (GPT-OSS)
     qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (Qwen3)
     attention_bias: bool = False
     attn_impl: str = "sdpa"  # "sdpa" or "eager" (the checkpoints' reference numerics)
+    # a learned per-head logit in every softmax's denominator (GPT-OSS): eager attention only
+    attention_sinks: bool = False
+    # sliding-window attention: a query at index i sees keys at indices i - sliding_window < j <= i
+    # (the window counts the query itself; transformers' sliding_window_overlay). layer_types names
+    # each layer "sliding_attention" or "full_attention" (transformers' spelling); None means every
+    # layer is sliding when sliding_window is set (Phi-3.5 / Phi-mini-MoE), else every layer full.
+    sliding_window: int = None
+    layer_types: tuple = None
     # --- positions
     rope_theta: float = 10000.0
     max_position_embeddings: int = 4096
-    rope_scaling: dict = None  # None, or {"type": "longrope", "short_factor": [...], ...}
+    rope_scaling: dict = None  # None, {"type": "longrope", "short_factor": [...], ...} or {"type": "yarn", "factor": ..., ...}
     # --- output
     lm_head_bias: bool = False
     tie_word_embeddings: bool = False
@@ -94,7 +117,21 @@ class MoEConfig:
         if self.head_dim == 0:
             self.head_dim = self.hidden_size // self.n_heads
         self.mlp_only_layers = tuple(self.mlp_only_layers)
+        if self.layer_types is not None:
+            self.layer_types = tuple(self.layer_types)
         problems = []
+        if self.sliding_window is not None and not (
+                isinstance(self.sliding_window, int) and not isinstance(self.sliding_window, bool)
+                and self.sliding_window > 0):
+            problems.append(f"sliding_window={self.sliding_window!r} must be a positive integer or None")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.n_layers:
+                problems.append(f"layer_types has {len(self.layer_types)} entries, expected n_layers={self.n_layers}")
+            bad = sorted({t for t in self.layer_types if t not in LAYER_TYPES}, key=str)
+            if bad:
+                problems.append(f"layer_types {bad} are not among {LAYER_TYPES}")
+            if "sliding_attention" in self.layer_types and self.sliding_window is None:
+                problems.append("layer_types has 'sliding_attention' layers but sliding_window is None")
         if self.n_heads % self.n_kv_heads:
             problems.append(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         if self.head_dim % 2:
@@ -102,13 +139,28 @@ class MoEConfig:
         if self.n_experts and not 0 < self.top_k <= self.n_experts:
             problems.append(f"top_k={self.top_k} must be in [1, n_experts={self.n_experts}]")
         for key, allowed in [("router", ("topk", "sparsemixer")), ("norm", ("rmsnorm", "layernorm")),
-                             ("expert_impl", ("auto", "loop", "grouped")), ("attn_impl", ("sdpa", "eager"))]:
+                             ("expert_impl", ("auto", "loop", "grouped")), ("attn_impl", ("sdpa", "eager")),
+                             ("expert_act", ("swiglu", "clamped_swiglu"))]:
             if getattr(self, key) not in allowed:
                 problems.append(f"{key}={getattr(self, key)!r} is not one of {allowed}")
-        if self.rope_scaling is not None and self.rope_scaling.get("type") != "longrope":
-            problems.append(f"rope_scaling type {self.rope_scaling.get('type')!r} unsupported (only 'longrope')")
+        if self.rope_scaling is not None and self.rope_scaling.get("type") not in ("longrope", "yarn"):
+            problems.append(f"rope_scaling type {self.rope_scaling.get('type')!r} unsupported (only 'longrope', 'yarn')")
+        if self.router_softmax_after_topk and self.router != "topk":
+            problems.append(f"router_softmax_after_topk=True needs router='topk', not {self.router!r}")
+        if self.router_bias and self.router != "topk":
+            problems.append(f"router_bias=True needs router='topk', not {self.router!r}")
+        if self.attention_sinks and self.attn_impl != "eager":
+            # never silently dropped: torch's SDPA kernels have no sink term in their softmax
+            problems.append(f"attention_sinks=True (GPT-OSS) cannot run with attn_impl={self.attn_impl!r}: "
+                            "scaled_dot_product_attention has no attention-sink term; use attn_impl='eager'")
         if problems:
             raise ValueError("MoEConfig: " + "; ".join(problems))
+
+    def attention_window(self, i):
+        """The sliding window of layer i's attention, or None (full causal attention)."""
+        if self.layer_types is None or self.layer_types[i] == "sliding_attention":
+            return self.sliding_window
+        return None
 
     def is_moe_layer(self, i):
         return (self.n_experts > 0 and i not in self.mlp_only_layers
@@ -136,6 +188,11 @@ def qwen3_30b_a3b_config(**overrides):
     return MoEConfig(**{**qwen3_moe.PRESET, **overrides})
 
 
+def gpt_oss_20b_config(**overrides):
+    """gpt-oss-20b's architecture (20.9B total / 3.6B active): families/gpt_oss.py PRESET."""
+    return MoEConfig(**{**gpt_oss.PRESET, **overrides})
+
+
 def phi35_moe_config(**overrides):
     """Phi-3.5-MoE-instruct's architecture (41.9B total / 6.6B active), without LongRoPE factors
     (those come with the checkpoint's config.json): families/phimoe.py PRESET."""
@@ -146,21 +203,25 @@ def phi35_moe_config(**overrides):
 # building blocks
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim, eps):
+    def __init__(self, dim, eps, weight_fp32=False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.weight_fp32 = weight_fp32
 
     def forward(self, x):
-        # normalise in fp32, cast back BEFORE the weight multiply (checkpoints' numerics)
+        # normalise in fp32, cast back BEFORE the weight multiply (Qwen3's numerics), or AFTER it
+        # (weight_fp32: GPT-OSS's; one rounding instead of two, which bf16 parity needs)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight_fp32:
+            return (self.weight * x32).to(x.dtype)
         return self.weight * x32.to(x.dtype)
 
 
 def make_norm(cfg, dim):
     if cfg.norm == "rmsnorm":
-        return RMSNorm(dim, cfg.norm_eps)
+        return RMSNorm(dim, cfg.norm_eps, weight_fp32=cfg.rmsnorm_weight_fp32)
     return nn.LayerNorm(dim, eps=cfg.norm_eps)  # with weight and bias
 
 
@@ -172,6 +233,9 @@ class RotaryEmbedding(nn.Module):
     (transformers 5.x always takes the short factors), and cos/sin scaled by an mscale.
     When decoding with a cache, keys cached before the switch keep their short-factor
     rotation, exactly as in the released code.
+    With rope_scaling type "yarn" (GPT-OSS; arXiv 2309.00071): one set of frequencies at every
+    length, blended per frequency between theta^(-2i/hd) and that divided by `factor`, and cos/sin
+    scaled by the attention factor, as transformers' _compute_yarn_parameters computes them.
     """
 
     def __init__(self, cfg):
@@ -180,7 +244,9 @@ class RotaryEmbedding(nn.Module):
         rs = cfg.rope_scaling
         self.original_max = None
         self.mscale_short = self.mscale_long = 1.0
-        if rs is not None:
+        if rs is not None and rs["type"] == "yarn":
+            self.mscale_short = yarn_attention_factor(rs, cfg.max_position_embeddings)
+        elif rs is not None:
             for key in ("short_factor", "long_factor"):
                 if len(rs[key]) != cfg.head_dim // 2:
                     raise ValueError(f"rope_scaling.{key} has {len(rs[key])} entries, "
@@ -199,6 +265,11 @@ class RotaryEmbedding(nn.Module):
         hd, rs = self.cfg.head_dim, self.cfg.rope_scaling
         cpu = torch.device("cpu")  # explicit: also under a `with torch.device("meta")` block
         base = self.cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64, device=cpu).float() / hd)
+        if rs is not None and rs["type"] == "yarn":
+            self.inv_freq_short = yarn_inv_freq(base, rs, self.cfg.rope_theta, hd,
+                                                self.cfg.max_position_embeddings).to(device)
+            self.inv_freq_long = None
+            return
         short = torch.tensor(rs["short_factor"], device=cpu) if rs else 1.0
         self.inv_freq_short = (1.0 / (short * base)).to(device)  # (hd/2,)
         self.inv_freq_long = (1.0 / (torch.tensor(rs["long_factor"], device=cpu) * base)).to(device) if rs else None
@@ -224,6 +295,38 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         mscale = mscale[:, :, None]  # (B, 1, 1)
         return (emb.cos() * mscale).to(dtype), (emb.sin() * mscale).to(dtype)
+
+
+def yarn_attention_factor(rs, max_position_embeddings):
+    """YaRN's cos/sin scale: rs["attention_factor"] if given, else 0.1 ln(s) + 1 (s = factor), or
+    DeepSeek's ratio with mscale / mscale_all_dim."""
+    if rs.get("attention_factor") is not None:
+        return rs["attention_factor"]
+    factor = rs.get("factor") or max_position_embeddings / rs["original_max_position_embeddings"]
+    get = lambda scale, m=1: 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+    if rs.get("mscale") and rs.get("mscale_all_dim"):
+        return float(get(factor, rs["mscale"]) / get(factor, rs["mscale_all_dim"]))
+    return get(factor)
+
+
+def yarn_inv_freq(base, rs, theta, hd, max_position_embeddings):
+    """YaRN frequencies (hd/2,), fp32. base = theta^(2i/hd) (hd/2,). Frequencies that turn more than
+    beta_fast times over the original context keep theta^(-2i/hd), those that turn fewer than beta_slow
+    times are divided by `factor`, with a linear ramp between (truncate: the ramp's ends rounded out)."""
+    factor = rs.get("factor") or max_position_embeddings / rs["original_max_position_embeddings"]
+    beta_fast, beta_slow = rs.get("beta_fast") or 32, rs.get("beta_slow") or 1
+    original = rs["original_max_position_embeddings"]
+    # the dimension index at which a frequency turns `rotations` times over the original context
+    dim_of = lambda rotations: hd * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+    low, high = dim_of(beta_fast), dim_of(beta_slow)
+    if rs.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, hd - 1)
+    if low == high:
+        high += 0.001  # no zero-width ramp
+    ramp = ((torch.arange(hd // 2, dtype=torch.float32, device=base.device) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # the weight of the unscaled frequency
+    return (1.0 / (factor * base)) * (1 - keep) + (1.0 / base) * keep
 
 
 def rotate_half(x):
@@ -262,6 +365,8 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             self.q_norm = RMSNorm(hd, cfg.norm_eps)
             self.k_norm = RMSNorm(hd, cfg.norm_eps)
+        if cfg.attention_sinks:  # one learned logit per query head (GPT-OSS)
+            self.sinks = nn.Parameter(torch.empty(nh))
 
     def forward(self, x, cos, sin, mask, cache=None):
         # x: (B, T, H); cos, sin: (B, T, hd); mask: (B, 1, T, S) bool, True = may attend,
@@ -279,6 +384,7 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, S, hd)
+        mask = self.window_mask(mask, T, k.shape[2], x.device)
         if self.cfg.attn_impl == "eager":
             # GQA: query head h uses kv head h // (nh/nkv)
             k = k.repeat_interleave(nh // nkv, dim=1)
@@ -287,15 +393,42 @@ class Attention(nn.Module):
                 mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
             scores = torch.matmul(q, k.transpose(2, 3)) * hd ** -0.5  # (B, nh, T, S)
             scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+            if self.cfg.attention_sinks:
+                # the sink is one more "key" per head with logit sinks[h] and no value: it takes
+                # its share of the softmax and is dropped. Max-subtracted, in the model dtype, as
+                # transformers' GPT-OSS eager attention does. scores (B, nh, T, S) -> (B, nh, T, S+1)
+                sink = self.sinks.to(scores.dtype).view(1, nh, 1, 1).expand(B, nh, T, 1)
+                scores = torch.cat([scores, sink], dim=-1)
+                scores = scores - scores.max(dim=-1, keepdim=True).values
+                probs = torch.softmax(scores, dim=-1, dtype=scores.dtype)[..., :-1].to(q.dtype)
+            else:
+                probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
             y = torch.matmul(probs, v)
         else:
+            if self.cfg.attention_sinks:  # (MoEConfig refuses it; this catches a config edited after)
+                raise ValueError("attention_sinks=True cannot run with attn_impl='sdpa': scaled_dot_product_attention "
+                                 "has no attention-sink term; use attn_impl='eager'")
             # mask None (plain causal) lets SDPA take its flash kernel; enable_gqa maps query head
             # h to kv head h // (nh/nkv) without copying k and v (a 4-8x larger tensor)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                enable_gqa=nh != nkv)
         y = y.transpose(1, 2).reshape(B, T, nh * hd)
         return self.o_proj(y)
+
+    def window_mask(self, mask, T, S, device):
+        """mask (B, 1, T, S) bool or None (plain causal) -> the same with this layer's sliding window
+        applied: query i (absolute index S - T + i, the cache index, as transformers counts it) sees
+        keys j > i - window. A window that covers all S keys changes nothing and is not applied,
+        so short sequences keep SDPA's mask-free causal kernel."""
+        window = self.cfg.attention_window(self.layer_idx)
+        if window is None or window >= S:
+            return mask
+        q_index = torch.arange(S - T, S, device=device)[:, None]
+        k_index = torch.arange(S, device=device)[None, :]
+        in_window = (k_index > q_index - window)[None, None]  # (1, 1, T, S)
+        if mask is None:  # plain causal, T == S
+            return (k_index <= q_index)[None, None] & in_window
+        return mask & in_window
 
 
 class SwiGLU(nn.Module):
@@ -325,9 +458,17 @@ class MoE(nn.Module):
             self.router = SparseMixerRouter(H, E, cfg.top_k, cfg.router_jitter_eps, cfg.input_jitter,
                                             clean_logits=cfg.router_clean_logits)
         else:
-            self.router = TopKRouter(H, E, cfg.top_k, cfg.norm_topk_prob)
-        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))  # [gate; up] rows per expert
+            self.router = TopKRouter(H, E, cfg.top_k, cfg.norm_topk_prob, bias=cfg.router_bias,
+                                     softmax_after_topk=cfg.router_softmax_after_topk)
+        # [gate; up] rows per expert (expert_act "clamped_swiglu": gate and up rows interleaved)
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))
         self.down_proj = nn.Parameter(torch.empty(E, H, I))
+        if cfg.expert_bias:
+            self.gate_up_proj_bias = nn.Parameter(torch.empty(E, 2 * I))
+            self.down_proj_bias = nn.Parameter(torch.empty(E, H))
+        self.expert_options = {}  # experts.py's optional arguments: none for Qwen3 / Phi-3.5
+        if cfg.expert_act == "clamped_swiglu":
+            self.expert_options["act"] = partial(clamped_swiglu, alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit)
         # router.RoutingIntervention or None (untouched, bit for bit); set it with router.intervene
         self.intervention = None
 
@@ -349,7 +490,11 @@ class MoE(nn.Module):
             grouped = grouped and not (torch.compiler.is_compiling() and x.dtype != torch.bfloat16)
             impl = "grouped" if grouped and GROUPED_MM is not None else "loop"
         dispatch = experts_grouped if impl == "grouped" else experts_loop
-        y = dispatch(x, expert_ids, weights, self.gate_up_proj, self.down_proj)
+        if self.cfg.expert_bias:
+            y = dispatch(x, expert_ids, weights, self.gate_up_proj, self.down_proj, gate_up_bias=self.gate_up_proj_bias,
+                         down_bias=self.down_proj_bias, **self.expert_options)
+        else:
+            y = dispatch(x, expert_ids, weights, self.gate_up_proj, self.down_proj, **self.expert_options)
         return y.view(B, T, H), logits
 
 
@@ -402,6 +547,11 @@ class MoETransformer(nn.Module):
         elif isinstance(module, MoE):
             nn.init.normal_(module.gate_up_proj, mean=0.0, std=std)
             nn.init.normal_(module.down_proj, mean=0.0, std=std)
+            if module.cfg.expert_bias:
+                nn.init.zeros_(module.gate_up_proj_bias)
+                nn.init.zeros_(module.down_proj_bias)
+        elif isinstance(module, Attention) and module.cfg.attention_sinks:
+            nn.init.normal_(module.sinks, mean=0.0, std=std)  # as transformers' GPT-OSS does
         elif isinstance(module, (RMSNorm, nn.LayerNorm)):
             nn.init.ones_(module.weight)
             if getattr(module, "bias", None) is not None:
@@ -413,6 +563,8 @@ class MoETransformer(nn.Module):
         if active:
             cfg = self.config
             per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+            if cfg.expert_bias:
+                per_expert += 2 * cfg.moe_intermediate_size + cfg.hidden_size
             total -= len(cfg.moe_layers) * (cfg.n_experts - cfg.top_k) * per_expert
         return total
 

@@ -35,19 +35,29 @@ import torch.nn as nn
 
 
 class TopKRouter(nn.Module):
-    """softmax(h W_g^T) over all E experts -> top-k -> (optional) renormalise over the k."""
+    """
+    softmax(h W_g^T) over all E experts -> top-k -> (optional) renormalise over the k.
+    softmax_after_topk=True (GPT-OSS): top-k of the logits, then softmax over the k chosen logits, in
+    the logits' dtype, as transformers' GptOssTopKRouter does. (The same function as softmax -> top-k
+    -> renormalise, up to rounding.) bias=True: the gate has a bias (GPT-OSS), and the returned logits
+    include it: they are the raw logits the router ranks, h W_g^T + b, which SARA pools.
+    """
 
-    def __init__(self, hidden_size, n_experts, top_k, norm_topk_prob=True):
+    def __init__(self, hidden_size, n_experts, top_k, norm_topk_prob=True, bias=False, softmax_after_topk=False):
         super().__init__()
-        self.gate = nn.Linear(hidden_size, n_experts, bias=False)
+        self.gate = nn.Linear(hidden_size, n_experts, bias=bias)
         self.top_k = top_k
         self.norm_topk_prob = norm_topk_prob
+        self.softmax_after_topk = softmax_after_topk
 
     def forward(self, x, edit_logits=None):  # x: (..., H), e.g. (B, T, H) or (N, H)
         logits = self.gate(x)  # (..., E), model dtype, as the checkpoints do
         if edit_logits is not None:  # an intervention: the experts are chosen from the edited logits
             logits = edit_logits(logits)
         scores = logits.reshape(-1, logits.shape[-1])  # (N, E)
+        if self.softmax_after_topk:
+            top, expert_ids = torch.topk(scores, self.top_k, dim=-1)  # (N, K) each
+            return torch.softmax(top, dim=-1), expert_ids, logits  # weights in the logits' dtype
         # softmax over ALL experts in fp32 (float64 stays float64, for gradcheck)
         probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
         weights, expert_ids = torch.topk(probs, self.top_k, dim=-1)  # eq. 3: the K chosen experts, (N, K) each

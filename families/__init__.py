@@ -8,9 +8,9 @@ preset and bench.py's shapes. hf_config.py, tokenizer.py, model.py and bench*.py
 Adding a family: one new module with the same names, one line in FAMILIES, and its tests
 (docs/architectures.md, "Adding a family").
 """
-from families import phimoe, qwen3_moe
+from families import gpt_oss, phimoe, qwen3_moe
 
-FAMILIES = {qwen3_moe.MODEL_TYPE: qwen3_moe, phimoe.MODEL_TYPE: phimoe}
+FAMILIES = {qwen3_moe.MODEL_TYPE: qwen3_moe, phimoe.MODEL_TYPE: phimoe, gpt_oss.MODEL_TYPE: gpt_oss}
 
 
 def get(model_type):

@@ -4,8 +4,10 @@ families, in one place (docs/architectures.md, "Model families"). Plain data and
 no imports of model.py.
 
 Architecture: LayerNorm with bias (eps = rms_norm_eps), biased q/k/v/o and lm_head, no qk-norm,
-head_dim = hidden / heads, LongRoPE, the top-2 "sparsemixer" router (router.py), every layer MoE
-with experts intermediate_size wide.
+head_dim = hidden / heads unless config.json gives `head_dim` (the SlimMoE models Phi-mini-MoE /
+Phi-tiny-MoE do), LongRoPE, the top-2 "sparsemixer" router (router.py), every layer MoE with
+experts intermediate_size wide, and `sliding_window` on every layer (transformers' PhimoeConfig has
+no layer_types: a window set applies to all layers, through create_sliding_window_causal_mask).
 """
 import math
 
@@ -26,6 +28,7 @@ HF_DEFAULTS = dict(vocab_size=32064, hidden_size=4096, intermediate_size=6400, n
 ROPE_TYPES = ("default", "longrope")
 INT_KEYS = ("num_local_experts",)
 BOOL_KEYS = ("lm_head_bias",)
+SLIDING_WINDOW = True  # config.json's sliding_window is implemented (hf_config.py checks it)
 NONNEGATIVE_KEYS = ("router_jitter_noise", "input_jitter_noise")
 
 CHAT_FORMAT_NAME = "phi35"
@@ -51,8 +54,16 @@ BENCH = dict(layers_gpu=2, layers_cpu=2, cpu=dict(n_experts=8, moe_intermediate_
 
 
 def sliding_window(c):
-    """Phi-3.5 sets sliding_window to its maximum length (no window in effect)."""
+    """config.json's window (every layer). Phi-3.5-MoE sets it to its maximum length (no window in
+    effect); the SlimMoE models set a real one."""
     return c.get("sliding_window")
+
+
+def _window(c):
+    # a window as long as the context cuts nothing the model accepts: MoEConfig gets None (so the
+    # configs of transformers 4.x, which write 131072, and 5.x, which write null, are one model)
+    window = c.get("sliding_window")
+    return window if window is not None and window < c["max_position_embeddings"] else None
 
 
 def problems(c, hf):
@@ -69,19 +80,21 @@ def from_hf(c):
     # every layer is MoE, experts are intermediate_size wide; LayerNorm's eps is rms_norm_eps
     return dict(intermediate_size=c["intermediate_size"], moe_intermediate_size=c["intermediate_size"],
                 router="sparsemixer", router_jitter_eps=c["router_jitter_noise"], input_jitter=c["input_jitter_noise"],
-                norm="layernorm", qk_norm=False, lm_head_bias=c["lm_head_bias"])
+                norm="layernorm", qk_norm=False, lm_head_bias=c["lm_head_bias"], sliding_window=_window(c))
 
 
 def needs(cfg):
     return {"router == 'sparsemixer'": cfg.router == "sparsemixer", "norm == 'layernorm'": cfg.norm == "layernorm",
             "not qk_norm": not cfg.qk_norm, "every layer MoE": cfg.moe_layers == list(range(cfg.n_layers)),
-            "head_dim == hidden_size // n_heads": cfg.head_dim == cfg.hidden_size // cfg.n_heads}
+            "layer_types None (a window applies to every layer)": cfg.layer_types is None}
 
 
 def to_hf(cfg):
     hf = dict(intermediate_size=cfg.moe_intermediate_size, num_local_experts=cfg.n_experts,
               router_jitter_noise=cfg.router_jitter_eps, input_jitter_noise=cfg.input_jitter,
-              lm_head_bias=cfg.lm_head_bias, sliding_window=None)
+              lm_head_bias=cfg.lm_head_bias, sliding_window=cfg.sliding_window)
+    if cfg.head_dim != cfg.hidden_size // cfg.n_heads:  # transformers' Phimoe reads it when present
+        hf["head_dim"] = cfg.head_dim
     if cfg.rope_scaling is not None:
         rs = cfg.rope_scaling
         original_max = rs["original_max_position_embeddings"]

@@ -13,7 +13,7 @@ import families
 import hf_config
 import tokenizer
 from hf_config import CheckpointError, config_from_hf, config_to_hf, hf_tensor_map
-from model import MoEConfig, MoETransformer, phi35_moe_config, qwen3_30b_a3b_config
+from model import MoEConfig, MoETransformer, gpt_oss_20b_config, phi35_moe_config, qwen3_30b_a3b_config
 
 # what every family module must define (docs/architectures.md, "Adding a family")
 NAMES = ("MODEL_TYPE", "ARCHITECTURE", "HF_CONFIG_CLASS", "HF_MODEL_CLASS", "EXPERT_NAMES", "HF_DEFAULTS",
@@ -46,7 +46,8 @@ def test_family_defaults_and_classes_are_transformers_own(model_type):
     assert theirs == family.HF_DEFAULTS
 
 
-@pytest.mark.parametrize("preset,model_type", [(qwen3_30b_a3b_config, "qwen3_moe"), (phi35_moe_config, "phimoe")])
+@pytest.mark.parametrize("preset,model_type", [(qwen3_30b_a3b_config, "qwen3_moe"), (phi35_moe_config, "phimoe"),
+                                               (gpt_oss_20b_config, "gpt_oss")])
 def test_presets_are_their_family(preset, model_type):
     assert families.of_config(preset()) is families.FAMILIES[model_type]
     assert config_to_hf(preset())["model_type"] == model_type
@@ -57,7 +58,7 @@ def test_unknown_model_type_and_architecture_are_named_with_the_supported_ones()
     with pytest.raises(CheckpointError) as err:
         config_from_hf({"model_type": "mixtral", "num_local_experts": 8})
     assert "'mixtral'" in str(err.value) and supported in str(err.value) and "config.json" in str(err.value)
-    with pytest.raises(ValueError, match=r"'olmoe' is not supported \(supported: \['phimoe', 'qwen3_moe'\]\)"):
+    with pytest.raises(ValueError, match=r"'olmoe' is not supported \(supported: \['gpt_oss', 'phimoe', 'qwen3_moe'\]\)"):
         families.get("olmoe")
     with pytest.raises(ValueError) as err:
         families.by_architecture("MixtralForCausalLM")
@@ -117,7 +118,6 @@ def test_config_values_of_the_wrong_type_name_file_and_key(make, change, pattern
     (_qwen, {"attention_dropout": 0.1}, "attention_dropout=0.1"),
     (_phi, {"hidden_dropout": 0.1}, "hidden_dropout=0.1"),
     (_qwen, {"use_sliding_window": True, "sliding_window": 16}, "sliding_window=16"),
-    (_phi, {"sliding_window": 16}, "sliding_window=16"),
     (_qwen, {"hidden_act": "gelu"}, "hidden_act='gelu'"),
     (_qwen, {"quantization_config": {"quant_method": "fp8"}}, "quantization_config"),
     (_qwen, {"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
@@ -136,6 +136,12 @@ def test_the_switches_at_their_harmless_values_load():
     # the released configs write these; at these values they change nothing
     config_from_hf(_qwen(attention_dropout=0.0, use_sliding_window=False, sliding_window=4096, max_window_layers=2))
     config_from_hf(_phi(attention_dropout=0.0, hidden_dropout=0.0, sliding_window=131072))  # = max length
+
+
+def test_phimoe_implements_its_sliding_window():
+    # a window shorter than the context is the model's (tests/test_family_phi_small.py checks it
+    # against transformers); Qwen3's use_sliding_window stays an error (above)
+    assert config_from_hf(_phi(sliding_window=16)).sliding_window == 16
 
 
 def test_a_new_family_needs_only_its_module(monkeypatch):
