@@ -172,3 +172,23 @@ def test_nan_guard_then_resume_equals_uninterrupted(tmp_path, sw_examples):
     assert all(torch.equal(full.state_dict()[k], v) for k, v in resumed.state_dict().items())
     steps = [r["step"] for r in read_metrics(tmp_path / "cut" / "metrics.jsonl")]
     assert steps == [0, 1, 2, 3]  # each step logged once: the poisoned attempt's row is not kept
+
+
+def test_a_full_disk_while_appending_metrics_is_one_line_and_the_file_stays_whole(tmp_path, monkeypatch):
+    import errno
+    import jsonl
+    run = tiny_run(tmp_path)
+    run.write_metrics(dict(phase="sara", step=0, loss=1.0))
+    before = (tmp_path / "metrics.jsonl").read_bytes()
+    real_write = os.write
+
+    def full_after_10_bytes(fd, data):  # part of the line gets out, then ENOSPC
+        if len(data) > 10:
+            real_write(fd, bytes(data[:10]))
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(jsonl.os, "write", full_after_10_bytes)
+    with pytest.raises(SystemExit, match=rf"{tmp_path / 'metrics.jsonl'}: could not append a metrics row "
+                                         r"\(No space left on device\); the file is intact"):
+        run.write_metrics(dict(phase="sara", step=1, loss=1.0))
+    monkeypatch.undo()
+    assert (tmp_path / "metrics.jsonl").read_bytes() == before
