@@ -121,6 +121,11 @@ class TrainSettings:
             if ignored:
                 problems.append(f"init_from={self.init_from!r} ({sources.get('init_from', 'default')}): "
                                 f"{', '.join(ignored)} apply to init_from='scratch' only; remove them")
+        if self.export_hf and self.init_from != "scratch" and \
+                os.path.realpath(self.init_from) == os.path.realpath(os.path.join(self.out_dir, "hf")):
+            problems.append(f"init_from={self.init_from!r} ({sources.get('init_from', 'default')}) is where this run "
+                            f"exports (out_dir={self.out_dir!r} + '/hf'): the export would replace the checkpoint it "
+                            "starts from; use another out_dir")
         if problems:
             raise ConfigError("invalid settings:\n  " + "\n  ".join(problems))
 

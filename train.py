@@ -25,6 +25,7 @@ import glob
 import hashlib
 import json
 import os
+import signal
 import sys
 import time
 
@@ -107,6 +108,15 @@ if layout.master:
             raise SystemExit(str(err)) from None
 if ddp:
     dist.barrier()  # nobody reads a checkpoint before rank 0 has repaired it
+
+
+def _interrupted(signum, frame):  # Ctrl-C or a scheduler's SIGTERM: one line, the lock released, nothing half-committed
+    raise SystemExit(f"interrupted ({signal.Signals(signum).name}): the last complete checkpoint in {s.out_dir} is kept; "
+                     "rerun the same command to resume from it")
+
+
+signal.signal(signal.SIGINT, _interrupted)
+signal.signal(signal.SIGTERM, _interrupted)
 
 # -----------------------------------------------------------------------------
 # data (stage 1 happens upstream: the JSONL holds the translated, filtered samples)
@@ -275,8 +285,10 @@ if s.export_hf:
             save_hf_state(full, raw_model.config, hf_dir, copy_from=None if s.init_from == "scratch" or from_base_pt else s.init_from)
             save_hf_tokenizer(tok, hf_dir, model_max_length=raw_model.config.max_position_embeddings)
             log(f"exported the fine-tuned model to {hf_dir} (Hugging Face layout)")
-        except (ImportError, ValueError) as err:
-            log(f"HF export incomplete: {err}")
+        except (ImportError, ValueError, OSError) as err:  # (a full disk): the run did not deliver what it should
+            raise SystemExit(f"exporting to {hf_dir} failed ({err}); the fine-tuned weights are in "
+                             f"{os.path.join(s.out_dir, 'ckpt')}: fix the cause and rerun the same command (it resumes "
+                             "at the end and exports)") from None
 log(f"done in {time.time() - _run_start:.0f} s wall ({world} process(es), {torch.get_num_threads()} threads each)")
 if ddp:
     dist.destroy_process_group()

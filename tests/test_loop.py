@@ -192,3 +192,24 @@ def test_a_full_disk_while_appending_metrics_is_one_line_and_the_file_stays_whol
         run.write_metrics(dict(phase="sara", step=1, loss=1.0))
     monkeypatch.undo()
     assert (tmp_path / "metrics.jsonl").read_bytes() == before
+
+
+def test_a_failed_checkpoint_write_is_one_line_naming_the_step_kept(tmp_path, sw_examples, monkeypatch):
+    """A full disk while saving: the phase stops with checkpoint.py's message (the step still on disk, the
+    fix), not a traceback; the committed checkpoint is untouched."""
+    import errno
+    net, ckpt = fresh_model().train(), str(tmp_path / "ckpt")
+    real_save = torch.save
+    calls = []
+
+    def full_on_second_checkpoint(obj, f, *a, **k):
+        calls.append(1)
+        if isinstance(obj, dict) and "optimizer" in obj and obj.get("step") == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **k)
+    monkeypatch.setattr(torch, "save", full_on_second_checkpoint)
+    with pytest.raises(SystemExit) as err:
+        train_phase(tiny_run(tmp_path, ckpt_interval=1), "sara", net, sw_examples, 4, 3e-3, None, ckpt, dict(run=1))
+    msg = str(err.value)
+    assert "writing the step-2 checkpoint failed" in msg and f"{ckpt} still holds step 1" in msg, msg
+    assert (tmp_path / "ckpt" / "COMPLETE").read_text() == "1"

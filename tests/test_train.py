@@ -251,13 +251,15 @@ def run_in_process(monkeypatch, args):
             except OSError:  # (listdir's own descriptor)
                 pass
         return found
-    before = lock_fds()
+    before, handlers = lock_fds(), {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         with pytest.raises(SystemExit) as err:
             runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")
-    finally:  # the out_dir lock train.py took (released at exit, and this process goes on)
+    finally:  # the out_dir lock and the signal handlers train.py took (this process goes on)
         for fd in lock_fds() - before:
             os.close(fd)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     return str(err.value)
 
 
@@ -674,3 +676,30 @@ def test_a_torn_metrics_line_is_dropped_and_a_damaged_one_named(single_run, tmp_
     res = run_train(tiny_args(tmp_path / "r"), check=False)
     assert res.returncode != 0 and "Traceback" not in res.stderr
     assert f"{path}:4: invalid JSON" in res.stderr and "repair or delete that line" in res.stderr, res.stderr[-2000:]
+
+
+def test_ctrl_c_is_one_line_and_the_rerun_resumes(tmp_path):
+    """SIGINT (Ctrl-C) or SIGTERM (a scheduler) mid-phase: one line saying what is kept, no traceback, the lock
+    released; the same command resumes from the last checkpoint."""
+    args = tiny_args(tmp_path, epochs=4, ckpt_interval=3, pretrain_iters=2)
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    marker, deadline = tmp_path / "ckpt" / "COMPLETE", time.time() + 240
+    while not marker.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    err = proc.stderr.read()
+    assert proc.wait() != 0 and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == (f"interrupted (SIGINT): the last complete checkpoint in {tmp_path} is kept; "
+                                            "rerun the same command to resume from it"), err[-2000:]
+    assert (tmp_path / ".lock").read_text() == ""
+    res = run_train(args)
+    assert "resumed from" in res.stdout + res.stderr and "taking over the lock" not in res.stdout + res.stderr
+    steps = [r["step"] for r in metrics(tmp_path, "sara")]
+    assert steps == sorted(set(steps)) and len(steps) == 44
+
+
+def test_exporting_over_the_checkpoint_it_starts_from_is_an_error(monkeypatch, tmp_path):
+    (tmp_path / "o" / "hf").mkdir(parents=True)
+    msg = run_in_process(monkeypatch, tiny_args(tmp_path / "o", init_from=str(tmp_path / "o" / "hf"), export_hf=True))
+    assert "is where this run exports" in msg and "use another out_dir" in msg, msg
