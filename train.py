@@ -19,6 +19,10 @@ Settings are settings.TrainSettings; config files and --key=value overrides repl
 exactly plain fine-tuning: same data order, same everything, only the loss term differs.
 A run is identified by a fingerprint of everything that decides its trajectory (data digest,
 tokenizer, model, settings); a checkpoint of another run is never resumed (checkpoint.py).
+init_from: "scratch", a Hugging Face checkpoint directory or a toy base.pt; a checkpoint is fine-tuned
+with its own tokenizer (a base.pt: the one whose fingerprint it recorded), and a tokenizer_path that
+is not that one is an error. One run per out_dir at a time (dirlock.py; a killed run's lock is taken
+over). Ctrl-C, SIGTERM, a damaged file or a full disk end the run with one line naming what is kept.
 """
 import atexit
 import glob

@@ -585,7 +585,7 @@ def test_a_tokenizer_that_cannot_match_the_checkpoint_is_an_error(monkeypatch, t
     assert not (tmp_path / "o" / "metrics.jsonl").exists()  # before any work
 
 
-def test_base_pt_is_a_checkpoint_and_exports_to_hugging_face(single_run, tmp_path):
+def test_base_pt_is_a_checkpoint_and_exports_to_hugging_face(single_run, tmp_path, monkeypatch):
     """issue 21: --init_from=base.pt fine-tunes the toy base model exactly as the run that pretrained it did
     (same weights, data order and anchors: the same losses), and export.py (the command in its docstring)
     writes an HF directory that transformers loads with our logits and our token ids."""
@@ -614,6 +614,10 @@ def test_base_pt_is_a_checkpoint_and_exports_to_hugging_face(single_run, tmp_pat
     res = subprocess.run([sys.executable, "export.py", str(single_run / "base.pt"), str(tmp_path / "x"),
                           "--tokenizer", str(other)], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode != 0 and f"trained with tokenizer {ours.fingerprint()}" in res.stderr, res.stderr
+    msg = run_in_process(monkeypatch, tiny_args(tmp_path / "o", init_from=str(single_run / "base.pt"),
+                                                 tokenizer_path=str(other)))
+    assert f"tokenizer {fingerprint_of(other)} is not the tokenizer {single_run / 'base.pt'} was trained with " \
+           f"({ours.fingerprint()}): pass that one" in msg, msg
 
 
 def test_two_runs_on_one_out_dir(tmp_path):
@@ -690,8 +694,8 @@ def test_ctrl_c_is_one_line_and_the_rerun_resumes(tmp_path):
     proc.send_signal(signal.SIGINT)
     err = proc.stderr.read()
     assert proc.wait() != 0 and "Traceback" not in err, err[-3000:]
-    assert err.strip().splitlines()[-1] == (f"interrupted (SIGINT): the last complete checkpoint in {tmp_path} is kept; "
-                                            "rerun the same command to resume from it"), err[-2000:]
+    assert (f"interrupted (SIGINT): the last complete checkpoint in {tmp_path} is kept; "
+            "rerun the same command to resume from it") in err, err[-2000:]  # (the progress bar closes after it)
     assert (tmp_path / ".lock").read_text() == ""
     res = run_train(args)
     assert "resumed from" in res.stdout + res.stderr and "taking over the lock" not in res.stdout + res.stderr
