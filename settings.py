@@ -95,7 +95,8 @@ class TrainSettings:
                               f"{', '.join(f.name for f in dataclasses.fields(MoEConfig))}")
         # a partial dict changes the keys it names: {'n_layers': 2} alone must not drop hidden_size etc.
         values["model_config"] = {**defaults["model_config"], **values["model_config"]}
-        values["out_dir"] = os.path.expanduser(values["out_dir"])  # "~/x" is not a directory named "~"
+        for key in PATH_KEYS:  # the shell leaves "--out_dir=~/x" alone: "~/x" is not a directory named "~"
+            values[key] = os.path.expanduser(values[key])
         s = cls(**values)
         s.check(sources)
         return s, sources
@@ -130,6 +131,7 @@ class TrainSettings:
             raise ConfigError("invalid settings:\n  " + "\n  ".join(problems))
 
 
+PATH_KEYS = ("out_dir", "init_from", "data_path", "tokenizer_path")
 SCRATCH_ONLY = ("model_config", "pretrain_iters", "pretrain_lr", "pretrain_target_fraction")
 
 

@@ -64,6 +64,9 @@ try:
         model_cfg = _base_model.config
         del _base_model
         model_cfg.router_clean_logits = s.router_clean_logits
+    elif os.path.isfile(s.init_from):  # (a missing one is named by its config.json below)
+        raise ValueError(f"{s.init_from} is a file: expected a checkpoint directory (config.json, *.safetensors) "
+                         "or a base.pt")
     else:
         model_cfg = config_from_hf(_read_json(os.path.join(s.init_from, "config.json")))  # names the file if not JSON
         model_cfg.router_clean_logits = s.router_clean_logits

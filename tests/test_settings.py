@@ -68,8 +68,10 @@ def test_scratch_only_setting_from_a_config_file_names_its_line(tmp_path):
 
 def test_out_dir_tilde_is_expanded(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
-    s, _ = parse("--out_dir=~/runs/x")
+    s, _ = parse("--out_dir=~/runs/x", "--data_path=~/d.jsonl", "--tokenizer_path=~/t.tiktoken")
     assert s.out_dir == os.path.join(str(tmp_path), "runs", "x")
+    assert (s.data_path, s.tokenizer_path) == (f"{tmp_path}/d.jsonl", f"{tmp_path}/t.tiktoken")
+    assert parse("--init_from=~/ckpt")[0].init_from == f"{tmp_path}/ckpt"
 
 
 def test_out_dir_empty_or_a_file_is_an_error(tmp_path):

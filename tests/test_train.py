@@ -291,6 +291,8 @@ def run_in_process(monkeypatch, args):
     pytest.param(dict(device="cuda"), r"device='cuda' \(command line\): no CUDA device is available",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")),
     (dict(init_from="BAD_JSON"), r"init_from \(command line\): .*config.json: not valid JSON"),
+    (dict(init_from="data/udhr/parallel.jsonl"), r"init_from \(command line\): data/udhr/parallel.jsonl is a file: "
+                                                 r"expected a checkpoint directory"),
 ])
 def test_bad_settings_fail_first_naming_the_key(monkeypatch, tmp_path, kw, pattern):
     if kw.get("init_from") == "BAD_JSON":
