@@ -27,7 +27,7 @@ METHODS = ("sara",)  # the alignment methods train.py can run (methods/<name>.py
 class TrainSettings:
     out_dir: str = "out/toy"
     init_from: str = "scratch"  # "scratch" (toy: stage 0 pretraining), a Hugging Face checkpoint dir, or a base.pt
-    model_config: dict = field(default_factory=lambda: dict(  # scratch only; --model_config={...} changes the keys it names
+    model_config: dict = field(default_factory=lambda: dict(  # scratch only; a dict given changes the keys it names, the rest stay
         vocab_size=4096, hidden_size=128, n_layers=4, n_heads=4, n_kv_heads=2, intermediate_size=256, n_experts=8,
         top_k=2, moe_intermediate_size=128, qk_norm=True, norm_topk_prob=True, max_position_embeddings=512,
         router_aux_loss_coef=0.01))
@@ -36,7 +36,7 @@ class TrainSettings:
     pretrain_target_fraction: float = 1.0  # stage 0 keeps this fraction of each target language's items (scarce)
     # data
     data_path: str = "data/udhr/parallel.jsonl"
-    tokenizer_path: str = ""  # "" = the checkpoint's own (a base.pt: the toy BPE it recorded); scratch: TOY_TOKENIZER
+    tokenizer_path: str = ""  # "" = the checkpoint's own; scratch or a base.pt: data/udhr/bpe.tiktoken (checked against base.pt's record)
     train_langs: list = field(default_factory=lambda: ["sw", "hi", "bn", "te", "ne"])  # target languages (codes as in the data)
     anchor_lang: str = "en"
     val_fraction: float = 0.15

@@ -122,8 +122,10 @@ def _interrupted(signum, frame):  # Ctrl-C or a scheduler's SIGTERM: one line, t
                      "rerun the same command to resume from it")
 
 
-signal.signal(signal.SIGINT, _interrupted)
-signal.signal(signal.SIGTERM, _interrupted)
+if not ddp:  # (under torchrun the agent tears the ranks down with SIGTERM, then SIGKILL: a rank blocked in a
+    # collective would not run a Python handler, and the teardown would wait for the agent's timeout)
+    signal.signal(signal.SIGINT, _interrupted)
+    signal.signal(signal.SIGTERM, _interrupted)
 
 # -----------------------------------------------------------------------------
 # data (stage 1 happens upstream: the JSONL holds the translated, filtered samples)
