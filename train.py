@@ -131,7 +131,7 @@ if not ddp:  # (under torchrun the agent tears the ranks down with SIGTERM, then
 # data (stage 1 happens upstream: the JSONL holds the translated, filtered samples)
 # the tokenizer: a checkpoint's own unless another is named, and a named one must be the one it was trained with
 _key = "tokenizer_path" if s.tokenizer_path else "init_from"
-own_tok = None  # (a description of the checkpoint's own tokenizer, its fingerprint) where it is known
+own_tok = None  # (the checkpoint's own tokenizer in words, its fingerprint, what to do) where it is known
 try:
     if s.init_from == "scratch" or from_base_pt:  # a base.pt carries no tokenizer, only its fingerprint
         tok_path = s.tokenizer_path or TOY_TOKENIZER
@@ -223,7 +223,10 @@ def build_model():
 
 # one header row per invocation: where the numbers below it were made
 run.write_metrics(dict(header=True, platform=platform_info(device), argv=sys.argv[1:], settings=s.to_dict()))
-raw_model, full_weights = build_model()
+try:
+    raw_model, full_weights = build_model()
+except CheckpointError as err:  # a damaged shard or NaN weights in init_from: named, with the fix
+    raise SystemExit(str(err)) from None
 log(f"model: {raw_model.num_params() / 1e6:.2f}M parameters ({raw_model.num_params(active=True) / 1e6:.2f}M active), "
     f"MoE layers {model_cfg.moe_layers}, device {device}, world {world}, grad accum {accum}")
 

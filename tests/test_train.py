@@ -709,3 +709,13 @@ def test_exporting_over_the_checkpoint_it_starts_from_is_an_error(monkeypatch, t
     (tmp_path / "o" / "hf").mkdir(parents=True)
     msg = run_in_process(monkeypatch, tiny_args(tmp_path / "o", init_from=str(tmp_path / "o" / "hf"), export_hf=True))
     assert "is where this run exports" in msg and "use another out_dir" in msg, msg
+
+
+def test_a_damaged_init_from_checkpoint_is_one_line_naming_the_file(monkeypatch, tiny_hf_checkpoint, tmp_path):
+    """(before: checkpoint.py's CheckpointError reached the user as a traceback from build_model)"""
+    shutil.copytree(tiny_hf_checkpoint, tmp_path / "ckpt")
+    shard = tmp_path / "ckpt" / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-1000])
+    msg = run_in_process(monkeypatch, tiny_args(tmp_path / "o", init_from=str(tmp_path / "ckpt"),
+                                                tokenizer_path="data/udhr/bpe.tiktoken"))
+    assert str(shard) in msg and "\n" not in msg.strip(), msg
