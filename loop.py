@@ -26,7 +26,7 @@ from anchors import forward_and_pool
 from checkpoint import (CheckpointError, all_finite, check_fingerprint, load_training_state, read_checkpoint_meta,
                         save_training_state)
 from data.parallel import collate, step_batches
-from jsonl import append_jsonl, read_jsonl
+from jsonl import JsonlError, append_jsonl, read_jsonl
 from optim import lr_at, make_optimizer
 from step_loss import step_loss
 
@@ -75,7 +75,11 @@ class Run:
 
     def write_metrics(self, record):
         if self.dist.master and self.metrics_path:
-            append_jsonl(self.metrics_path, [record])
+            try:  # a failed append (a full disk) is cut back: the file still ends on a whole record
+                append_jsonl(self.metrics_path, [record])
+            except OSError as err:
+                raise SystemExit(f"{self.metrics_path}: could not append a metrics row ({err.strerror}); the "
+                                 "file is intact and the last checkpoint is kept: free disk space and rerun to resume") from None
 
 
 def param_dtype(s):
@@ -171,23 +175,38 @@ def resume(run, phase, net, optimizer, ckpt_dir, phase_id):
     keeps this phase's rows before that step only: the steps after it are redone and logged again."""
     start = 0
     if ckpt_dir and os.path.exists(ckpt_dir):
-        try:
+        try:  # (a CheckpointError names the damaged file and the fix: no traceback, no second guess)
             saved_id = read_checkpoint_meta(ckpt_dir)["fingerprint"]
-        except (CheckpointError, KeyError) as err:
+        except CheckpointError as err:
+            raise SystemExit(str(err)) from None
+        except KeyError as err:
             raise SystemExit(f"{ckpt_dir}: no run fingerprint ({err}); written by an older train.py? Use a new out_dir.")
         check_fingerprint(ckpt_dir, saved_id, phase_id)
-        start = load_training_state(ckpt_dir, net, optimizer, rank=run.dist.rank, sharded=run.dist.sharded,
-                                    device=run.dist.device)
+        try:
+            start = load_training_state(ckpt_dir, net, optimizer, rank=run.dist.rank, sharded=run.dist.sharded,
+                                        device=run.dist.device)
+        except CheckpointError as err:
+            raise SystemExit(str(err)) from None
         check_finite_weights(net, ckpt_dir, run)
         run.log(f"{phase}: resumed from {ckpt_dir} at step {start}")
     path = run.metrics_path
     if run.dist.master and path and os.path.exists(path):
-        rows = [r for _, r in read_jsonl(path, torn_tail_ok=True)]
+        try:  # (a torn last line, from a crash or a full disk mid-append, is dropped: it was never whole)
+            rows = [r for _, r in read_jsonl(path, torn_tail_ok=True)]
+        except JsonlError as err:  # damaged inside: not ours to repair silently
+            raise SystemExit(f"{err}; metrics.jsonl is damaged: repair or delete that line (or move the file "
+                             "away) and rerun") from None
         keep = [r for r in rows if r.get("phase") != phase or (start > 0 and r["step"] < start)]
         if len(keep) < len(rows):
             if os.path.exists(path + ".tmp"):
                 os.remove(path + ".tmp")
-            append_jsonl(path + ".tmp", keep)
+            try:
+                append_jsonl(path + ".tmp", keep)
+            except OSError as err:  # (a full disk) metrics.jsonl itself is untouched
+                if os.path.exists(path + ".tmp"):
+                    os.remove(path + ".tmp")
+                raise SystemExit(f"{path}: could not rewrite it without the steps to redo ({err.strerror}); "
+                                 "it is unchanged: free disk space and rerun") from None
             os.replace(path + ".tmp", path)
     return start
 
@@ -278,7 +297,11 @@ def train_phase(run, phase, net, examples, total_steps, peak_lr, method, ckpt_di
         if ((step + 1) % s.eval_interval == 0 or step == total_steps - 1) and method is not None and val_set:
             evaluate(run, net, val_set, method, phase, step)
         if ckpt_dir and ((step + 1) % s.ckpt_interval == 0 or step == total_steps - 1):
-            save_training_state(ckpt_dir, net, optimizer, step + 1, dict(fingerprint=phase_id, phase=phase),
-                                rank=d.rank, world=d.world, sharded=d.sharded)
+            try:  # (a full disk: the message names the step and the checkpoint still kept)
+                save_training_state(ckpt_dir, net, optimizer, step + 1, dict(fingerprint=phase_id, phase=phase),
+                                    rank=d.rank, world=d.world, sharded=d.sharded)
+            except CheckpointError as err:
+                bar.close()
+                raise SystemExit(str(err)) from None
     bar.close()
     return records

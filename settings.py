@@ -10,9 +10,13 @@ every setting with its default and the comment written next to it below.
 """
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 
-from configurator import at_least, configure, in_range, inline_comments, one_of, validate
+from configurator import ConfigError, at_least, configure, in_range, inline_comments, one_of, validate
+from model import MoEConfig
+
+TOY_TOKENIZER = "data/udhr/bpe.tiktoken"  # the toy BPE of a run from scratch (data/udhr/prepare.py)
 
 # settings that were renamed: using the old name is an error that says what to write instead
 RENAMED = dict(sara_layers="use sara_band=(start, end), an inclusive pair, or sara_layer_list=[...] for exact layers")
@@ -22,8 +26,8 @@ METHODS = ("sara",)  # the alignment methods train.py can run (methods/<name>.py
 @dataclass
 class TrainSettings:
     out_dir: str = "out/toy"
-    init_from: str = "scratch"  # "scratch" (toy: stage 0 pretraining) or a Hugging Face checkpoint dir
-    model_config: dict = field(default_factory=lambda: dict(  # used only when init_from == "scratch"
+    init_from: str = "scratch"  # "scratch" (toy: stage 0 pretraining), a Hugging Face checkpoint dir, or a base.pt
+    model_config: dict = field(default_factory=lambda: dict(  # scratch only; a dict given changes the keys it names, the rest stay
         vocab_size=4096, hidden_size=128, n_layers=4, n_heads=4, n_kv_heads=2, intermediate_size=256, n_experts=8,
         top_k=2, moe_intermediate_size=128, qk_norm=True, norm_topk_prob=True, max_position_embeddings=512,
         router_aux_loss_coef=0.01))
@@ -32,7 +36,7 @@ class TrainSettings:
     pretrain_target_fraction: float = 1.0  # stage 0 keeps this fraction of each target language's items (scarce)
     # data
     data_path: str = "data/udhr/parallel.jsonl"
-    tokenizer_path: str = "data/udhr/bpe.tiktoken"  # "" = the checkpoint's tokenizer.json
+    tokenizer_path: str = ""  # "" = the checkpoint's own; scratch or a base.pt: data/udhr/bpe.tiktoken (checked against base.pt's record)
     train_langs: list = field(default_factory=lambda: ["sw", "hi", "bn", "te", "ne"])  # target languages (codes as in the data)
     anchor_lang: str = "en"
     val_fraction: float = 0.15
@@ -83,8 +87,16 @@ class TrainSettings:
     def from_argv(cls, argv, doc=None):
         """Config files and --key=value overrides (configurator.configure; --help lists the settings),
         then check() -> (TrainSettings, sources {key: where its value came from})."""
-        values, sources = configure(argv, cls().to_dict(), renamed=RENAMED, doc=doc,
-                                    comments=inline_comments(__file__))
+        defaults = cls().to_dict()
+        values, sources = configure(argv, defaults, renamed=RENAMED, doc=doc, comments=inline_comments(__file__))
+        unknown = sorted(set(values["model_config"]) - {f.name for f in dataclasses.fields(MoEConfig)})
+        if unknown:
+            raise ConfigError(f"model_config ({sources['model_config']}): {unknown} are not MoEConfig fields; valid: "
+                              f"{', '.join(f.name for f in dataclasses.fields(MoEConfig))}")
+        # a partial dict changes the keys it names: {'n_layers': 2} alone must not drop hidden_size etc.
+        values["model_config"] = {**defaults["model_config"], **values["model_config"]}
+        for key in PATH_KEYS:  # the shell leaves "--out_dir=~/x" alone: "~/x" is not a directory named "~"
+            values[key] = os.path.expanduser(values[key])
         s = cls(**values)
         s.check(sources)
         return s, sources
@@ -93,12 +105,53 @@ class TrainSettings:
         """Every rule a value must meet on its own, all problems reported at once, each naming the key,
         value and where it came from (a ConfigError). Rules that need the data or the model's shape
         (the band's layers, max_len against the context) are checked by train.py when those are known."""
-        validate(self.to_dict(), sources or {}, RULES)
+        sources = sources or {}
+        values = self.to_dict()
+        rules = dict(RULES)
+        for f in dataclasses.fields(self):  # one rule for every float: 1e999 parses as inf, and inf is no setting
+            if isinstance(values[f.name], float):
+                rules[f.name] = _finite_and(RULES.get(f.name))
+        validate(values, sources, rules)
+        problems = []
+        if self.anchor_lang in self.train_langs:  # every row would be its own anchor: JS exactly 0
+            problems.append(f"anchor_lang={self.anchor_lang!r} ({sources.get('anchor_lang', 'default')}) is one of "
+                            f"train_langs={self.train_langs} ({sources.get('train_langs', 'default')}): a language "
+                            "cannot be aligned to itself")
+        if self.init_from != "scratch":  # these shape stage 0 and the scratch model only: set, they would be ignored
+            ignored = [f"{k} ({sources[k]})" for k in SCRATCH_ONLY if sources.get(k, "default") != "default"]
+            if ignored:
+                problems.append(f"init_from={self.init_from!r} ({sources.get('init_from', 'default')}): "
+                                f"{', '.join(ignored)} apply to init_from='scratch' only; remove them")
+        if self.export_hf and self.init_from != "scratch" and \
+                os.path.realpath(self.init_from) == os.path.realpath(os.path.join(self.out_dir, "hf")):
+            problems.append(f"init_from={self.init_from!r} ({sources.get('init_from', 'default')}) is where this run "
+                            f"exports (out_dir={self.out_dir!r} + '/hf'): the export would replace the checkpoint it "
+                            "starts from; use another out_dir")
+        if problems:
+            raise ConfigError("invalid settings:\n  " + "\n  ".join(problems))
+
+
+PATH_KEYS = ("out_dir", "init_from", "data_path", "tokenizer_path")
+SCRATCH_ONLY = ("model_config", "pretrain_iters", "pretrain_lr", "pretrain_target_fraction")
+
+
+def _finite_and(rule):
+    return lambda v: "must be finite" if not math.isfinite(v) else rule(v) if rule else None
+
+
+def _out_dir(v):
+    if not v:
+        return "is empty: a directory for checkpoints and metrics"
+    if os.path.exists(v) and not os.path.isdir(v):
+        return "exists and is a file, not a directory"
+    return None
 
 
 _positive = in_range(0, math.inf, lo_open=True)
 _open_unit = in_range(0, 1, hi_open=True)
 RULES = dict(
+    out_dir=_out_dir,
+    seed=in_range(0, 2 ** 63 - 1),  # torch.manual_seed(seed + rank), Generator.manual_seed(seed + epoch) in range
     init_from=lambda v: None if v else "is empty: a checkpoint directory, or 'scratch'",
     data_path=lambda v: None if v else "is empty: a JSONL file of parallel samples",
     pretrain_iters=at_least(0), pretrain_lr=_positive, pretrain_target_fraction=in_range(0, 1, lo_open=True),

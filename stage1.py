@@ -52,7 +52,6 @@ NOTE: a resumed run samples its remaining batches afresh (seed per batch), so wi
 set can differ slightly from an uninterrupted run's; every kept row is still verified.
 """
 import argparse
-import contextlib
 import hashlib
 import json
 import os
@@ -66,6 +65,7 @@ from tqdm import tqdm
 from evaluation.benchmarks import TEMPLATES
 from evaluation.scoring import extract_boxed, score_output
 from data.questions import load_questions, load_translation_file, mc_prompt, translation_notes  # noqa: F401
+import dirlock
 from engine import DEFAULT_RETRIES, DEFAULT_TIMEOUT
 from jsonl import JsonlError, cut_torn_tail, split_records
 
@@ -248,27 +248,12 @@ class Journal:
 def busy(out):
     """Whether another stage1 process holds out's lock now (checked before a model is loaded; the lock
     itself is taken later, when the directory is written)."""
-    import fcntl
-    try:
-        with open(out / ".lock", "r") as f:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except OSError:  # no lock file (or none readable): nobody holds it
-        pass
-    return False
+    return dirlock.holder(out) is not None
 
 
-@contextlib.contextmanager
 def locked(out):
-    """One stage1 process per output directory (two would interleave their journals)."""
-    import fcntl
-    with open(out / ".lock", "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise SystemExit(f"{out}: another stage1 run is using this directory") from None
-        yield
+    """One stage1 process per output directory (two would interleave their journals): dirlock.py."""
+    return dirlock.locked(out, "stage1 run")
 
 
 def pin_settings(out, settings):
@@ -567,7 +552,7 @@ def cmd_build(args):
         raise SystemExit(str(e)) from None
     out = Path(args.out)
     if busy(out):  # before minutes of model loading
-        raise SystemExit(f"{out}: another stage1 run is using this directory")
+        raise SystemExit(f"{out}: another stage1 run is using this directory ({dirlock.holder(out)})")
     loaded = None
     if args.checkpoint:  # loaded before run.json is written: a checkpoint that cannot work writes nothing
         import torch

@@ -19,11 +19,17 @@ Settings are settings.TrainSettings; config files and --key=value overrides repl
 exactly plain fine-tuning: same data order, same everything, only the loss term differs.
 A run is identified by a fingerprint of everything that decides its trajectory (data digest,
 tokenizer, model, settings); a checkpoint of another run is never resumed (checkpoint.py).
+init_from: "scratch", a Hugging Face checkpoint directory or a toy base.pt; a checkpoint is fine-tuned
+with its own tokenizer (a base.pt: the one whose fingerprint it recorded), and a tokenizer_path that
+is not that one is an error. One run per out_dir at a time (dirlock.py; a killed run's lock is taken
+over). Ctrl-C, SIGTERM, a damaged file or a full disk end the run with one line naming what is kept.
 """
+import atexit
 import glob
 import hashlib
 import json
 import os
+import signal
 import sys
 import time
 
@@ -31,6 +37,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import dirlock
 from checkpoint import (_read_json, check_fingerprint, CheckpointError, file_digest, load_base, load_model,
                         recover_checkpoint, save_base, save_hf_state)
 from configurator import ConfigError
@@ -40,7 +47,7 @@ from loop import Dist, Run, check_finite_weights, full_state_dict, param_dtype, 
 from methods import sara
 from model import MoEConfig, MoETransformer
 from provenance import platform_info
-from settings import TrainSettings
+from settings import TOY_TOKENIZER, TrainSettings
 from tokenizer import load_tokenizer, save_hf_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -48,9 +55,18 @@ from tokenizer import load_tokenizer, save_hf_tokenizer
 _run_start = time.time()
 s, sources = TrainSettings.from_argv(sys.argv[1:], doc=__doc__)
 # the model's shape is known before any weight is read: check the band and max_len against it
+from_base_pt = s.init_from != "scratch" and s.init_from.endswith(".pt")  # a toy base.pt (issue 21)
 try:
     if s.init_from == "scratch":
         model_cfg = MoEConfig(**{**s.model_config, "router_clean_logits": s.router_clean_logits})
+    elif from_base_pt:  # (a toy-sized file: reading it whole to learn its config costs nothing)
+        _base_model, base_pt_meta = load_base(s.init_from)
+        model_cfg = _base_model.config
+        del _base_model
+        model_cfg.router_clean_logits = s.router_clean_logits
+    elif os.path.isfile(s.init_from):  # (a missing one is named by its config.json below)
+        raise ValueError(f"{s.init_from} is a file: expected a checkpoint directory (config.json, *.safetensors) "
+                         "or a base.pt")
     else:
         model_cfg = config_from_hf(_read_json(os.path.join(s.init_from, "config.json")))  # names the file if not JSON
         model_cfg.router_clean_logits = s.router_clean_logits
@@ -84,20 +100,61 @@ accum = s.global_batch // (s.micro_batch * world)
 torch.manual_seed(s.seed + rank)
 layout = Dist(ddp=ddp, rank=rank, world=world, device=device, parallel=s.parallel)
 if layout.master:
-    os.makedirs(s.out_dir, exist_ok=True)
+    try:
+        os.makedirs(s.out_dir, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"out_dir={s.out_dir!r} ({sources['out_dir']}): cannot be created ({err.strerror})") from None
+    # one run per out_dir (two would interleave metrics and delete each other's checkpoint files); held until exit
+    _out_dir_lock = dirlock.acquire(s.out_dir, "train.py run", log=tqdm.write)
+    atexit.register(dirlock.release, _out_dir_lock)  # (an exit of any kind but a kill; the kernel drops it then)
     for ckpt in ("ckpt_pretrain", "ckpt"):  # finish or undo a commit a crash interrupted
-        for note in recover_checkpoint(os.path.join(s.out_dir, ckpt)):
-            tqdm.write(f"checkpoint recovery: {note}")
+        try:
+            for note in recover_checkpoint(os.path.join(s.out_dir, ckpt)):
+                tqdm.write(f"checkpoint recovery: {note}")
+        except CheckpointError as err:  # a damaged or missing COMPLETE marker: names the file and the fix
+            raise SystemExit(str(err)) from None
 if ddp:
     dist.barrier()  # nobody reads a checkpoint before rank 0 has repaired it
 
+
+def _interrupted(signum, frame):  # Ctrl-C or a scheduler's SIGTERM: one line, the lock released, nothing half-committed
+    raise SystemExit(f"interrupted ({signal.Signals(signum).name}): the last complete checkpoint in {s.out_dir} is kept; "
+                     "rerun the same command to resume from it")
+
+
+if not ddp:  # (under torchrun the agent tears the ranks down with SIGTERM, then SIGKILL: a rank blocked in a
+    # collective would not run a Python handler, and the teardown would wait for the agent's timeout)
+    signal.signal(signal.SIGINT, _interrupted)
+    signal.signal(signal.SIGTERM, _interrupted)
+
 # -----------------------------------------------------------------------------
 # data (stage 1 happens upstream: the JSONL holds the translated, filtered samples)
+# the tokenizer: a checkpoint's own unless another is named, and a named one must be the one it was trained with
+_key = "tokenizer_path" if s.tokenizer_path else "init_from"
+own_tok = None  # (the checkpoint's own tokenizer in words, its fingerprint, what to do) where it is known
 try:
-    tok = load_tokenizer(s.tokenizer_path or s.init_from)
+    if s.init_from == "scratch" or from_base_pt:  # a base.pt carries no tokenizer, only its fingerprint
+        tok_path = s.tokenizer_path or TOY_TOKENIZER
+        _fp = base_pt_meta.get("fingerprint", {}).get("tokenizer") if from_base_pt else None
+        own_tok = (f"the tokenizer {s.init_from} was trained with", _fp, "pass that one") if _fp else None
+    else:
+        tok_path = s.tokenizer_path or s.init_from
+        if glob.glob(os.path.join(s.init_from, "tokenizer.json")) or glob.glob(os.path.join(s.init_from, "*.tiktoken")):
+            own_tok = (f"{s.init_from}'s own", load_tokenizer(s.init_from).fingerprint(),
+                       "leave tokenizer_path empty to use it")
+        elif not s.tokenizer_path:
+            raise ValueError(f"{s.init_from} has no tokenizer (tokenizer.json): pass tokenizer_path= the one it was "
+                             "trained with")
+    tok = load_tokenizer(tok_path)
 except (OSError, ValueError) as err:
-    _key = "tokenizer_path" if s.tokenizer_path else "init_from"
     raise ConfigError(f"{_key} ({sources[_key]}): {err}") from None
+if own_tok and tok.fingerprint() != own_tok[1]:  # another vocabulary or chat format: the model would read noise
+    raise ConfigError(f"tokenizer_path={s.tokenizer_path or TOY_TOKENIZER!r} ({sources['tokenizer_path']}): tokenizer "
+                      f"{tok.fingerprint()} is not {own_tok[0]} ({own_tok[1]}): {own_tok[2]}")
+if tok.vocab_size > model_cfg.vocab_size:
+    raise ConfigError(f"tokenizer_path={tok_path!r} ({sources['tokenizer_path']}): its {tok.vocab_size} tokens do not "
+                      f"fit the model ({s.init_from if s.init_from != 'scratch' else 'model_config'}: vocab_size "
+                      f"{model_cfg.vocab_size})")
 run = Run(s, layout, tok.pad_id, os.path.join(s.out_dir, "metrics.jsonl"))
 log = run.log
 try:
@@ -166,7 +223,10 @@ def build_model():
 
 # one header row per invocation: where the numbers below it were made
 run.write_metrics(dict(header=True, platform=platform_info(device), argv=sys.argv[1:], settings=s.to_dict()))
-raw_model, full_weights = build_model()
+try:
+    raw_model, full_weights = build_model()
+except CheckpointError as err:  # a damaged shard or NaN weights in init_from: named, with the fix
+    raise SystemExit(str(err)) from None
 log(f"model: {raw_model.num_params() / 1e6:.2f}M parameters ({raw_model.num_params(active=True) / 1e6:.2f}M active), "
     f"MoE layers {model_cfg.moe_layers}, device {device}, world {world}, grad accum {accum}")
 
@@ -197,6 +257,8 @@ if s.init_from == "scratch":
     check_finite_weights(raw_model, base_path, run)
     raw_model.train()
     model_digest = file_digest([base_path])
+elif from_base_pt:
+    model_digest = file_digest([s.init_from])
 else:
     model_digest = file_digest(glob.glob(os.path.join(s.init_from, "*.safetensors")) + [os.path.join(s.init_from, "config.json")])
 model = wrap(raw_model, run, tok.vocab_size, full_weights)
@@ -232,11 +294,13 @@ if s.export_hf:
     if layout.master:
         hf_dir = os.path.join(s.out_dir, "hf")
         try:  # the tokenizer travels with the weights: sample.py, eval.py, transformers need only the directory
-            save_hf_state(full, raw_model.config, hf_dir, copy_from=None if s.init_from == "scratch" else s.init_from)
+            save_hf_state(full, raw_model.config, hf_dir, copy_from=None if s.init_from == "scratch" or from_base_pt else s.init_from)
             save_hf_tokenizer(tok, hf_dir, model_max_length=raw_model.config.max_position_embeddings)
             log(f"exported the fine-tuned model to {hf_dir} (Hugging Face layout)")
-        except (ImportError, ValueError) as err:
-            log(f"HF export incomplete: {err}")
+        except (ImportError, ValueError, OSError) as err:  # (a full disk): the run did not deliver what it should
+            raise SystemExit(f"exporting to {hf_dir} failed ({err}); the fine-tuned weights are in "
+                             f"{os.path.join(s.out_dir, 'ckpt')}: fix the cause and rerun the same command (it resumes "
+                             "at the end and exports)") from None
 log(f"done in {time.time() - _run_start:.0f} s wall ({world} process(es), {torch.get_num_threads()} threads each)")
 if ddp:
     dist.destroy_process_group()

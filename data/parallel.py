@@ -50,6 +50,9 @@ def _check_sample(obj):
             return f"{key!r} must be a string or null, got {type(obj[key]).__name__}"
     if not obj["id"] or not obj["lang"]:
         return "'id' and 'lang' must be non-empty"
+    if not obj["id"].endswith("-" + obj["lang"]) or obj["id"] == "-" + obj["lang"]:  # group_key() needs it
+        return (f"id {obj['id']!r} does not have the form '<group>-<lang>' ('<group>-{obj['lang']}'): the same "
+                "<group> names one item in every language (the train/val split and re-anchoring rely on it)")
     if not obj["response"].strip():
         return "'response' is empty"
     if (obj["anchor_prompt"] is None) != (obj["anchor_response"] is None):

@@ -52,6 +52,10 @@ BAD_LINES = {
     "empty response": (json.dumps(_row("g2-sw", response="  ")), "'response' is empty"),
     "one anchor null": (json.dumps(_row("g2-sw", anchor_prompt=None)), "both be null or both be strings"),
     "other anchor null": (json.dumps(_row("g2-sw", anchor_response=None)), "both be null or both be strings"),
+    # group_key() and the split by item need "<group>-<lang>" (before: a bare ValueError with no file or line)
+    "id without lang suffix": (json.dumps(_row("g2")), "id 'g2' does not have the form '<group>-<lang>' ('<group>-sw')"),
+    "id of another lang": (json.dumps(_row("g2-hi")), "id 'g2-hi' does not have the form '<group>-<lang>'"),
+    "id that is only the suffix": (json.dumps(_row("-sw")), "id '-sw' does not have the form"),
 }
 
 

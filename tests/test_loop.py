@@ -172,3 +172,44 @@ def test_nan_guard_then_resume_equals_uninterrupted(tmp_path, sw_examples):
     assert all(torch.equal(full.state_dict()[k], v) for k, v in resumed.state_dict().items())
     steps = [r["step"] for r in read_metrics(tmp_path / "cut" / "metrics.jsonl")]
     assert steps == [0, 1, 2, 3]  # each step logged once: the poisoned attempt's row is not kept
+
+
+def test_a_full_disk_while_appending_metrics_is_one_line_and_the_file_stays_whole(tmp_path, monkeypatch):
+    import errno
+    import jsonl
+    run = tiny_run(tmp_path)
+    run.write_metrics(dict(phase="sara", step=0, loss=1.0))
+    before = (tmp_path / "metrics.jsonl").read_bytes()
+    real_write = os.write
+
+    def full_after_10_bytes(fd, data):  # part of the line gets out, then ENOSPC
+        if len(data) > 10:
+            real_write(fd, bytes(data[:10]))
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(jsonl.os, "write", full_after_10_bytes)
+    with pytest.raises(SystemExit, match=rf"{tmp_path / 'metrics.jsonl'}: could not append a metrics row "
+                                         r"\(No space left on device\); the file is intact"):
+        run.write_metrics(dict(phase="sara", step=1, loss=1.0))
+    monkeypatch.undo()
+    assert (tmp_path / "metrics.jsonl").read_bytes() == before
+
+
+def test_a_failed_checkpoint_write_is_one_line_naming_the_step_kept(tmp_path, sw_examples, monkeypatch):
+    """A full disk while saving: the phase stops with checkpoint.py's message (the step still on disk, the
+    fix), not a traceback; the committed checkpoint is untouched."""
+    import errno
+    net, ckpt = fresh_model().train(), str(tmp_path / "ckpt")
+    real_save = torch.save
+    calls = []
+
+    def full_on_second_checkpoint(obj, f, *a, **k):
+        calls.append(1)
+        if isinstance(obj, dict) and "optimizer" in obj and obj.get("step") == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **k)
+    monkeypatch.setattr(torch, "save", full_on_second_checkpoint)
+    with pytest.raises(SystemExit) as err:
+        train_phase(tiny_run(tmp_path, ckpt_interval=1), "sara", net, sw_examples, 4, 3e-3, None, ckpt, dict(run=1))
+    msg = str(err.value)
+    assert "writing the step-2 checkpoint failed" in msg and f"{ckpt} still holds step 1" in msg, msg
+    assert (tmp_path / "ckpt" / "COMPLETE").read_text() == "1"

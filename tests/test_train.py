@@ -19,11 +19,14 @@ TINY = ("--model_config={'vocab_size': 4096, 'hidden_size': 32, 'n_layers': 3, '
 
 
 def tiny_args(out_dir, **kw):
-    args = dict(out_dir=str(out_dir), pretrain_iters=4, epochs=1, global_batch=8, micro_batch=4,
-                max_len=96, log_interval=1, eval_interval=1000, ckpt_interval=1000, export_hf=False,
+    """A tiny run from scratch; with init_from=..., the same settings less the scratch-only ones
+    (model_config, pretrain_iters: an error together with a checkpoint)."""
+    scratch = kw.get("init_from", "scratch") == "scratch"
+    args = dict(out_dir=str(out_dir), **(dict(pretrain_iters=4) if scratch else {}), epochs=1, global_batch=8,
+                micro_batch=4, max_len=96, log_interval=1, eval_interval=1000, ckpt_interval=1000, export_hf=False,
                 train_langs=["sw", "hi"], sara_band=(1, 2), lr=3e-3)
     args.update(kw)
-    return [TINY] + [f"--{k}={v!r}" if isinstance(v, (str, list)) else f"--{k}={v}" for k, v in args.items()]
+    return [TINY] * scratch + [f"--{k}={v!r}" if isinstance(v, (str, list)) else f"--{k}={v}" for k, v in args.items()]
 
 
 def run_train(args, nproc=1, check=True, timeout=300):
@@ -206,7 +209,7 @@ def test_from_checkpoint_single_vs_fsdp_and_export(tiny_hf_checkpoint, tmp_path)
     """The real-checkpoint path: init_from an HF dir; FSDP2 builds on meta and broadcasts rank 0's
     weights into the shards; the result equals a single process, and the export reloads."""
     args = lambda out, **kw: tiny_args(out, init_from=str(tiny_hf_checkpoint), lambda_lb=0.001,
-                                       tokenizer_path="data/udhr/bpe.tiktoken", **kw)[1:]  # no model_config
+                                       tokenizer_path="data/udhr/bpe.tiktoken", **kw)  # (no tokenizer of its own)
     run_train(args(tmp_path / "one", export_hf=True))
     run_train(args(tmp_path / "two", parallel="fsdp"), nproc=2)
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
@@ -239,8 +242,24 @@ def run_in_process(monkeypatch, args):
     monkeypatch.chdir(ROOT)
     monkeypatch.setattr(sys, "argv", ["train.py", *args])
     monkeypatch.delenv("RANK", raising=False)
-    with pytest.raises(SystemExit) as err:
-        runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")
+    def lock_fds():
+        found = set()
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                if os.readlink(f"/proc/self/fd/{fd}").endswith("/.lock"):
+                    found.add(int(fd))
+            except OSError:  # (listdir's own descriptor)
+                pass
+        return found
+    before, handlers = lock_fds(), {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(SystemExit) as err:
+            runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")
+    finally:  # the out_dir lock and the signal handlers train.py took (this process goes on)
+        for fd in lock_fds() - before:
+            os.close(fd)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     return str(err.value)
 
 
@@ -272,6 +291,8 @@ def run_in_process(monkeypatch, args):
     pytest.param(dict(device="cuda"), r"device='cuda' \(command line\): no CUDA device is available",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")),
     (dict(init_from="BAD_JSON"), r"init_from \(command line\): .*config.json: not valid JSON"),
+    (dict(init_from="data/udhr/parallel.jsonl"), r"init_from \(command line\): data/udhr/parallel.jsonl is a file: "
+                                                 r"expected a checkpoint directory"),
 ])
 def test_bad_settings_fail_first_naming_the_key(monkeypatch, tmp_path, kw, pattern):
     if kw.get("init_from") == "BAD_JSON":
@@ -522,3 +543,179 @@ def test_metrics_log_each_step_once_after_a_crash_before_any_checkpoint(tmp_path
     keys = [(r["phase"], r["step"], "loss" in r) for r in rows]
     assert len(keys) == len(set(keys)), keys
     assert [r["step"] for r in metrics(tmp_path, "pretrain")] == [0, 1, 2, 3]
+
+
+# -----------------------------------------------------------------------------
+# issue 20: nothing silent, nothing lost -- the tokenizer of a checkpoint, one run per out_dir,
+# damaged files named in one line, torn metrics; issue 21: base.pt is a checkpoint like any other
+
+def own_tokenizer_checkpoint(tiny_hf_checkpoint, path):
+    """The tiny Qwen3 checkpoint with a tokenizer of its own that is not the toy BPE (its last merge removed)."""
+    shutil.copytree(tiny_hf_checkpoint, path)
+    ranks = open(os.path.join(ROOT, "data/udhr/bpe.tiktoken")).read().splitlines(keepends=True)
+    (path / "own.tiktoken").write_text("".join(ranks[:-1]))
+    return path
+
+
+def fingerprint_of(path):
+    from tokenizer import load_tokenizer
+    return load_tokenizer(path).fingerprint()
+
+
+def test_a_checkpoint_is_fine_tuned_with_its_own_tokenizer(tiny_hf_checkpoint, tmp_path):
+    """No tokenizer_path: the checkpoint's own tokenizer is used, and the export carries it (before: the
+    toy BPE and its chat format, silently, and the export's tokenizer files were replaced by the toy's)."""
+    ckpt = own_tokenizer_checkpoint(tiny_hf_checkpoint, tmp_path / "ckpt")
+    run_train(tiny_args(tmp_path / "o", init_from=str(ckpt), lambda_lb=0.001, export_hf=True))
+    toy = fingerprint_of(os.path.join(ROOT, "data/udhr/bpe.tiktoken"))
+    assert fingerprint_of(tmp_path / "o" / "hf") == fingerprint_of(ckpt) != toy
+
+
+def test_a_tokenizer_that_cannot_match_the_checkpoint_is_an_error(monkeypatch, tiny_hf_checkpoint, tmp_path):
+    ckpt = own_tokenizer_checkpoint(tiny_hf_checkpoint, tmp_path / "ckpt")
+    toy = os.path.join(ROOT, "data/udhr/bpe.tiktoken")
+    msg = run_in_process(monkeypatch, tiny_args(tmp_path / "o", init_from=str(ckpt), tokenizer_path=toy))
+    assert f"tokenizer_path='{toy}' (command line): tokenizer {fingerprint_of(toy)} is not {ckpt}'s own " \
+           f"({fingerprint_of(ckpt)})" in msg, msg
+    # a checkpoint without a tokenizer: one must be named (before: the toy BPE, silently)
+    msg = run_in_process(monkeypatch, tiny_args(tmp_path / "o", init_from=str(tiny_hf_checkpoint)))
+    assert f"init_from (command line): {tiny_hf_checkpoint} has no tokenizer (tokenizer.json): pass tokenizer_path" in msg
+    # a vocabulary larger than the model's
+    msg = run_in_process(monkeypatch, [a.replace("'vocab_size': 4096", "'vocab_size': 1000") for a in tiny_args(tmp_path / "o")])
+    assert "tokenizer_path='data/udhr/bpe.tiktoken' (default): its 4096 tokens do not fit the model " \
+           "(model_config: vocab_size 1000)" in msg, msg
+    assert not (tmp_path / "o" / "metrics.jsonl").exists()  # before any work
+
+
+def test_base_pt_is_a_checkpoint_and_exports_to_hugging_face(single_run, tmp_path, monkeypatch):
+    """issue 21: --init_from=base.pt fine-tunes the toy base model exactly as the run that pretrained it did
+    (same weights, data order and anchors: the same losses), and export.py (the command in its docstring)
+    writes an HF directory that transformers loads with our logits and our token ids."""
+    run_train(tiny_args(tmp_path / "ft", init_from=str(single_run / "base.pt")))
+    a, b = metrics(single_run, "sara"), metrics(tmp_path / "ft", "sara")
+    assert [r["batch"] for r in a] == [r["batch"] for r in b] and len(a) > 5
+    for x, y in zip(a, b):
+        assert abs(x["loss"] - y["loss"]) < 1e-5 * abs(x["loss"]), (x, y)
+    res = subprocess.run([sys.executable, "export.py", str(single_run / "base.pt"), str(tmp_path / "base_hf"),
+                          "--tokenizer", "data/udhr/bpe.tiktoken"], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from checkpoint import load_model
+    from tokenizer import load_tokenizer
+    ours = load_tokenizer(os.path.join(ROOT, "data/udhr/bpe.tiktoken"))
+    text = "Kila mtu ana haki ya kuishi, uhuru na usalama."
+    assert AutoTokenizer.from_pretrained(tmp_path / "base_hf")(text, add_special_tokens=False)["input_ids"] == ours.encode(text)
+    hf_model = AutoModelForCausalLM.from_pretrained(tmp_path / "base_hf", dtype=torch.float32).eval()
+    ids = torch.tensor([ours.encode_chat("Habari?", "Nzuri.")[0] + ours.encode_chat("Habari?", "Nzuri.")[1]])
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(ids).logits, load_model(single_run / "base.pt")(ids).logits,
+                                   rtol=1e-4, atol=1e-4)
+    # a tokenizer other than the one base.pt was trained with is refused, naming both
+    other = tmp_path / "other.tiktoken"
+    other.write_text("".join(open(os.path.join(ROOT, "data/udhr/bpe.tiktoken")).readlines()[:-1]))
+    res = subprocess.run([sys.executable, "export.py", str(single_run / "base.pt"), str(tmp_path / "x"),
+                          "--tokenizer", str(other)], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode != 0 and f"trained with tokenizer {ours.fingerprint()}" in res.stderr, res.stderr
+    msg = run_in_process(monkeypatch, tiny_args(tmp_path / "o", init_from=str(single_run / "base.pt"),
+                                                 tokenizer_path=str(other)))
+    assert f"tokenizer {fingerprint_of(other)} is not the tokenizer {single_run / 'base.pt'} was trained with " \
+           f"({ours.fingerprint()}): pass that one" in msg, msg
+
+
+def test_two_runs_on_one_out_dir(tmp_path):
+    """The second run stops at once naming the first (before: raw FileNotFoundErrors from each other's
+    checkpoint files and metrics rows of both); the first finishes undisturbed."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen([sys.executable, "train.py", *tiny_args(tmp_path, epochs=2)], cwd=ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lock, deadline = tmp_path / ".lock", time.time() + 120
+    while not (lock.exists() and lock.read_text()) and time.time() < deadline and first.poll() is None:
+        time.sleep(0.05)
+    second = run_train(tiny_args(tmp_path, epochs=2), check=False)
+    assert first.wait(timeout=300) == 0, first.stderr.read()[-3000:]
+    assert second.returncode != 0 and "Traceback" not in second.stderr
+    assert f"{tmp_path}: another train.py run is using this directory (pid {first.pid} on " in second.stderr, second.stderr
+    keys = [(r["phase"], r["step"]) for r in metrics(tmp_path)]
+    assert len(keys) == len(set(keys)) and len(metrics(tmp_path, "sara")) == 22
+    assert lock.read_text() == ""  # released at exit: the next run takes it without a word
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_message(monkeypatch, tmp_path, capsys):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / ".lock").write_text("pid 4000000 on gone-host\n")  # nobody holds the flock
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "x"}\n')
+    msg = run_in_process(monkeypatch, tiny_args(tmp_path / "o", data_path=str(bad)))
+    assert "bad.jsonl:1" in msg  # it got past the lock
+    assert "taking over the lock of pid 4000000 on gone-host, which ended without releasing it" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("damage", ["truncate ckpt/state.pt", "garble ckpt/COMPLETE", "truncate ckpt/meta.json"])
+def test_a_damaged_checkpoint_is_one_line_naming_it(single_run, tmp_path, damage):
+    """Rerunning on a damaged checkpoint: the message names the file and the fix; no traceback."""
+    shutil.copytree(single_run, tmp_path / "r")
+    verb, file = damage.split()
+    f = tmp_path / "r" / file
+    if verb == "truncate":
+        f.write_bytes(f.read_bytes()[:len(f.read_bytes()) // 2])
+    else:
+        f.write_text("x7")
+    res = run_train(tiny_args(tmp_path / "r"), check=False)
+    last = res.stderr.strip().splitlines()[-1]
+    assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert str(tmp_path / "r" / "ckpt") in last and "older train.py" not in last, last
+
+
+def test_a_torn_metrics_line_is_dropped_and_a_damaged_one_named(single_run, tmp_path):
+    """A full disk mid-append leaves a torn last line: the rerun drops it (before: every later run died on
+    a raw JSONDecodeError). A damaged line inside the file is named (file:line) and left for the user."""
+    shutil.copytree(single_run, tmp_path / "r")
+    path = tmp_path / "r" / "metrics.jsonl"
+    before = path.read_text()
+    path.write_text(before + '{"phase": "sara", "step": 3, "lo')
+    run_train(tiny_args(tmp_path / "r"))
+    rows = [json.loads(l) for l in path.read_text().splitlines()]  # every line whole
+    assert path.read_text().startswith(before) and len(rows) == before.count("\n") + 1  # + this run's header
+    lines = before.splitlines()
+    lines[3] = lines[3][:20]
+    path.write_text("\n".join(lines) + "\n")
+    res = run_train(tiny_args(tmp_path / "r"), check=False)
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert f"{path}:4: invalid JSON" in res.stderr and "repair or delete that line" in res.stderr, res.stderr[-2000:]
+
+
+def test_ctrl_c_is_one_line_and_the_rerun_resumes(tmp_path):
+    """SIGINT (Ctrl-C) or SIGTERM (a scheduler) mid-phase: one line saying what is kept, no traceback, the lock
+    released; the same command resumes from the last checkpoint."""
+    args = tiny_args(tmp_path, epochs=4, ckpt_interval=3, pretrain_iters=2)
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    marker, deadline = tmp_path / "ckpt" / "COMPLETE", time.time() + 240
+    while not marker.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    err = proc.stderr.read()
+    assert proc.wait() != 0 and "Traceback" not in err, err[-3000:]
+    assert (f"interrupted (SIGINT): the last complete checkpoint in {tmp_path} is kept; "
+            "rerun the same command to resume from it") in err, err[-2000:]  # (the progress bar closes after it)
+    assert (tmp_path / ".lock").read_text() == ""
+    res = run_train(args)
+    assert "resumed from" in res.stdout + res.stderr and "taking over the lock" not in res.stdout + res.stderr
+    steps = [r["step"] for r in metrics(tmp_path, "sara")]
+    assert steps == sorted(set(steps)) and len(steps) == 44
+
+
+def test_exporting_over_the_checkpoint_it_starts_from_is_an_error(monkeypatch, tmp_path):
+    (tmp_path / "o" / "hf").mkdir(parents=True)
+    msg = run_in_process(monkeypatch, tiny_args(tmp_path / "o", init_from=str(tmp_path / "o" / "hf"), export_hf=True))
+    assert "is where this run exports" in msg and "use another out_dir" in msg, msg
+
+
+def test_a_damaged_init_from_checkpoint_is_one_line_naming_the_file(monkeypatch, tiny_hf_checkpoint, tmp_path):
+    """(before: checkpoint.py's CheckpointError reached the user as a traceback from build_model)"""
+    shutil.copytree(tiny_hf_checkpoint, tmp_path / "ckpt")
+    shard = tmp_path / "ckpt" / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-1000])
+    msg = run_in_process(monkeypatch, tiny_args(tmp_path / "o", init_from=str(tmp_path / "ckpt"),
+                                                tokenizer_path="data/udhr/bpe.tiktoken"))
+    assert str(shard) in msg and "\n" not in msg.strip(), msg
