@@ -222,7 +222,8 @@ def step_flops(model):
 
 def build_ours(name, depth):
     keys, base = BASE[name]
-    cfg = MoEConfig(**{**keys, "n_layers": base * depth, "loss_chunk_size": loss_chunk_size,
+    layer_types = keys.get("layer_types") and tuple(keys["layer_types"])[:base * depth]  # (GPT-OSS: per layer)
+    cfg = MoEConfig(**{**keys, "n_layers": base * depth, "loss_chunk_size": loss_chunk_size, "layer_types": layer_types,
                        **({"expert_impl": expert_impl} if expert_impl else {})})
     torch.manual_seed(0)
     default = torch.get_default_dtype()
@@ -385,7 +386,7 @@ def bench_case(name, depth, peak, ceiling):
     ours_c = LayerCompile(model.layers)
     theirs = theirs_c = None
     if hf:
-        theirs = bench_hf.build_hf(model, "grouped_mm", "sdpa", dtype, device).train()
+        theirs = bench_hf.build_hf(model, "grouped_mm", bench_hf.attn_impl(model.config), dtype, device).train()
         theirs_c = LayerCompile(theirs.model.layers)
     run_ours = lambda: ours_step(model, ids)  # noqa: E731
     run_hf = lambda: bench_hf.hf_step(theirs, ids)  # noqa: E731
@@ -479,7 +480,7 @@ def liger_case(name, model, theirs, cfg, rt, mode, run_ours, ids, flops, peak, c
     model.zero_grad(set_to_none=True), theirs.zero_grad(set_to_none=True)  # room for a third model
     free()
     try:
-        liger = bench_hf.build_hf(model, "grouped_mm", "sdpa", dtype, device).train()
+        liger = bench_hf.build_hf(model, "grouped_mm", bench_hf.attn_impl(model.config), dtype, device).train()
         bench_hf.apply_liger(liger)
         LayerCompile(liger.model.layers).set(True)
         record(name, cfg.n_layers, rt, f"vs {mode}", "grouped_mm+compile+liger",

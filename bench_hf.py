@@ -15,6 +15,8 @@ Stock options read from transformers 5.23 (integrations/moe.py, modeling_utils.p
                           grouped GEMM under inductor; in fp32 it falls back to a per-expert loop)
   Liger kernels           fused linear cross-entropy etc., when `liger-kernel` is installed
 """
+import re
+
 import torch
 import torch.nn.functional as F
 
@@ -44,13 +46,25 @@ def hf_config(cfg, experts_impl, attn_impl):
     return getattr(transformers, family.HF_CONFIG_CLASS)(**keys)
 
 
+def attn_impl(cfg):
+    """transformers' attention for this config: GPT-OSS's attention sinks exist on the eager path only (ours
+    refuses sinks on SDPA, and transformers' GptOss has no SDPA path); sdpa otherwise."""
+    return "eager" if cfg.attention_sinks else "sdpa"
+
+
 def hf_state_dict(ours, theirs_keys):
     """ours.state_dict() renamed to transformers' in-memory parameter names (stacked experts, as
     ours). transformers 5.x calls every family's MoE block `mlp` in memory (Phi-3.5's router `router`),
     older versions use the family's on-disk name (EXPERT_NAMES[0]); KeyError naming the tensor."""
     prefixes = dict.fromkeys(("mlp", hf_family(ours.config).EXPERT_NAMES[0]))  # "mlp" / "block_sparse_moe"
     mapped = {}
+    family = hf_family(ours.config)
     for name, t in ours.state_dict().items():
+        m = re.match(r"layers\.(\d+)\.(.*)", name)
+        own = m and getattr(family, "layer_tensors", lambda *a: None)(f"model.layers.{m[1]}.", m[2], t)
+        if own:  # the family names (and lays out) this tensor itself (GPT-OSS's experts: transposed views)
+            mapped.update({k: v for k, v in own.items() if k in theirs_keys})
+            continue
         candidates = [name] if name.startswith("lm_head.") else ["model." + name]
         if name.endswith(".mlp.router.gate.weight"):
             stem = "model." + name[:-len(".mlp.router.gate.weight")]
@@ -168,10 +182,10 @@ def check_parity(model, dtype, device, free):
         p["ref_logits_identical_fraction"] = (ours_ref.logits == hf_ref.logits).float().mean().item()
         p["ref_logits_rel_err"] = rel(ours_ref.logits, hf_ref.logits)
         p["ref_loss_diff"] = abs(next_token_ce(ours_ref.logits, ids) - next_token_ce(hf_ref.logits, ids))
-        cfg.expert_impl, cfg.attn_impl = saved[0], "sdpa"
+        cfg.expert_impl, cfg.attn_impl = saved[0], attn_impl(cfg)
         ours_fast = model(ids)
         free()
-        theirs = build_hf(model, "grouped_mm", "sdpa", dtype, device).eval()
+        theirs = build_hf(model, "grouped_mm", attn_impl(cfg), dtype, device).eval()
         hf_fast = theirs(input_ids=ids, output_router_logits=True)
         del theirs
         p["fast_router0_rel_err_vs_hf_fast"] = rel(ours_fast.router_logits[0].reshape(-1, E), hf_fast.router_logits[0])

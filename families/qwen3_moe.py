@@ -85,7 +85,7 @@ def needs(cfg):
     """What a MoEConfig must be to be written as this family: {condition: met}."""
     return {"router == 'topk'": cfg.router == "topk", "norm == 'rmsnorm'": cfg.norm == "rmsnorm",
             "qk_norm": cfg.qk_norm, "not lm_head_bias": not cfg.lm_head_bias,
-            "rope_scaling is None": cfg.rope_scaling is None}
+            "rope_scaling is None": cfg.rope_scaling is None, "not rmsnorm_weight_fp32": not cfg.rmsnorm_weight_fp32}
 
 
 def to_hf(cfg):
