@@ -94,10 +94,10 @@ def _switch_problems(c, hf, family):
     window = family.sliding_window(c)
     if window is not None and not (_is_int(window) and window > 0):
         problems.append(f"sliding_window={window!r} (expected a positive integer or null)")
-    # a family without SLIDING_WINDOW = True does not map the window into MoEConfig: a window that
-    # would cut attention short is then a switch we do not implement for it
+    # a family that does not carry the window (families.SWITCHES) does not map it into MoEConfig: a
+    # window that would cut attention short is then a switch we do not implement for it
     elif (window is not None and window < c["max_position_embeddings"]
-          and not getattr(family, "SLIDING_WINDOW", False)):
+          and not families.carries(family, "sliding_window")):
         problems.append(f"unsupported sliding_window={window!r} (sliding-window attention is not implemented "
                         f"for {family.MODEL_TYPE})")
     problems += [f"unsupported {k}={c[k]!r} (dropout is not implemented; only 0)" for k in _DROPOUTS

@@ -73,7 +73,13 @@ class MoEConfig:
     # --- attention and normalisation
     norm: str = "rmsnorm"  # "rmsnorm" (Qwen3) or "layernorm" (Phi-3.5, with bias)
     norm_eps: float = 1e-6
-    qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (Qwen3)
+    qk_norm: bool = False  # RMSNorm of q and k before RoPE (Qwen3, OLMoE)
+    # "head": over each head's head_dim, one weight of hd shared by the heads (Qwen3); "whole": over
+    # the whole q (nh*hd) and k (nkv*hd) projection, one weight entry per channel (OLMoE)
+    qk_norm_scope: str = "head"
+    # clamp q, k, v to [-clip_qkv, clip_qkv] after the projection (and after the qk-norm, in
+    # that order, as OLMoE does); None: no clamp
+    clip_qkv: float = None
     attention_bias: bool = False
     attn_impl: str = "sdpa"  # "sdpa" or "eager" (the checkpoints' reference numerics)
     # sliding-window attention: a query at index i sees keys at indices i - sliding_window < j <= i
@@ -125,9 +131,13 @@ class MoEConfig:
         if self.n_experts and not 0 < self.top_k <= self.n_experts:
             problems.append(f"top_k={self.top_k} must be in [1, n_experts={self.n_experts}]")
         for key, allowed in [("router", ("topk", "sparsemixer")), ("norm", ("rmsnorm", "layernorm")),
-                             ("expert_impl", ("auto", "loop", "grouped")), ("attn_impl", ("sdpa", "eager"))]:
+                             ("expert_impl", ("auto", "loop", "grouped")), ("attn_impl", ("sdpa", "eager")),
+                             ("qk_norm_scope", ("head", "whole"))]:
             if getattr(self, key) not in allowed:
                 problems.append(f"{key}={getattr(self, key)!r} is not one of {allowed}")
+        if self.clip_qkv is not None and not (isinstance(self.clip_qkv, (int, float)) and not isinstance(
+                self.clip_qkv, bool) and 0 < self.clip_qkv < math.inf):
+            problems.append(f"clip_qkv={self.clip_qkv!r} must be a positive number or None")
         if self.rope_scaling is not None and self.rope_scaling.get("type") != "longrope":
             problems.append(f"rope_scaling type {self.rope_scaling.get('type')!r} unsupported (only 'longrope')")
         if problems:
@@ -289,18 +299,24 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(H, nkv * hd, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(nh * hd, H, bias=cfg.attention_bias)
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(hd, cfg.norm_eps)
-            self.k_norm = RMSNorm(hd, cfg.norm_eps)
+            whole = cfg.qk_norm_scope == "whole"
+            self.q_norm = RMSNorm(nh * hd if whole else hd, cfg.norm_eps)
+            self.k_norm = RMSNorm(nkv * hd if whole else hd, cfg.norm_eps)
 
     def forward(self, x, cos, sin, mask, cache=None):
         # x: (B, T, H); cos, sin: (B, T, hd); mask: (B, 1, T, S) bool, True = may attend,
         # or None for plain causal attention (no padding, no cache)
         B, T, _ = x.shape
         nh, nkv, hd = self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.head_dim
-        q = self.q_proj(x).view(B, T, nh, hd)
-        k = self.k_proj(x).view(B, T, nkv, hd)
-        v = self.v_proj(x).view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
-        if self.cfg.qk_norm:
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, nh*hd), (B, T, nkv*hd) x2
+        if self.cfg.qk_norm and self.cfg.qk_norm_scope == "whole":  # OLMoE: over all channels
+            q, k = self.q_norm(q), self.k_norm(k)
+        clip = self.cfg.clip_qkv
+        if clip is not None:  # after the whole-projection norm (OLMoE's order)
+            q, k, v = q.clamp(-clip, clip), k.clamp(-clip, clip), v.clamp(-clip, clip)
+        q, k = q.view(B, T, nh, hd), k.view(B, T, nkv, hd)
+        v = v.view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
+        if self.cfg.qk_norm and self.cfg.qk_norm_scope == "head":  # Qwen3: per head
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, nh, T, hd), (B, nkv, T, hd)
         cos, sin = cos[:, None], sin[:, None]
