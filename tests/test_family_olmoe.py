@@ -237,3 +237,17 @@ def test_memory_models_are_the_real_sizes(name, total, active):
         model = MoETransformer(memory.MODELS[name][0]())
     assert model.num_params() == pytest.approx(total, rel=1e-3)
     assert model.num_params(active=True) == pytest.approx(active, rel=1e-3)
+
+
+def test_tulu_chat_layout_with_the_toy_tokenizer():
+    """OLMoE's chat markers are text, not special tokens: in the toy tokenizer too (2 specials, so a
+    4,093-token vocabulary); a chat is the template's text encoded as such, the response ends with
+    <|endoftext|>. (The toy cannot be exported in this layout: docs/architectures.md, "OLMoE".)"""
+    from conftest import TOY_TOKENIZER
+    from tokenizer import load_tokenizer
+    tok = load_tokenizer(TOY_TOKENIZER, chat_format="tulu")
+    assert tok.vocab_size == 4093 and set(tok.special_ids) == {"<|endoftext|>", "<|padding|>"}
+    prompt, response = tok.encode_chat("Hi", "Yo")
+    assert prompt == tok.encode("<|user|>\nHi\n<|assistant|>\n")
+    assert response == tok.encode("Yo") + [tok.special_ids["<|endoftext|>"]] and tok.eos_id == response[-1]
+    assert tok.pad_id == tok.special_ids["<|padding|>"] and tok.stop_ids == {tok.eos_id}
