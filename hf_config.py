@@ -1,9 +1,9 @@
 """
 The Hugging Face side of a checkpoint, as data: config.json <-> MoEConfig, and the on-disk tensor
-names <-> our parameters, for every family in families/ (Qwen3-MoE `qwen3_moe`, Phi-3.5-MoE
-`phimoe`). This file holds what the families share; each family's own keys, defaults, names and
-checks are in its families/<model_type>.py. No disk I/O here (checkpoint.py reads and writes); no
-transformers import.
+names <-> our parameters, for every family in families/ (Qwen3-MoE `qwen3_moe`, Phi-3.5-MoE and
+the SlimMoE Phis `phimoe`, OLMoE `olmoe`). This file holds what the families share; each family's
+own keys, defaults, names and checks are in its families/<model_type>.py. No disk I/O here
+(checkpoint.py reads and writes); no transformers import.
 
     config_from_hf(config.json dict) -> MoEConfig;   config_to_hf(MoEConfig) -> config.json dict
     hf_tensor_map(model, model_type) -> {on-disk name: the tensor (or slice) it fills}
@@ -21,8 +21,8 @@ block_sparse_moe/w1/w3/w2 for Phi-3.5):
 config.json is written in the transformers 4.x spelling (rope_theta, rope_scaling, num_experts), the
 spelling of the released checkpoints: transformers 5.x reads it too, so older pins of transformers /
 vLLM / lm-eval load what we save. Both spellings are read. A value of the wrong type, a head count
-that does not divide, and a switch we do not implement (sliding window, dropout, quantization, another
-activation or RoPE type) are errors naming the file and the key.
+that does not divide, and a switch we do not implement (a sliding window for a family that does not
+carry one, dropout, quantization, another activation or RoPE type) are errors naming the file and the key.
 """
 import families
 from model import MoEConfig

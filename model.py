@@ -2,9 +2,11 @@
 A top-k Mixture-of-Experts decoder-only transformer, in plain PyTorch.
 
 One MoEConfig describes a toy model for a laptop and, exactly, the two architectures SARA is
-applied to: Qwen3-MoE (Qwen3-30B-A3B) and Phi-3.5-MoE-instruct. The numerics (the dtype of each
-step, the order of the expert sum) follow the checkpoints' reference code, so that this file and
-transformers' eager implementation agree to ~1e-7 in fp32 and bit for bit in bf16 on CPU.
+applied to: Qwen3-MoE (Qwen3-30B-A3B) and Phi-3.5-MoE-instruct, and also the SlimMoE Phi models
+(Phi-mini/tiny-MoE: explicit head_dim, sliding window) and OLMoE (whole-projection qk-norm,
+clip_qkv). The numerics (the dtype of each step, the order of the expert sum) follow the
+checkpoints' reference code, so that this file and transformers' eager implementation agree to
+~1e-7 in fp32 and bit for bit in bf16 on CPU (docs/architectures.md).
 
 Notation in shape comments: B batch, T time (query length), S key length (past + T), H hidden,
 nh query heads, nkv key/value heads, hd head dim, V vocab, E experts, K experts per token,
@@ -27,6 +29,9 @@ Decisions and why:
   torch.compile of each Block fuses norms, RoPE, SwiGLU and the combine (88 -> 64 ms/step).
 - Position ids come from the attention mask (cumsum - 1), so a left-padded sequence gives the
   same logits as the unpadded one (transformers' plain forward uses arange and does not).
+- Sliding-window attention is a mask, built per layer in Attention from the key count (so the
+  layer loop and the KV cache are unchanged, and the cache keeps every key: the mask hides the old
+  ones). A window covering all keys is not applied, keeping SDPA's mask-free causal kernel.
 """
 import math
 from dataclasses import dataclass, fields, asdict
@@ -77,8 +82,8 @@ class MoEConfig:
     # "head": over each head's head_dim, one weight of hd shared by the heads (Qwen3); "whole": over
     # the whole q (nh*hd) and k (nkv*hd) projection, one weight entry per channel (OLMoE)
     qk_norm_scope: str = "head"
-    # clamp q, k, v to [-clip_qkv, clip_qkv] after the projection (and after the qk-norm, in
-    # that order, as OLMoE does); None: no clamp
+    # clamp q, k, v to [-clip_qkv, clip_qkv] after the projection and after a "whole" qk-norm (in
+    # that order, as OLMoE does; a per-head norm comes after the clamp: no family has both); None: off
     clip_qkv: float = None
     attention_bias: bool = False
     attn_impl: str = "sdpa"  # "sdpa" or "eager" (the checkpoints' reference numerics)
