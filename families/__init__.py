@@ -1,5 +1,5 @@
 """
-The model families we implement, one module each (families/qwen3_moe.py, families/phimoe.py), keyed
+The model families we implement, one module each (families/qwen3_moe.py, phimoe.py, olmoe.py), keyed
 by config.json's `model_type`. A family module holds everything family-specific: the config.json
 mapping both ways (HF_DEFAULTS, from_hf, to_hf, needs, problems), the on-disk expert names, the
 chat format, the architecture names (config.json / vLLM, transformers' classes), the paper-size
