@@ -1,9 +1,9 @@
 """
 The Hugging Face side of a checkpoint, as data: config.json <-> MoEConfig, and the on-disk tensor
-names <-> our parameters, for every family in families/ (Qwen3-MoE `qwen3_moe`, Phi-3.5-MoE
-`phimoe`). This file holds what the families share; each family's own keys, defaults, names and
-checks are in its families/<model_type>.py. No disk I/O here (checkpoint.py reads and writes); no
-transformers import.
+names <-> our parameters, for every family in families/ (Qwen3-MoE `qwen3_moe`, Phi-3.5-MoE and
+the SlimMoE Phis `phimoe`, OLMoE `olmoe`). This file holds what the families share; each family's
+own keys, defaults, names and checks are in its families/<model_type>.py. No disk I/O here
+(checkpoint.py reads and writes); no transformers import.
 
     config_from_hf(config.json dict) -> MoEConfig;   config_to_hf(MoEConfig) -> config.json dict
     hf_tensor_map(model, model_type) -> {on-disk name: the tensor (or slice) it fills}
@@ -21,8 +21,8 @@ block_sparse_moe/w1/w3/w2 for Phi-3.5):
 config.json is written in the transformers 4.x spelling (rope_theta, rope_scaling, num_experts), the
 spelling of the released checkpoints: transformers 5.x reads it too, so older pins of transformers /
 vLLM / lm-eval load what we save. Both spellings are read. A value of the wrong type, a head count
-that does not divide, and a switch we do not implement (sliding window, dropout, quantization, another
-activation or RoPE type) are errors naming the file and the key.
+that does not divide, and a switch we do not implement (a sliding window for a family that does not
+carry one, dropout, quantization, another activation or RoPE type) are errors naming the file and the key.
 """
 import families
 from model import MoEConfig
@@ -98,10 +98,10 @@ def _switch_problems(c, hf, family):
     window = family.sliding_window(c)
     if window is not None and not (_is_int(window) and window > 0):
         problems.append(f"sliding_window={window!r} (expected a positive integer or null)")
-    # a family without SLIDING_WINDOW = True does not map the window into MoEConfig: a window that
-    # would cut attention short is then a switch we do not implement for it
+    # a family that does not carry the window (families.SWITCHES) does not map it into MoEConfig: a
+    # window that would cut attention short is then a switch we do not implement for it
     elif (window is not None and window < c["max_position_embeddings"]
-          and not getattr(family, "SLIDING_WINDOW", False)):
+          and not families.carries(family, "sliding_window")):
         problems.append(f"unsupported sliding_window={window!r} (sliding-window attention is not implemented "
                         f"for {family.MODEL_TYPE})")
     problems += [f"unsupported {k}={c[k]!r} (dropout is not implemented; only 0)" for k in _DROPOUTS

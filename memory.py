@@ -64,8 +64,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.checkpoint import checkpoint
 
-from model import (Block, MoETransformer, RotaryEmbedding, chunked_cross_entropy, gpt_oss_20b_config, make_norm,
-                   phi35_moe_config, qwen3_30b_a3b_config)
+from families import olmoe, phimoe
+from model import (Block, MoEConfig, MoETransformer, RotaryEmbedding, chunked_cross_entropy, gpt_oss_20b_config,
+                   make_norm, phi35_moe_config, qwen3_30b_a3b_config)
 import optim
 from loop import fsdp_shard
 
@@ -74,6 +75,8 @@ GPU_GIB = 79.6  # an "80 GB" H100 reports 81,559 MiB
 HEADROOM = 1.15  # fits if peak * 1.15 <= 79.6 GiB: CUDA context, NCCL buffers, fragmentation
 # model -> (architecture, the optimizer_states its config in configs/ uses)
 MODELS = {"qwen3": (qwen3_30b_a3b_config, "fp32"), "phi35": (phi35_moe_config, "bf16_sr"),
+          "olmoe": (lambda **o: MoEConfig(**{**olmoe.PRESET, **o}), "fp32"),
+          "phi_mini": (lambda **o: MoEConfig(**{**phimoe.SLIM_PRESETS["phi_mini_moe"], **o}), "fp32"),
           "gpt_oss_20b": (gpt_oss_20b_config, "fp32")}
 OPTIMIZER_STATES = ("fp32", "bf16_sr")  # train.py's optimizer_states options
 

@@ -2,9 +2,11 @@
 A top-k Mixture-of-Experts decoder-only transformer, in plain PyTorch.
 
 One MoEConfig describes a toy model for a laptop and, exactly, the two architectures SARA is
-applied to: Qwen3-MoE (Qwen3-30B-A3B) and Phi-3.5-MoE-instruct. The numerics (the dtype of each
-step, the order of the expert sum) follow the checkpoints' reference code, so that this file and
-transformers' eager implementation agree to ~1e-7 in fp32 and bit for bit in bf16 on CPU.
+applied to: Qwen3-MoE (Qwen3-30B-A3B) and Phi-3.5-MoE-instruct, and also the SlimMoE Phi models
+(Phi-mini/tiny-MoE: explicit head_dim, sliding window) and OLMoE (whole-projection qk-norm,
+clip_qkv). The numerics (the dtype of each step, the order of the expert sum) follow the
+checkpoints' reference code, so that this file and transformers' eager implementation agree to
+~1e-7 in fp32 and bit for bit in bf16 on CPU (docs/architectures.md).
 
 Notation in shape comments: B batch, T time (query length), S key length (past + T), H hidden,
 nh query heads, nkv key/value heads, hd head dim, V vocab, E experts, K experts per token,
@@ -27,6 +29,9 @@ Decisions and why:
   torch.compile of each Block fuses norms, RoPE, SwiGLU and the combine (88 -> 64 ms/step).
 - Position ids come from the attention mask (cumsum - 1), so a left-padded sequence gives the
   same logits as the unpadded one (transformers' plain forward uses arange and does not).
+- Sliding-window attention is a mask, built per layer in Attention from the key count (so the
+  layer loop and the KV cache are unchanged, and the cache keeps every key: the mask hides the old
+  ones). A window covering all keys is not applied, keeping SDPA's mask-free causal kernel.
 """
 import math
 from dataclasses import dataclass, fields, asdict
@@ -85,7 +90,13 @@ class MoEConfig:
     norm: str = "rmsnorm"  # "rmsnorm" (Qwen3) or "layernorm" (Phi-3.5, with bias)
     norm_eps: float = 1e-6
     rmsnorm_weight_fp32: bool = False  # RMSNorm multiplies its weight before the cast back (GPT-OSS)
-    qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (Qwen3)
+    qk_norm: bool = False  # RMSNorm of q and k before RoPE (Qwen3, OLMoE)
+    # "head": over each head's head_dim, one weight of hd shared by the heads (Qwen3); "whole": over
+    # the whole q (nh*hd) and k (nkv*hd) projection, one weight entry per channel (OLMoE)
+    qk_norm_scope: str = "head"
+    # clamp q, k, v to [-clip_qkv, clip_qkv] after the projection and after a "whole" qk-norm (in
+    # that order, as OLMoE does; a per-head norm comes after the clamp: no family has both); None: off
+    clip_qkv: float = None
     attention_bias: bool = False
     attn_impl: str = "sdpa"  # "sdpa" or "eager" (the checkpoints' reference numerics)
     # a learned per-head logit in every softmax's denominator (GPT-OSS): eager attention only
@@ -140,7 +151,7 @@ class MoEConfig:
             problems.append(f"top_k={self.top_k} must be in [1, n_experts={self.n_experts}]")
         for key, allowed in [("router", ("topk", "sparsemixer")), ("norm", ("rmsnorm", "layernorm")),
                              ("expert_impl", ("auto", "loop", "grouped")), ("attn_impl", ("sdpa", "eager")),
-                             ("expert_act", ("swiglu", "clamped_swiglu"))]:
+                             ("expert_act", ("swiglu", "clamped_swiglu")), ("qk_norm_scope", ("head", "whole"))]:
             if getattr(self, key) not in allowed:
                 problems.append(f"{key}={getattr(self, key)!r} is not one of {allowed}")
         if self.rope_scaling is not None and self.rope_scaling.get("type") not in ("longrope", "yarn"):
@@ -153,6 +164,9 @@ class MoEConfig:
             # never silently dropped: torch's SDPA kernels have no sink term in their softmax
             problems.append(f"attention_sinks=True (GPT-OSS) cannot run with attn_impl={self.attn_impl!r}: "
                             "scaled_dot_product_attention has no attention-sink term; use attn_impl='eager'")
+        if self.clip_qkv is not None and not (isinstance(self.clip_qkv, (int, float)) and not isinstance(
+                self.clip_qkv, bool) and 0 < self.clip_qkv < math.inf):
+            problems.append(f"clip_qkv={self.clip_qkv!r} must be a positive number or None")
         if problems:
             raise ValueError("MoEConfig: " + "; ".join(problems))
 
@@ -363,8 +377,9 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(H, nkv * hd, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(nh * hd, H, bias=cfg.attention_bias)
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(hd, cfg.norm_eps)
-            self.k_norm = RMSNorm(hd, cfg.norm_eps)
+            whole = cfg.qk_norm_scope == "whole"
+            self.q_norm = RMSNorm(nh * hd if whole else hd, cfg.norm_eps)
+            self.k_norm = RMSNorm(nkv * hd if whole else hd, cfg.norm_eps)
         if cfg.attention_sinks:  # one learned logit per query head (GPT-OSS)
             self.sinks = nn.Parameter(torch.empty(nh))
 
@@ -373,10 +388,15 @@ class Attention(nn.Module):
         # or None for plain causal attention (no padding, no cache)
         B, T, _ = x.shape
         nh, nkv, hd = self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.head_dim
-        q = self.q_proj(x).view(B, T, nh, hd)
-        k = self.k_proj(x).view(B, T, nkv, hd)
-        v = self.v_proj(x).view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
-        if self.cfg.qk_norm:
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, nh*hd), (B, T, nkv*hd) x2
+        if self.cfg.qk_norm and self.cfg.qk_norm_scope == "whole":  # OLMoE: over all channels
+            q, k = self.q_norm(q), self.k_norm(k)
+        clip = self.cfg.clip_qkv
+        if clip is not None:  # after the whole-projection norm (OLMoE's order)
+            q, k, v = q.clamp(-clip, clip), k.clamp(-clip, clip), v.clamp(-clip, clip)
+        q, k = q.view(B, T, nh, hd), k.view(B, T, nkv, hd)
+        v = v.view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
+        if self.cfg.qk_norm and self.cfg.qk_norm_scope == "head":  # Qwen3: per head
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, nh, T, hd), (B, nkv, T, hd)
         cos, sin = cos[:, None], sin[:, None]

@@ -40,7 +40,7 @@ HF_DEFAULTS = dict(vocab_size=201088, hidden_size=2880, intermediate_size=2880, 
 ROPE_TYPES = ("default", "yarn")
 INT_KEYS = ("num_local_experts",)
 BOOL_KEYS = ()
-SLIDING_WINDOW = True  # config.json's sliding_window / layer_types are implemented (model.py)
+CARRIES = ("sliding_window", "layer_types")  # MoEConfig switches its config.json carries (families/__init__.py SWITCHES)
 NONNEGATIVE_KEYS = ("swiglu_alpha", "swiglu_limit")
 QUANT_METHODS = ("mxfp4",)  # quantization_config.quant_method values load_hf dequantizes
 

@@ -28,7 +28,7 @@ HF_DEFAULTS = dict(vocab_size=32064, hidden_size=4096, intermediate_size=6400, n
 ROPE_TYPES = ("default", "longrope")
 INT_KEYS = ("num_local_experts",)
 BOOL_KEYS = ("lm_head_bias",)
-SLIDING_WINDOW = True  # config.json's sliding_window is implemented (hf_config.py checks it)
+CARRIES = ("sliding_window",)  # MoEConfig switches its config.json carries (families/__init__.py SWITCHES)
 NONNEGATIVE_KEYS = ("router_jitter_noise", "input_jitter_noise")
 
 CHAT_FORMAT_NAME = "phi35"
@@ -49,6 +49,22 @@ PRESET = dict(vocab_size=32064, hidden_size=4096, n_layers=32, n_heads=32, n_kv_
               input_jitter=0.01, norm="layernorm", norm_eps=1e-5, qk_norm=False,
               attention_bias=True, lm_head_bias=True, rope_theta=1e4,
               max_position_embeddings=131072, router_aux_loss_coef=0.0)
+
+# The SlimMoE models (arXiv 2506.18349), cut from Phi-3.5-MoE: same layout, narrower experts, fewer
+# heads, 4k context, no LongRoPE. Phi-tiny-MoE-instruct has head_dim 128 != hidden / heads = 256.
+# Sources: Phi-mini-MoE-instruct's config.json values as copied in casys-kaist/LLMServingSim
+# (model_config/microsoft/Phi-mini-MoE-instruct.json: hidden 4096, intermediate 960, 32 heads, 8 kv,
+# 32 layers, 16 experts top-2, vocab 32064, max_position 4096); Phi-tiny-MoE-instruct: hidden 4096,
+# 16 heads, 4 kv, head_dim 128, intermediate 448, which gives exactly the 3,755,220,288 parameters
+# listed for it (and Phi-mini 7.65B total / 2.36B active, its model card's 7.6B / 2.4B). sliding_window
+# 2047 is what yujiepan/phi-moe-tiny-random (built from Phi-tiny-MoE-instruct's code and config)
+# writes; the original config.json was not reachable offline: a loaded checkpoint's own value wins.
+SLIM_PRESETS = {
+    "phi_mini_moe": {**PRESET, "n_heads": 32, "n_kv_heads": 8, "head_dim": 128, "intermediate_size": 960,
+                     "moe_intermediate_size": 960, "max_position_embeddings": 4096, "sliding_window": 2047},
+    "phi_tiny_moe": {**PRESET, "n_heads": 16, "n_kv_heads": 4, "head_dim": 128, "intermediate_size": 448,
+                     "moe_intermediate_size": 448, "max_position_embeddings": 4096, "sliding_window": 2047},
+}
 
 BENCH = dict(layers_gpu=2, layers_cpu=2, cpu=dict(n_experts=8, moe_intermediate_size=512))
 
@@ -85,8 +101,7 @@ def from_hf(c):
 
 def needs(cfg):
     return {"router == 'sparsemixer'": cfg.router == "sparsemixer", "norm == 'layernorm'": cfg.norm == "layernorm",
-            "not qk_norm": not cfg.qk_norm, "every layer MoE": cfg.moe_layers == list(range(cfg.n_layers)),
-            "layer_types None (a window applies to every layer)": cfg.layer_types is None}
+            "not qk_norm": not cfg.qk_norm, "every layer MoE": cfg.moe_layers == list(range(cfg.n_layers))}
 
 
 def to_hf(cfg):

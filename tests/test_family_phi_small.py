@@ -21,7 +21,7 @@ from test_hf_parity import check_parity, hf_generate, oracle, ours, random_ids, 
 
 V = 128
 WINDOW = 6
-# head_dim 24 != hidden / heads = 16 (as Phi-mini-MoE's 128 != 4096 / 16 ... see configs/phi_mini_moe.py)
+# head_dim 24 != hidden / heads = 16, as Phi-tiny-MoE has 128 != 4096 / 16 (families/phimoe.py SLIM_PRESETS)
 SMALL = dict(vocab_size=V, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
              head_dim=24, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
              attention_bias=True, lm_head_bias=True, max_position_embeddings=64, sliding_window=WINDOW,
@@ -148,5 +148,5 @@ def test_layer_types_pick_the_windowed_layers():
     # phimoe cannot express per-layer types: such a model is not saved as phimoe
     from hf_config import CheckpointError, family_of
     from model import phi35_moe_config
-    with pytest.raises(CheckpointError, match="layer_types None"):
+    with pytest.raises(CheckpointError, match="layer_types == None"):
         family_of(phi35_moe_config(n_layers=2, sliding_window=4, layer_types=["full_attention"] * 2))
