@@ -260,6 +260,9 @@ def steering_interventions(stats, cfg, rule, strength, layers, target=None, guid
         return {}
     rows = list(pos.values())
     signs = steermoe_expert_signs(table(guides[0])[rows], table(target)[rows], int(strength), int(strength), cfg.top_k)
+    # back in the model's dtype: the layer's gate weights take the logits' dtype, and fp32 weights would turn
+    # a bf16 model's residual stream fp32 (an error at lm_head). In bf16 a boosted expert may then only TIE
+    # with the token's maximum (see "Decisions"); a fix needs router.py to choose from the fp32 logits.
     return {l: RoutingIntervention(logit_fn=lambda z, s=signs[i]: steermoe_steer_logits(z, s).to(z.dtype))
             for i, l in enumerate(pos)}
 
