@@ -70,7 +70,9 @@ OWN_KEYS = ("out_dir", "seed", "export_hf", "log_interval")  # compare.py sets t
 
 
 def parse(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # allow_abbrev=False: "--seed=3" (a train.py setting) must not pass for an abbreviation of --seeds
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--out_dir", required=True)
     p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated, of {list(METHODS)}; plain is always run")
     p.add_argument("--seeds", default="1,2", help="comma-separated seeds; >= 2 for the t intervals")
