@@ -175,3 +175,18 @@ def test_train_py_runs_live_kl_with_frozen_routers_and_refuses_a_shuffle_without
     assert "pretrain" not in res.stderr  # refused before any work
     res = run_train(tmp_path / "c", "--live_kl_freeze=layers")
     assert res.returncode != 0 and "live_kl_freeze" in res.stderr
+
+
+def test_live_kl_with_frozen_routers_under_ddp_matches_one_process(tmp_path):
+    """Two gloo ranks (4 sequences each, + their English rows in the same forward) against one process
+    with 2 micro-steps of 4: the same losses and KL terms (fp32 all-reduce order: ~1e-6 relative). DDP
+    must accept the extended micro-batches and the parameters frozen before wrapping."""
+    from test_train import metrics, run_train as run_train_py, tiny_args
+    kw = dict(method="live_kl", freeze_routers=True, live_kl_freeze="early_layers")
+    run_train_py(tiny_args(tmp_path / "one", **kw))
+    run_train_py(tiny_args(tmp_path / "two", **kw), nproc=2)
+    one, two = metrics(tmp_path / "one", "live_kl"), metrics(tmp_path / "two", "live_kl")
+    assert len(one) == len(two) >= 2 and all(r["kl"] > 0 for r in one)
+    for a, b in zip(one, two):
+        assert a["batch"] != "" and abs(a["loss"] - b["loss"]) < 1e-4 * max(1.0, abs(a["loss"])), (a, b)
+        assert abs(a["kl"] - b["kl"]) < 1e-4 * max(1e-3, abs(a["kl"])), (a, b)
