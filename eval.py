@@ -89,6 +89,11 @@ def check_bench_args(args):
     if args.engine_url and (args.protocol != "generative" or not args.engine_model):
         raise SystemExit("--engine-url needs --engine-model (the served model's name) and serves the generative "
                          "protocol only (chat completions give no option log-likelihoods and apply a chat template)")
+    if args.steering and args.engine_url:
+        raise SystemExit("--steering runs in the built-in generator only: a serving engine (--engine-url) runs the "
+                         "model unsteered; pass --checkpoint instead")
+    if not args.steering and (args.steering_layers or args.steering_target):
+        raise SystemExit("--steering-layers/--steering-target need --steering FILE")
     if not args.checkpoint and not args.engine_url:
         raise SystemExit("bench needs --checkpoint, or --engine-url and --engine-model")
     if args.engine_url:  # the URL (never echoed: it may hold a password) and the client's settings, up front
@@ -162,6 +167,15 @@ def make_responder(args, items, templates):
     model, tok = load_model(args.checkpoint, args.tokenizer, args.dtype, args.device)
     if context is None:
         check_prompts_fit(items, templates, args, tok, model.config.max_position_embeddings)
+    if args.steering:  # generation and log-likelihood both run the steered routers (methods/steering.py)
+        from methods import steering
+        try:
+            edits = steering.steering_interventions(
+                steering.load_statistics(args.steering), model.config, args.steering_rule, args.steering_strength,
+                steering.parse_layers(args.steering_layers, model.config), target=args.steering_target, path=args.steering)
+        except ValueError as err:
+            raise SystemExit(str(err)) from None
+        steering.set_steering(model, edits)
     chat = args.protocol != "harness"
     if args.protocol == "loglik" or (args.protocol == "harness" and args.benchmark != "mgsm"):
         return make_loglik_responder(model, tok, batch_size=args.batch_size, system=args.system, chat=chat)
@@ -202,6 +216,8 @@ def cmd_bench(args):
                 engine_url=args.engine_url, engine_model=args.engine_model, runs=runs,
                 temperature=0.0 if harness else args.temperature, top_p=1.0 if harness else args.top_p,
                 max_new_tokens=args.max_new_tokens, seed=args.seed, templates=args.templates, system=args.system,
+                steering=dict(file=args.steering, rule=args.steering_rule, strength=args.steering_strength,
+                              layers=args.steering_layers, target=args.steering_target) if args.steering else None,
                 platform=platform_info(None if args.engine_url else args.device))
     out = args.out or f"results/{args.benchmark}-{args.protocol}-{label.replace('/', '-')}"
     write_bench_outputs(out, records, summary, meta)
@@ -345,6 +361,13 @@ def build_parser():
                    help=f"seconds to wait for one reply before retrying (default {DEFAULT_TIMEOUT:g})")
     q.add_argument("--engine-retries", type=int, default=DEFAULT_RETRIES,
                    help=f"retries of a failed or timed-out request (default {DEFAULT_RETRIES})")
+    q.add_argument("--steering", default=None, help="routing statistics file (python -m methods.steering): steer the "
+                   "routers at inference (built-in generator only)")
+    q.add_argument("--steering-rule", default="chen", choices=["chen", "steermoe"])
+    q.add_argument("--steering-strength", type=float, default=0.022,
+                   help="chen: lambda (0.022: Chen et al.); steermoe: experts boosted and suppressed")
+    q.add_argument("--steering-layers", default=None, help="start,end decoder layers (default: every MoE layer but the first and last)")
+    q.add_argument("--steering-target", default=None, help="steermoe: the language steered away from")
     q.add_argument("--benchmark", required=True, choices=list(BENCHMARKS))
     q.add_argument("--data", required=True, help="file, directory, or pattern with {lang}")
     q.add_argument("--langs", required=True, help="comma-separated, e.g. sw,hi,bn,te,ne")

@@ -225,9 +225,13 @@ def micro_steps(run, net, micro_batches, method, weights, poison):
         # FSDP2 reduce-scatters after EVERY micro-batch: skipping it keeps each rank's unsharded
         # fp32 gradient of the whole model until the last one (+N x 4 B per GPU: Qwen3 fp32 would
         # peak at 165 GiB instead of 66, memory.py), for 32 reduce-scatters a step instead of 1
-        batch = {k: v.to(d.device, non_blocking=True) for k, v in collate(micro, run.pad_id).items()}
+        # a method may append rows to the micro-batch (live_kl: the English sources, in the SAME forward:
+        # two forwards of a DDP module before one backward break DDP's reducer); appended rows carry
+        # labels -100, so L_CE is over the micro-batch's own rows only; out.* rows [len(micro):] are theirs
+        extra = method.extend_batch(micro) if method is not None else []
+        batch = {k: v.to(d.device, non_blocking=True) for k, v in collate(micro + extra, run.pad_id).items()}
         batch["examples"] = micro
-        batch["mask"] = batch["attention_mask"] if len(micro) > 1 else None  # one sequence: no padding, fused kernel
+        batch["mask"] = batch["attention_mask"] if len(micro) + len(extra) > 1 else None  # one sequence: no padding, fused kernel
         with run.autocast:
             out = net(batch["input_ids"], attention_mask=batch["mask"], labels=batch["labels"])
         terms = method.loss(out, batch, net, run) if method is not None else {}
@@ -236,7 +240,7 @@ def micro_steps(run, net, micro_batches, method, weights, poison):
         for k, v in logged.items():
             stats[k] = stats.get(k, 0.0) + v
         tokens += sum(len(e["input_ids"]) for e in micro) * d.world  # (rank 0's count times world)
-        flops += sum(len(e["input_ids"]) * core.flops_per_token(len(e["input_ids"])) for e in micro) * d.world
+        flops += sum(len(e["input_ids"]) * core.flops_per_token(len(e["input_ids"])) for e in micro + extra) * d.world
         seen.update(" ".join(e["id"] for e in micro).encode())
     return stats, tokens, flops, seen
 

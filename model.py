@@ -637,13 +637,22 @@ class MoETransformer(nn.Module):
         x = self.embed_tokens(input_ids)  # (B, T, H)
         cos, sin = self.rotary(position_ids, x.dtype)
         router_logits = []
-        for block in self.layers:
+        # residual_hook (an attribute, None = untouched, bit for bit): hook(p, x_BTH) -> x_BTH on the residual
+        # stream entering decoder layer p (p = 0: the embeddings, Hugging Face's hidden_states[p]; p = n_layers:
+        # the last layer's output BEFORE the final norm, where HF's last entry is after it). It may return x
+        # changed (ShifCon's shift into and out of English's subspace, methods/shifcon.py) or record it.
+        hook = getattr(self, "residual_hook", None)
+        for p, block in enumerate(self.layers):
+            if hook is not None:
+                x = hook(p, x)
             if cfg.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x, logits = checkpoint(block, x, cos, sin, mask, cache, use_reentrant=False)
             else:
                 x, logits = block(x, cos, sin, mask, cache)
             if logits is not None:
                 router_logits.append(logits)
+        if hook is not None:
+            x = hook(len(self.layers), x)
         if cache is not None:
             cache.length = S
         out = ModelOutput(router_logits=tuple(router_logits))

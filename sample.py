@@ -34,6 +34,11 @@ top_p = 1.0
 seed = 1337
 dtype = ""  # "", "float32", "bfloat16", "float16"
 device = "auto"  # "auto", "cpu", "cuda"
+steering = ""  # a statistics file (python -m methods.steering): steer the routing (docs/baselines.md)
+steering_rule = "chen"  # "chen" (strength = lambda) or "steermoe" (strength = experts boosted and suppressed)
+steering_strength = 0.022  # Chen et al.'s lambda with English as the first guide
+steering_layers = ""  # "start,end" inclusive decoder layers; "" = every MoE layer but the first and last
+steering_target = ""  # steermoe: the language steered away from (its statistics must be in the file)
 
 
 def main(argv=None):
@@ -77,6 +82,16 @@ def main(argv=None):
     except CheckpointError as err:
         raise SystemExit(str(err)) from None
     check_context(model.config.max_position_embeddings)
+    if s["steering"]:  # inference-time routing steering (methods/steering.py), through router.RoutingIntervention
+        from methods import steering
+        try:
+            stats = steering.load_statistics(s["steering"])
+            set_steering_edits = steering.steering_interventions(
+                stats, model.config, s["steering_rule"], s["steering_strength"],
+                steering.parse_layers(s["steering_layers"], model.config), target=s["steering_target"], path=s["steering"])
+        except ValueError as err:
+            raise ConfigError(f"steering: {err}") from None
+        steering.set_steering(model, set_steering_edits)
     t1 = time.time()
     generator = torch.Generator(run_device).manual_seed(s["seed"])
     ids = torch.tensor([prompt_ids], device=run_device)
@@ -91,7 +106,7 @@ def main(argv=None):
 
 
 _SETTINGS = ["checkpoint", "tokenizer", "prompt", "system", "max_new_tokens", "temperature", "top_p", "seed",
-             "dtype", "device"]
+             "dtype", "device", "steering", "steering_rule", "steering_strength", "steering_layers", "steering_target"]
 
 if __name__ == "__main__":
     main()

@@ -20,7 +20,7 @@ TOY_TOKENIZER = "data/udhr/bpe.tiktoken"  # the toy BPE of a run from scratch (d
 
 # settings that were renamed: using the old name is an error that says what to write instead
 RENAMED = dict(sara_layers="use sara_band=(start, end), an inclusive pair, or sara_layer_list=[...] for exact layers")
-METHODS = ("sara",)  # the alignment methods train.py can run (methods/<name>.py; docs/method.md)
+METHODS = ("sara", "live_kl")  # the alignment methods train.py can run (methods/<name>.py; docs/method.md)
 
 
 @dataclass
@@ -51,6 +51,11 @@ class TrainSettings:
     anchor_mode: str = "offline"  # "offline" (frozen original model, cached) or "online" (current model, ablation)
     min_anchor_fraction: float = 0.25  # SARA needs anchors: fewer training samples with one is an error
     router_clean_logits: bool = False  # sparsemixer with input jitter (Phi-3.5): pool softmax(h W_g) of the un-jittered input
+    # the baselines and controls (docs/baselines.md); the band settings above are theirs too
+    live_kl_alpha: float = 0.1  # method=live_kl: alpha of L_CE + 200 * alpha * KL (Bandarkar et al.'s launch value); 0 = plain
+    live_kl_freeze: str = "early_layers"  # method=live_kl: "early_layers" (their default), "routers" or "none"
+    freeze_routers: bool = False  # control: every router gate weight W_g frozen (any method; with lambda_js=0: plain + frozen)
+    anchor_shuffle: bool = False  # control (sara, offline): each training row anchored on another item's anchor
     # optimisation
     epochs: int = 8  # 0: stop after stage 0 (toy) and stage 2
     global_batch: int = 16  # sequences per optimizer step, over all ranks and micro-steps
@@ -165,6 +170,7 @@ RULES = dict(
     sara_layer_list=lambda v: None if all(type(x) is int and x >= 0 for x in v) and len(set(v)) == len(v)
     else "must be distinct layer indices >= 0",
     anchor_mode=one_of("offline", "online"), min_anchor_fraction=in_range(0, 1),
+    live_kl_alpha=in_range(0, math.inf), live_kl_freeze=one_of("early_layers", "routers", "none"),
     epochs=at_least(0), global_batch=at_least(1), micro_batch=at_least(1), lr=_positive,
     warmup_frac=in_range(0, 1), min_lr_frac=in_range(0, 1), weight_decay=at_least(0),
     beta1=_open_unit, beta2=_open_unit, grad_clip=_positive,

@@ -44,7 +44,7 @@ from configurator import ConfigError
 from data.parallel import load_parallel_jsonl, split_train_val, tokenize_samples, with_anchor_lang
 from hf_config import config_from_hf
 from loop import Dist, Run, check_finite_weights, full_state_dict, param_dtype, train_phase, wrap
-from methods import sara
+from methods import controls, live_kl, sara
 from model import MoEConfig, MoETransformer
 from provenance import platform_info
 from settings import TOY_TOKENIZER, TrainSettings
@@ -74,6 +74,9 @@ except (OSError, ValueError, TypeError) as err:  # (CheckpointError and JSON err
     _key = "model_config" if s.init_from == "scratch" else "init_from"
     raise ConfigError(f"{_key} ({sources[_key]}): {err}") from None
 band_layers, band = sara.band_positions(s, sources, model_cfg.moe_layers)  # band: positions in out.router_logits
+if s.anchor_shuffle and (s.method != "sara" or s.anchor_mode != "offline"):
+    raise ConfigError(f"anchor_shuffle=True ({sources['anchor_shuffle']}) is a control of SARA's stored anchors: it needs "
+                      f"method='sara' and anchor_mode='offline' (got {s.method!r}, {s.anchor_mode!r})")
 if s.max_len > model_cfg.max_position_embeddings:
     raise ConfigError(f"max_len={s.max_len} ({sources['max_len']}) exceeds the model's context "
                       f"max_position_embeddings={model_cfg.max_position_embeddings}")
@@ -261,6 +264,14 @@ elif from_base_pt:
     model_digest = file_digest([s.init_from])
 else:
     model_digest = file_digest(glob.glob(os.path.join(s.init_from, "*.safetensors")) + [os.path.join(s.init_from, "config.json")])
+# what the method and the controls leave untrained, frozen BEFORE wrapping (DDP registers the trainable parameters)
+_frozen = controls.frozen_router_names(raw_model) if s.freeze_routers else []
+if s.method == "live_kl":
+    _trainable = set(live_kl.trainable_parameter_names(raw_model, s.live_kl_freeze, max(band_layers)))
+    _frozen += [n for n, _ in raw_model.named_parameters() if n not in _trainable]
+if _frozen:
+    log(f"frozen: {controls.freeze(raw_model, _frozen)} parameter tensors (freeze_routers={s.freeze_routers}"
+        + (f", live_kl_freeze={s.live_kl_freeze!r}" if s.method == "live_kl" else "") + ")")
 model = wrap(raw_model, run, tok.vocab_size, full_weights)
 del full_weights
 
@@ -270,7 +281,11 @@ t0 = time.time()
 if s.method == "sara":  # (settings.METHODS: one branch per method of methods/)
     method = sara.Sara.prepare(run, model, train_set + val_set, band, os.path.join(s.out_dir, "anchors.pt"),
                                model_digest, tok_digest)
-if s.anchor_mode == "offline":
+    if s.anchor_shuffle:  # control (b): every training row anchored on another item's anchor
+        method.anchors = controls.shuffled_anchors(method.anchors, train_set, s.seed)
+elif s.method == "live_kl":
+    method = live_kl.LiveKL.prepare(run, band)
+if s.method == "sara" and s.anchor_mode == "offline":
     missing = sum(not e["has_anchor"] for e in train_set + val_set)
     log(f"anchors: {len(method.anchors)} ready in {time.time() - t0:.1f}s ({missing} samples have no anchor "
         f"and are left out of the JS term)")
@@ -284,10 +299,12 @@ n_steps = s.epochs * steps_per_epoch
 log(f"stage 3: {n_steps} steps ({s.epochs} epochs x {steps_per_epoch}), lambda_js={s.lambda_js}, "
     f"aligned decoder layers {band_layers}")
 # (method "sara" is left out of the fingerprint: checkpoints written before the setting existed still resume)
+# (settings added later enter only when set, so that older checkpoints still resume)
+_later = dict(method="sara", live_kl_alpha=0.1, live_kl_freeze="early_layers", freeze_routers=False, anchor_shuffle=False)
 run_id = fingerprint(_shared_keys + ["anchor_lang", "lambda_js", "lambda_lb", "anchor_mode", "epochs", "lr", "router_clean_logits"]
-                     + (["method"] if s.method != "sara" else []), model=model_digest, band=band_layers)
-train_phase(run, "sara" if s.lambda_js > 0 else "finetune", model, train_set, n_steps, s.lr, method,
-            os.path.join(s.out_dir, "ckpt"), run_id, val_set)
+                     + [k for k, v in _later.items() if getattr(s, k) != v], model=model_digest, band=band_layers)
+_phase = dict(sara="sara" if s.lambda_js > 0 else "finetune", live_kl="live_kl" if s.live_kl_alpha > 0 else "finetune")
+train_phase(run, _phase[s.method], model, train_set, n_steps, s.lr, method, os.path.join(s.out_dir, "ckpt"), run_id, val_set)
 
 if s.export_hf:
     full = full_state_dict(model)  # a collective under FSDP

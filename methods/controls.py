@@ -67,3 +67,25 @@ def mismatched_anchor_ids(samples, seed, group_key=default_group_key):
     anchored = [s for s in samples if (s["has_anchor"] if "has_anchor" in s else s.get("anchor_response") is not None)]
     perm = mismatched_rows([group_key(s) for s in anchored], seed)
     return {s["id"]: anchored[j]["id"] for s, j in zip(anchored, perm)}
+
+
+def freeze(model, names):
+    """requires_grad_(False) on the named parameters of model, BEFORE the loop builds its optimizer and
+    before DDP/FSDP wrap the model (DDP registers the trainable parameters when it is built): a frozen
+    parameter gets no gradient, AdamW skips it (weight decay included) and it stays bit-identical.
+    An unknown name is an error. -> the number of parameters (tensors) frozen."""
+    params = dict(model.named_parameters())
+    unknown = [n for n in names if n not in params]
+    if unknown:
+        raise ValueError(f"freeze: no parameter named {unknown[:3]} in the model")
+    for n in names:
+        params[n].requires_grad_(False)
+    return len(set(names))
+
+
+def shuffled_anchors(anchors, examples, seed):
+    """Control (b): stage 2's anchors {id: (L, E)} with each of `examples`' anchored rows given the anchor
+    of a row of ANOTHER item (mismatched_anchor_ids, a derangement over items); rows not in `examples`
+    (e.g. the held-out set, whose val_js then still measures the true pairs) keep their own."""
+    mapping = mismatched_anchor_ids([e for e in examples if e["id"] in anchors], seed)
+    return {**anchors, **{i: anchors[j] for i, j in mapping.items()}}

@@ -29,6 +29,19 @@ Defaults of the authors' code (named constants below):
 - lr 1e-6 (6e-7 to 1.2e-6 in examples), warmup-stable-decay, effective batch 32, one epoch of 200k
   pairs, AdamW β2 0.99, gradient clipping 1.0, pure bf16.
 
+As a training component (method=live_kl; docs/method.md, "Alignment methods"), class LiveKL:
+    prepare      nothing to precompute; train.py freezes what live_kl_freeze leaves frozen BEFORE wrapping
+                 the model (trainable_parameter_names, band_end = the last layer of sara_band/sara_layer_list)
+    extend_batch the English source (anchor_input_ids) of each anchored row of the micro-batch, labels all
+                 -100: ONE forward of [target; English] (two forwards of a DDP module before one backward
+                 break DDP's reducer), L_CE over the target rows only, gradients through both sides
+    loss         {"kl": Term(L_KL, 200 α)}: a per-micro-batch mean over its pairs, as their batchmean is
+    evaluate     val_kl and val_js (band mean): held-out target vs the CURRENT model's English
+    inference    nothing
+Where ours differs from a target-only forward: L_LB and L_z (means over every real token of the forward)
+include the English tokens, which also go through the routers. α = 0 adds no rows and no term: plain
+fine-tuning bit for bit (the KL is not logged then; it would cost a second forward).
+
 Decisions (ours):
 - Pooling reuses sara_loss.pool_routing: softmax and pooling in fp32 whatever the logits' dtype (their
   code takes the softmax in the model dtype, bf16). Every other operation is theirs, eps included.
@@ -36,9 +49,15 @@ Decisions (ours):
   (to keep FSDP's root module trainable) is not reproduced: it changes which weights the method trains.
 """
 
+import math
 import re
 
-from sara_loss import _kl, _layer_indices, pool_routing
+import torch
+
+from anchors import forward_and_pool
+from data.parallel import IGNORE_INDEX
+from sara_loss import _kl, _layer_indices, pool_routing, sara_loss
+from step_loss import Term
 
 ALPHA = 0.1  # their launch examples; their argparse default is 1.0
 KL_MULTIPLIER = 200.0  # their fixed scale of the router-space term
@@ -138,3 +157,61 @@ def trainable_parameter_names(model, mode="early_layers", band_end=None):
 def _layer_of(name):
     m = _LAYER.search(name)
     return int(m.group(1)) if m else None
+
+
+# -----------------------------------------------------------------------------
+# the training component
+
+class LiveKL:
+    """band: positions in out.router_logits (sara.band_positions); alpha: their α (the term's weight is 200 α)."""
+
+    def __init__(self, band, alpha=ALPHA):
+        self.band, self.alpha = band, alpha
+        self.weight = KL_MULTIPLIER * alpha
+
+    @classmethod
+    def prepare(cls, run, band):
+        return cls(band, run.s.live_kl_alpha)
+
+    def begin_step(self, micro_batches, run):
+        pass
+
+    def extend_batch(self, micro):
+        """The English sources of the micro-batch's anchored rows, in order; labels -100 (no CE on them)."""
+        if self.weight == 0:
+            return []
+        return [dict(input_ids=e["anchor_input_ids"], labels=[IGNORE_INDEX] * len(e["anchor_input_ids"]))
+                for e in micro if e["has_anchor"]]
+
+    def loss(self, out, batch, net, run):
+        n = len(batch["examples"])
+        paired = [i for i, e in enumerate(batch["examples"]) if e["has_anchor"]]
+        if self.weight == 0:
+            return {}
+        if not paired:  # no pair in this micro-batch: the term is 0 (no gradient)
+            return dict(kl=Term(torch.zeros((), device=out.loss.device), self.weight))
+        rows = torch.tensor(paired, device=out.loss.device)
+        mask = batch["mask"]
+        kl = live_kl([l[rows] for l in out.router_logits], None if mask is None else mask[rows],
+                     [l[n:] for l in out.router_logits], None if mask is None else mask[n:], self.band, check=False)
+        return dict(kl=Term(kl, self.weight))
+
+    def evaluate(self, net, examples, pooled, run):
+        """pooled: anchors.forward_and_pool of the model on the examples' target side; the English side
+        is pooled here with the same (current) model."""
+        has = [i for i, e in enumerate(examples) if e["has_anchor"]]
+        if not has:
+            return {}
+        english = forward_and_pool(net, [examples[i]["anchor_input_ids"] for i in has], pad_id=run.pad_id,
+                                   batch_size=run.s.micro_batch, autocast=run.autocast, device=run.dist.device).routing
+        target = pooled.routing[has]
+        idx = _layer_indices(self.band, target.shape[1])
+        return dict(val_kl=kl_batchmean(renormalise(english[:, idx]), renormalise(target[:, idx])).mean().item(),
+                    val_js=sara_loss(target, english, self.band, check=False).item())
+
+    def describe(self, res):
+        return f"  val KL(band) {res.get('val_kl', math.nan):.4f}  val JS(band, current English) {res.get('val_js', math.nan):.4f}"
+
+    def inference_hook(self, model):
+        """live_kl changes nothing at inference."""
+        return None

@@ -79,6 +79,10 @@ class Sara:
         self.n_anchored = sum(e["has_anchor"] and (self.anchors == "online" or e["id"] in self.anchors)
                               for m in micro_batches for e in m)
 
+    def extend_batch(self, micro):
+        """SARA adds no rows to the micro-batch (its anchors are stored)."""
+        return []
+
     def loss(self, out, batch, net, run):
         target_dist = pool_routing(out.router_logits, batch["mask"], check=False)  # (B, L, E)
         anchor_dist, has = lookup_anchors(self._table(net, batch["examples"], run, len(batch["examples"])),

@@ -166,3 +166,40 @@ class LanguageVectors:
             lang, _, p = key.rpartition("@")
             self._sum[(lang, int(p))] = s.to(torch.float64).clone()
             self._count[(lang, int(p))] = int(state["counts"][key])
+
+
+# -----------------------------------------------------------------------------
+# the shift in the model's forward (model.MoETransformer.residual_hook)
+
+def shift_hook(vectors, langs, forward=SHIFT_FORWARD, back=SHIFT_BACK, english="en"):
+    """A residual_hook for model.MoETransformer: every row b with langs[b] != english is shifted into
+    English's subspace and back, as their code does:
+        before decoder layer forward − 1:  h <- h − v_lang[forward] + v_English[forward]
+        before decoder layer back − 1:     h <- h − v_English[back] + v_lang[back]
+    (the vector measured at position p applied to the input of layer p − 1; see the module docstring);
+    English rows are untouched, bit for bit. vectors: LanguageVectors; langs: one code per row of the batch.
+    Set it with model.residual_hook = shift_hook(...) (and None afterwards)."""
+    if not 0 < forward < back:
+        raise ValueError(f"ShifCon positions must satisfy 0 < forward < back; got forward={forward}, back={back}")
+    shifted = [l != english for l in langs]
+
+    def delta(position, into):  # (B, 1, H) float64: zero on English rows
+        rows = []
+        for lang, moved in zip(langs, shifted):
+            if not moved:
+                rows.append(None)
+                continue
+            v_en, v_l = vectors.vector(english, position), vectors.vector(lang, position)
+            rows.append(v_en - v_l if into else v_l - v_en)
+        H = next(r for r in rows if r is not None).shape[0] if any(shifted) else 0
+        return torch.stack([r if r is not None else torch.zeros(H, dtype=torch.float64) for r in rows])[:, None, :]
+
+    table = {forward - 1: delta(forward, True), back - 1: delta(back, False)} if any(shifted) else {}
+
+    def hook(p, x_BTH):
+        if p not in table:
+            return x_BTH
+        d_B1H = table[p].to(device=x_BTH.device, dtype=x_BTH.dtype)
+        keep_B11 = torch.tensor([not s for s in shifted], device=x_BTH.device)[:, None, None]
+        return torch.where(keep_B11, x_BTH, x_BTH + d_B1H)  # English rows: the same tensor values, untouched
+    return hook

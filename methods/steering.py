@@ -168,3 +168,161 @@ def steermoe_steer_logits(router_logits_TE, signs_E, margin=STEERMOE_MARGIN):
     lo_T1 = logp_TE.min(-1, keepdim=True).values - margin
     signs_E = signs_E.to(logp_TE.device)
     return torch.where(signs_E > 0, hi_T1, torch.where(signs_E < 0, lo_T1, logp_TE))
+
+
+# -----------------------------------------------------------------------------
+# at inference: statistics file -> RoutingIntervention per steered layer (eval.py bench, sample.py)
+#
+#   python -m methods.steering --checkpoint DIR --data parallel.jsonl --langs en,zh,sw --out stats.json
+#
+# The statistics (activation frequencies per language, over every real token of each sample's chat-formatted
+# prompt + response, eval mode) are tied to the model they were measured on: its expert count, top_k and
+# MoE layers are stored with them, and a model that differs is an error. Measure them on the model that is
+# steered (a SARA-trained model: its own statistics; the steering then combines with SARA's weights).
+# Neither rule runs in a serving engine here: eval.py refuses --steering with --engine-url.
+
+RULES = ("chen", "steermoe")
+
+
+@torch.no_grad()
+def routing_statistics(model, tok, samples, *, batch_size=16, max_len=512, system=None):
+    """-> {"n_experts", "top_k", "moe_layers", "n_layers", "freq": {lang: (L, E) nested list}, "n_tokens": {lang}}."""
+    from data.parallel import collate
+    cfg, device = model.config, next(model.parameters()).device
+    by_lang = {}
+    for s in samples:
+        p, r = tok.encode_chat(s["prompt"], s["response"], system=system)
+        by_lang.setdefault(s["lang"], []).append((p + r)[:max_len])
+    model.eval()
+    freq, n_tokens = {}, {}
+    for lang, seqs in sorted(by_lang.items()):
+        total, n = 0, 0
+        for i in range(0, len(seqs), batch_size):
+            batch = {k: v.to(device) for k, v in collate([dict(input_ids=x) for x in seqs[i:i + batch_size]], tok.pad_id).items()}
+            out = model(batch["input_ids"], attention_mask=batch["attention_mask"], return_hidden=True)
+            counts, m = expert_counts(out.router_logits, batch["attention_mask"], cfg.top_k)
+            total, n = total + counts.cpu(), n + m
+        freq[lang], n_tokens[lang] = (total.double() / n).tolist(), n
+    return dict(n_experts=cfg.n_experts, top_k=cfg.top_k, moe_layers=list(cfg.moe_layers), n_layers=cfg.n_layers,
+                freq=freq, n_tokens=n_tokens)
+
+
+def load_statistics(path):
+    import json
+    try:
+        with open(path) as f:
+            stats = json.load(f)
+        missing = [k for k in ("n_experts", "top_k", "moe_layers", "freq") if k not in stats]
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--steering {path}: cannot read the statistics ({err}); write them with "
+                         "`python -m methods.steering --checkpoint ... --out FILE`") from None
+    if missing:
+        raise ValueError(f"--steering {path}: not a statistics file (no {missing})")
+    return stats
+
+
+def steering_interventions(stats, cfg, rule, strength, layers, target=None, guides=GUIDES, path="--steering"):
+    """{decoder layer: router.RoutingIntervention} for the steered layers (inclusive decoder-layer pair
+    `layers`). rule "chen": strength = λ (z <- z + λ s |z|, guides[0] the language steered towards; λ = 0
+    leaves every logit untouched bit for bit); "steermoe": strength = n, the number of (layer, expert)
+    pairs boosted and the number suppressed (English minus `target`'s frequencies; 0 = no intervention).
+    Every mismatch between statistics, model and flags is a ValueError naming what to change."""
+    from router import RoutingIntervention
+    if rule not in RULES:
+        raise ValueError(f"--steering-rule {rule!r}: one of {RULES}")
+    if stats["n_experts"] != cfg.n_experts or list(stats["moe_layers"]) != list(cfg.moe_layers):
+        raise ValueError(f"{path}: measured on a model with {stats['n_experts']} experts and MoE layers {stats['moe_layers']}, "
+                         f"this one has {cfg.n_experts} and {list(cfg.moe_layers)}: measure them on this model")
+    start, end = layers
+    if not 0 <= start <= end < cfg.n_layers:
+        raise ValueError(f"--steering-layers {start},{end}: outside the model's decoder layers 0..{cfg.n_layers - 1}")
+    dense = [l for l in range(start, end + 1) if l not in cfg.moe_layers]
+    if dense:
+        raise ValueError(f"--steering-layers {start},{end}: layers {dense} are dense (no router to steer); "
+                         f"MoE layers: {list(cfg.moe_layers)}")
+    pos = {l: cfg.moe_layers.index(l) for l in range(start, end + 1)}  # decoder layer -> row of the tables
+    table = lambda lang: torch.tensor(stats["freq"][lang], dtype=torch.float64)
+    if rule == "chen":
+        absent = [g for g in guides if g not in stats["freq"]]
+        if absent:
+            raise ValueError(f"{path}: no statistics for the guiding language(s) {absent} (has {sorted(stats['freq'])})")
+        # (TOP_N = 20 of Qwen3's 128 experts; a model with fewer than 20 keeps all of them)
+        s_LE = shared_expert_strengths(torch.stack([table(g) for g in guides]), layers=list(pos.values()),
+                                       top_n=min(TOP_N, cfg.n_experts))
+        return {l: RoutingIntervention(logit_fn=lambda z, s=s_LE[p]: chen_steer_logits(z, s.to(z.device), lam=strength))
+                for l, p in pos.items()}
+    if strength != int(strength) or strength < 0:
+        raise ValueError(f"--steering-strength {strength}: for steermoe, the number of boosted (and suppressed) experts, an integer >= 0")
+    if not target or target not in stats["freq"] or guides[0] not in stats["freq"]:
+        raise ValueError(f"--steering-target {target!r}: steermoe needs the statistics of the target language and of "
+                         f"{guides[0]!r} ({path} has {sorted(stats['freq'])})")
+    if strength == 0:
+        return {}
+    rows = list(pos.values())
+    signs = steermoe_expert_signs(table(guides[0])[rows], table(target)[rows], int(strength), int(strength), cfg.top_k)
+    # back in the model's dtype: the layer's gate weights take the logits' dtype, and fp32 weights would turn
+    # a bf16 model's residual stream fp32 (an error at lm_head). In bf16 a boosted expert may then only TIE
+    # with the token's maximum (see "Decisions"); a fix needs router.py to choose from the fp32 logits.
+    return {l: RoutingIntervention(logit_fn=lambda z, s=signs[i]: steermoe_steer_logits(z, s).to(z.dtype))
+            for i, l in enumerate(pos)}
+
+
+def set_steering(model, edits):
+    """Set the interventions on the model for good (a model loaded to be evaluated or sampled from); every
+    other MoE layer is reset to no intervention (None: bit for bit the unsteered layer)."""
+    for block in model.layers:
+        if getattr(block, "is_moe", False):
+            block.mlp.intervention = None
+    for l, edit in edits.items():
+        model.layers[l].mlp.intervention = edit
+    return model
+
+
+def default_layers(cfg):
+    """The steered layers when none are given: every MoE layer but the first and last (the middle, where
+    SARA's band lies; the paper's bands leave out the early and late layers)."""
+    moe = list(cfg.moe_layers)
+    return (moe[1], moe[-2]) if len(moe) > 2 else (moe[0], moe[-1])
+
+
+def parse_layers(text, cfg):
+    if not text:
+        return default_layers(cfg)
+    try:
+        start, end = (int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"--steering-layers {text!r}: an inclusive pair start,end of decoder layers, e.g. 1,2") from None
+    return start, end
+
+
+def main(argv=None):
+    import argparse
+    import json
+    import sys
+    from checkpoint import load_model_and_tokenizer
+    from data.parallel import load_parallel_jsonl
+    p = argparse.ArgumentParser(description="expert activation frequencies per language, for --steering")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--tokenizer", default="")
+    p.add_argument("--data", required=True, help="parallel JSONL (data/parallel.py format)")
+    p.add_argument("--langs", required=True, help="comma-separated, e.g. en,zh,sw")
+    p.add_argument("--max-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    langs = args.langs.split(",")
+    samples = [x for x in load_parallel_jsonl(args.data) if x["lang"] in langs]
+    absent = [l for l in langs if not any(x["lang"] == l for x in samples)]
+    if absent:
+        raise SystemExit(f"--langs: {absent} not in {args.data}")
+    model, tok = load_model_and_tokenizer(args.checkpoint, args.tokenizer, device=args.device)
+    stats = routing_statistics(model, tok, samples, batch_size=args.batch_size, max_len=args.max_len)
+    stats["checkpoint"], stats["data"] = args.checkpoint, args.data
+    with open(args.out, "w") as f:
+        json.dump(stats, f)
+    print(f"wrote {args.out}: {stats['n_tokens']} tokens per language", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""Steering at inference (methods/steering.py's statistics command, steering_interventions, and the flags of
+eval.py bench and sample.py): statistics counted by hand, λ = 0 bit-identical to no steering, the rules
+applied, and every impossible combination refused with a message naming the flag."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import eval as E
+import sample
+from checkpoint import save_hf
+from methods import steering
+from test_evaluation_model import tiny_model
+
+ROOT = Path(__file__).resolve().parent.parent
+FIX = ROOT / "tests" / "fixtures"
+PARALLEL = ROOT / "data" / "udhr" / "parallel.jsonl"
+TOK_PATH = ROOT / "data" / "udhr" / "bpe.tiktoken"
+
+
+@pytest.fixture(scope="module")
+def ckpt(tok, tmp_path_factory):
+    """A tiny 4-layer HF checkpoint (layer 0 dense) and its statistics file, written by the documented command
+    `python -m methods.steering --checkpoint DIR --data FILE --langs en,zh,sw --out FILE`."""
+    path = tmp_path_factory.mktemp("ckpt") / "hf"
+    save_hf(tiny_model(tok, n_layers=4, mlp_only_layers=(0,)), path)
+    shutil.copy(TOK_PATH, path)
+    stats = path.parent / "stats.json"
+    steering.main(["--checkpoint", str(path), "--data", str(PARALLEL), "--langs", "en,zh,sw", "--max-len", "48",
+                   "--out", str(stats), "--device", "cpu"])
+    return path, stats
+
+
+def test_statistics_are_top_k_counts_over_real_tokens(ckpt, tok):
+    """Oracle: each sample alone (no padding), argsort of each token's logits, counted in Python."""
+    from data.parallel import load_parallel_jsonl
+    path, stats_path = ckpt
+    stats = json.loads(stats_path.read_text())
+    assert stats["n_experts"] == 4 and stats["moe_layers"] == [1, 2, 3] and set(stats["freq"]) == {"en", "zh", "sw"}
+    model = tiny_model(tok, n_layers=4, mlp_only_layers=(0,))
+    counts, n = [[0] * 4 for _ in range(3)], 0
+    for x in [x for x in load_parallel_jsonl(PARALLEL) if x["lang"] == "sw"]:
+        p, r = tok.encode_chat(x["prompt"], x["response"])
+        with torch.no_grad():
+            logits = model(torch.tensor([(p + r)[:48]])).router_logits
+        for l, z in enumerate(logits):
+            for row in z[0].tolist():
+                for e in sorted(range(4), key=lambda e: -row[e])[:2]:
+                    counts[l][e] += 1
+        n += len(logits[0][0])
+    assert stats["n_tokens"]["sw"] == n
+    got = [f for row in stats["freq"]["sw"] for f in row]
+    assert got == pytest.approx([c / n for row in counts for c in row], abs=1e-12)
+
+
+def test_lambda_zero_is_bit_identical_and_the_rules_act(ckpt, tok):
+    path, stats_path = ckpt
+    stats = steering.load_statistics(stats_path)
+    model = tiny_model(tok, n_layers=4, mlp_only_layers=(0,))
+    ids = torch.tensor([tok.encode_chat("Habari ya leo?", "Nzuri sana.")[0]])
+    with torch.no_grad():
+        plain = model(ids)
+        steering.set_steering(model, steering.steering_interventions(stats, model.config, "chen", 0.0, (1, 3)))
+        zero = model(ids)
+        steering.set_steering(model, steering.steering_interventions(stats, model.config, "chen", 5.0, (1, 3)))
+        strong = model(ids)
+        s_LE = steering.shared_expert_strengths(torch.tensor([stats["freq"]["en"], stats["freq"]["zh"]], dtype=torch.float64), top_n=4)
+        steering.set_steering(model, steering.steering_interventions(stats, model.config, "steermoe", 1, (2, 3), target="sw"))
+        moe = model(ids)
+    assert torch.equal(plain.logits, zero.logits) and all(torch.equal(a, b) for a, b in zip(plain.router_logits, zero.router_logits))
+    # chen at λ = 5 on layer 2 (row 1): z + 5 s |z| from the unsteered layer-2 input is not available here, but
+    # where s = 0 the logit of layer 1 (the first steered layer, same input as unsteered) is untouched
+    z0, z1 = plain.router_logits[0][0], strong.router_logits[0][0]
+    want = z0 + 5.0 * s_LE[0].float() * z0.abs()
+    assert torch.allclose(z1, torch.where(s_LE[0] == 0, z0, want), atol=1e-6) and not torch.equal(z0, z1)
+    assert not torch.equal(plain.logits, strong.logits)
+    assert torch.equal(moe.router_logits[0], plain.router_logits[0])  # layer 1 not steered by steermoe (2..3)
+    assert not torch.equal(moe.router_logits[1], plain.router_logits[1])
+
+
+def test_impossible_combinations_are_errors(ckpt, tok):
+    path, stats_path = ckpt
+    stats = steering.load_statistics(stats_path)
+    cfg = tiny_model(tok, n_layers=4, mlp_only_layers=(0,)).config
+    with pytest.raises(ValueError, match=r"layers \[0\] are dense"):
+        steering.steering_interventions(stats, cfg, "chen", 0.02, (0, 2))
+    with pytest.raises(ValueError, match=r"outside the model's decoder layers 0..3"):
+        steering.steering_interventions(stats, cfg, "chen", 0.02, (1, 4))
+    other = tiny_model(tok, n_layers=4, mlp_only_layers=(0,), n_experts=8).config
+    with pytest.raises(ValueError, match="measured on a model with 4 experts"):
+        steering.steering_interventions(stats, other, "chen", 0.02, (1, 3))
+    with pytest.raises(ValueError, match="steermoe needs the statistics of the target language"):
+        steering.steering_interventions(stats, cfg, "steermoe", 2, (1, 3), target="hi")
+    with pytest.raises(ValueError, match="not a statistics file|cannot read"):
+        steering.load_statistics(path / "config.json")
+
+
+def test_sample_py_steering_flags(ckpt):
+    path, stats_path = ckpt
+    base = [f"--checkpoint={str(path)!r}", "--prompt='Habari'", "--max_new_tokens=6", "--device='cpu'"]
+    plain = sample.main(base)
+    zero = sample.main(base + [f"--steering={str(stats_path)!r}", "--steering_strength=0.0"])
+    assert zero == plain
+    with pytest.raises(SystemExit, match="steering: --steering-layers 0,1: layers \\[0\\] are dense"):
+        sample.main(base + [f"--steering={str(stats_path)!r}", "--steering_layers='0,1'"])
+
+
+def bench(path, out, *extra):
+    return E.main(["bench", "--checkpoint", str(path), "--benchmark", "global_mmlu", "--data", str(FIX / "global_mmlu"),
+                   "--langs", "sw", "--protocol", "loglik", "--out", str(out), "--label", "t", *extra])
+
+
+def test_eval_bench_steering_flags(ckpt, tmp_path):
+    path, stats_path = ckpt
+    plain = bench(path, tmp_path / "a")
+    zero = bench(path, tmp_path / "b", "--steering", str(stats_path), "--steering-strength", "0")
+    assert (tmp_path / "a" / "predictions.jsonl").read_text() == (tmp_path / "b" / "predictions.jsonl").read_text()
+    assert zero == plain
+    res = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert res["steering"]["rule"] == "chen" and res["steering"]["strength"] == 0
+    with pytest.raises(SystemExit, match="a serving engine \\(--engine-url\\) runs the model unsteered"):
+        E.main(["bench", "--engine-url", "http://localhost:1/v1", "--engine-model", "m", "--benchmark", "mgsm",
+                "--data", str(FIX / "mgsm"), "--langs", "sw", "--steering", str(stats_path)])
+    with pytest.raises(SystemExit, match="outside the model's decoder layers"):
+        bench(path, tmp_path / "c", "--steering", str(stats_path), "--steering-layers", "1,9")
