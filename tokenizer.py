@@ -62,7 +62,7 @@ import shutil
 import warnings
 from pathlib import Path
 
-from families import FAMILIES
+from families import FAMILIES, of_config
 
 # GPT-4 (cl100k) style pre-tokenisation, with \p{M} (combining marks) counted as part of a word:
 # with plain \p{L} every Devanagari/Bengali/Telugu vowel sign would split a word in two. The
@@ -189,6 +189,16 @@ def load_tiktoken_ranks(path):
             tok, rank = line.split()
             ranks[base64.b64decode(tok)] = int(rank)
     return ranks
+
+
+def toy_chat_format(cfg):
+    """The chat format a toy BPE uses with a model of config cfg: that of the family the model is (a phimoe-
+    shaped toy chats like Phi-3.5, and its export is refused otherwise); None (the toy default) for a config
+    of no family."""
+    try:
+        return of_config(cfg).CHAT_FORMAT_NAME
+    except ValueError:
+        return None
 
 
 def load_tokenizer(path, chat_format=None):
@@ -370,7 +380,10 @@ def chat_template(chat_format, bos=False):
     user_open, rest = fmt["prompt"].split("{prompt}")
     end = fmt["response"].split("{response}")[1]
     # the layouts share one turn ending (sys_close); the generation prompt follows it
-    assert rest.startswith(sys_close) and sys_close.startswith(end), chat_format
+    if not (rest.startswith(sys_close) and sys_close.startswith(end)):  # e.g. OLMoE's tulu: the assistant's
+        raise ValueError(f"chat format {chat_format!r}: its turns do not share one ending, which the exported "  # differs
+                         "template assumes; this format cannot be exported with a toy tokenizer (export a "
+                         "checkpoint's own tokenizer files instead)")
     gen, sep = rest[len(sys_close):], sys_close[len(end):]
     think = fmt.get("thinking_off", "")
     assert gen.endswith(think), chat_format

@@ -48,7 +48,7 @@ from methods import controls, live_kl, sara
 from model import MoEConfig, MoETransformer
 from provenance import platform_info
 from settings import TOY_TOKENIZER, TrainSettings
-from tokenizer import load_tokenizer, save_hf_tokenizer
+from tokenizer import load_tokenizer, save_hf_tokenizer, toy_chat_format
 
 # -----------------------------------------------------------------------------
 # settings: the toy experiment's defaults (settings.py), config files, --key=value; all checked
@@ -148,7 +148,8 @@ try:
         elif not s.tokenizer_path:
             raise ValueError(f"{s.init_from} has no tokenizer (tokenizer.json): pass tokenizer_path= the one it was "
                              "trained with")
-    tok = load_tokenizer(tok_path)
+    # the toy BPE chats in the format of the family its model is (its export must carry that family's format)
+    tok = load_tokenizer(tok_path, chat_format=toy_chat_format(model_cfg) if str(tok_path).endswith(".tiktoken") else None)
 except (OSError, ValueError) as err:
     raise ConfigError(f"{_key} ({sources[_key]}): {err}") from None
 if own_tok and tok.fingerprint() != own_tok[1]:  # another vocabulary or chat format: the model would read noise

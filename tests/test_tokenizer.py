@@ -381,3 +381,21 @@ def test_errors_name_the_file_or_token(tmp_path, qwen_dir):
         load_tokenizer(bare, chat_format="qwen3")
     with pytest.raises(ValueError, match=r"'<\|system\|>' required by chat format 'phi35'"):
         load_tokenizer(qwen_dir, chat_format="phi35")
+
+
+def test_toy_bpe_chats_in_its_models_family_format_and_tulu_export_is_a_clear_error():
+    """train.py loads the toy BPE in the format of the family its model is: a phimoe-shaped toy chats like
+    Phi-3.5 (its export is refused otherwise), the default toy like Qwen3; a format whose turns the exported
+    template cannot express is a ValueError naming it, not an assertion."""
+    from model import MoEConfig, phi35_moe_config
+    from tokenizer import TOY_CHAT_FORMAT, chat_template, toy_chat_format
+    qwen_like = MoEConfig(vocab_size=4096, hidden_size=32, n_layers=2, n_heads=2, n_kv_heads=1, intermediate_size=32,
+                          n_experts=4, top_k=2, moe_intermediate_size=16, qk_norm=True)
+    assert toy_chat_format(qwen_like) == TOY_CHAT_FORMAT == "qwen3"
+    phi_like = phi35_moe_config(n_layers=2, hidden_size=64, n_heads=4, n_kv_heads=2, head_dim=16,
+                                intermediate_size=32, moe_intermediate_size=32, vocab_size=4096)
+    assert toy_chat_format(phi_like) == "phi35"
+    assert toy_chat_format(MoEConfig(vocab_size=64, hidden_size=32, n_layers=1, n_heads=2, n_kv_heads=1,
+                                     intermediate_size=32, n_experts=2, top_k=1, moe_intermediate_size=16)) is None
+    with pytest.raises(ValueError, match="'tulu'.*cannot be exported"):
+        chat_template("tulu")
