@@ -228,7 +228,8 @@ def test_bench_engine_faults_are_one_line_and_flags_bound_the_wait(tmp_path):
     with FakeEngine(lambda payload: "\\boxed{8}") as fake:
         fake.script = [(500, {"error": "boom"})] * 10
         with pytest.raises(SystemExit, match=r"^engine: .*500") as err:
-            E.main(base + ["--engine-url", fake.url, "--engine-retries", "1", "--engine-timeout", "5"])
+            E.main(base + ["--engine-url", fake.url, "--engine-retries", "1", "--engine-timeout", "5",
+                           "--engine-concurrency", "2"])
         assert "Traceback" not in str(err.value)
         fake.script = [("sleep", 3)] * 10
         t0 = time.time()

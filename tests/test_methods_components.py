@@ -173,6 +173,9 @@ def test_train_py_runs_live_kl_with_frozen_routers_and_refuses_a_shuffle_without
     res = run_train(tmp_path / "b", "--method=live_kl", "--anchor_shuffle=True")
     assert res.returncode != 0 and "is a control of SARA's stored anchors" in res.stderr
     assert "pretrain" not in res.stderr  # refused before any work
+    res = run_train(tmp_path / "d", "--freeze_routers=True", "--lambda_js=0")  # the documented control (docs/method.md)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "freeze_routers=True" in res.stdout + res.stderr
     res = run_train(tmp_path / "c", "--live_kl_freeze=layers")
     assert res.returncode != 0 and "live_kl_freeze" in res.stderr
 

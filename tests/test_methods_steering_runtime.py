@@ -105,6 +105,10 @@ def test_sample_py_steering_flags(ckpt):
     assert zero == plain
     with pytest.raises(SystemExit, match="steering: --steering-layers 0,1: layers \\[0\\] are dense"):
         sample.main(base + [f"--steering={str(stats_path)!r}", "--steering_layers='0,1'"])
+    # the documented SteerMoE call (docs/baselines.md): it runs, (strength 1: this tiny model has 2 experts to promote)
+    steered = sample.main(base + [f"--steering={str(stats_path)!r}", "--steering_rule='steermoe'", "--steering_strength=1",
+                                  "--steering_target='sw'"])
+    assert isinstance(steered, list) and all(isinstance(t, int) for t in steered)
 
 
 def bench(path, out, *extra):
@@ -115,7 +119,7 @@ def bench(path, out, *extra):
 def test_eval_bench_steering_flags(ckpt, tmp_path):
     path, stats_path = ckpt
     plain = bench(path, tmp_path / "a")
-    zero = bench(path, tmp_path / "b", "--steering", str(stats_path), "--steering-strength", "0")
+    zero = bench(path, tmp_path / "b", "--steering", str(stats_path), "--steering-rule", "chen", "--steering-strength", "0")
     assert (tmp_path / "a" / "predictions.jsonl").read_text() == (tmp_path / "b" / "predictions.jsonl").read_text()
     assert zero == plain
     res = json.loads((tmp_path / "b" / "results.json").read_text())
