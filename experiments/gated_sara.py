@@ -152,7 +152,7 @@ def band_mean(values, band):
 def primary(records):
     """records: compare_seed results -> the declared primary contrast (b) - (a) of target accuracy over seeds."""
     d = np.array([r["band"]["tgt"] - r["plain"]["tgt"] for r in records])
-    return dict(per_seed=d.tolist(), **stats.t_interval(d))
+    return dict(per_seed=d.tolist(), **(stats.t_interval(d) if len(d) >= 2 else dict(mean=float(d.mean()), lo=None, hi=None, p=None)))
 
 
 def analyse(records, conditions):
@@ -160,7 +160,7 @@ def analyse(records, conditions):
     condition against plain (secondary, no decision). Intervals: paired 95% t over seeds."""
     band = records[0]["band_layers"]
     col = lambda cond, f: np.array([f(r[cond]) for r in records], dtype=np.float64)
-    ci = lambda x: dict(per_seed=x.tolist(), **(stats.t_interval(x) if len(x) >= 2 else dict(mean=float(x.mean()))))
+    ci = lambda x: dict(per_seed=x.tolist(), **(stats.t_interval(x) if len(x) >= 2 else dict(mean=float(x.mean()), lo=None, hi=None, p=None)))
     prim = primary(records)
     js_plain, js_band = col("plain", lambda m: band_mean(m["js"], band)), col("band", lambda m: band_mean(m["js"], band))
     ceiling = col("plain", lambda m: m["oracle"]["band"] - m["tgt"])
@@ -226,6 +226,9 @@ def main():
     p.add_argument("--quick", action="store_true", help="2 seeds, short pretraining and fine-tuning (CI)")
     p.add_argument("--results", default=None, help="default experiments/results/gated_world/sara (quick: out/gated_sara_quick)")
     p.add_argument("--jobs", type=int, default=2, help="seeds run at once, one process and one thread each")
+    p.add_argument("--seeds", type=int, nargs="*", default=None, help="override the seeds (e.g. to run them in separate processes)")
+    p.add_argument("--report", nargs="*", default=None, metavar="RUNS_JSONL",
+                   help="no training: summary and tables from these runs.jsonl files (default: the results folder's)")
     p.add_argument("--conditions", default=",".join(CONDITIONS), help=f"comma-separated, plain and band required; of {list(CONDITIONS)}")
     args = p.parse_args()
     conditions = [c for c in args.conditions.split(",") if c]
@@ -237,13 +240,26 @@ def main():
     settings, compare = (G.QUICK, QUICK_COMPARE) if args.quick else (G.FULL, COMPARE)
     results = os.path.abspath(args.results or os.path.join(ROOT, *(("out", "gated_sara_quick") if args.quick
                                                                    else ("experiments", "results", "gated_world", "sara"))))
+    if args.seeds:
+        compare = {**compare, "seeds": args.seeds}
     os.makedirs(results, exist_ok=True)
     t0 = time.time()
     jobs = [(settings, compare, seed, conditions) for seed in compare["seeds"]]
     partial = os.path.join(results, "runs.jsonl")  # each seed's record as it finishes (an interrupted run keeps them)
-    open(partial, "w").close()
     records = []
-    if args.jobs > 1:
+    if args.report is not None:
+        for path in args.report or [partial]:
+            with open(path) as f:
+                records += [json.loads(line) for line in f if line.strip()]
+        seeds = sorted(r["seed"] for r in records)
+        if len(set(seeds)) != len(seeds) or any(set(conditions) - set(r) for r in records):
+            raise SystemExit(f"--report {args.report}: seeds {seeds} (each once?) and conditions {conditions} (in every record?)")
+        compare = {**compare, "seeds": seeds}
+        with open(partial + ".tmp", "w") as f:  # the merged records, then in place of runs.jsonl
+            f.writelines(json.dumps(r) + "\n" for r in sorted(records, key=lambda r: r["seed"]))
+        os.replace(partial + ".tmp", partial)
+    elif args.jobs > 1:
+        open(partial, "w").close()
         import multiprocessing as mp
         with mp.get_context("spawn").Pool(min(args.jobs, len(jobs))) as pool:
             it = pool.imap_unordered(run_seed, jobs)
@@ -252,20 +268,28 @@ def main():
                 with open(partial, "a") as f:
                     f.write(json.dumps(rec) + "\n")
     else:
+        open(partial, "w").close()
         for job in jobs:
             records.append(run_seed(job))
             with open(partial, "a") as f:
                 f.write(json.dumps(records[-1]) + "\n")
     records.sort(key=lambda r: r["seed"])
     cmd = "python experiments/gated_sara.py" + (" --quick" if args.quick else "") + \
-          ("" if conditions == list(CONDITIONS) else f" --conditions {','.join(conditions)}")
+          ("" if conditions == list(CONDITIONS) else f" --conditions {','.join(conditions)}") + \
+          (f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds else "")
+    if args.report is not None:
+        wall = sum(r["wall_s"] for r in records)  # the training runs' own, summed (they may have run in parallel)
     S = dict(command=cmd, settings=settings, compare=compare, conditions=conditions, analysis=analyse(records, conditions),
              runs=records, wall_s=round(time.time() - t0, 1), jobs=args.jobs, platform=platform_info("cpu"))
+    if args.report is not None:
+        S.update(command=f"{cmd} --report", wall_s=None, seed_wall_s_sum=round(wall, 1), jobs=None,
+                 note="summary from runs.jsonl records; each record's own wall_s is its seed's wall time")
     with open(os.path.join(results, "summary.json"), "w") as f:
         json.dump(S, f, indent=1)
     md = tables(S)
     with open(os.path.join(results, "tables.md"), "w") as f:
-        f.write(f"Command: `{cmd}`; {S['wall_s'] / 60:.1f} min wall, {args.jobs} processes of 1 thread.\n\n" + md)
+        f.write(f"Command: `{S['command']}`; " + (f"{S['wall_s'] / 60:.1f} min wall, {args.jobs} processes of 1 thread" if S["wall_s"]
+                else f"from runs.jsonl; per-seed wall times {[r['wall_s'] for r in records]} s") + ".\n\n" + md)
     print(md)
 
 
