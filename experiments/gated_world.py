@@ -40,9 +40,10 @@ at beta 0 (3 seeds), 0.55-0.88 at beta 1, 0.56 at beta 2 (run stopped after 6 of
 (96 facts), beta 2, seed 1: English 1.00, target 0.83, band oracle 1.00. Earlier, 700-1,500 steps at lr 5e-3 / 1e-2
 with 160 facts gave 0.24-0.73 (1,500 steps at 1e-2: 0.24). A base model costs ~70 CPU-seconds.
 
-The later SARA comparison (declared in results/gated_world/report.md, not run here): from the same base models,
-plain fine-tuning vs SARA on the middle band, on identical batches; its training step is `train_steps`, a
-placeholder in experiments/gated_sara.py until the product's training loop lands (it raises NotImplementedError).
+Training runs the product's loop (loop.train_phase, eq. 12 by step_loss.py), never a copy of it: pretrain and the
+SARA comparison's fine-tuning (experiments/gated_sara.py, declared in results/gated_world/report.md) both go through
+train_steps_under_prior, whose LanguagePrior sets each step's per-row prior on the routers before the forward.
+The move from this file's former loop is bit-identical (tests/test_gated_world.py keeps that loop as the oracle).
 """
 import argparse
 import contextlib
