@@ -216,6 +216,7 @@ def run_seed(job):
     t0 = time.time()
     out = compare_seed(settings, compare, seed, conditions=conditions)
     out["wall_s"] = round(time.time() - t0, 1)
+    out["platform"] = platform_info("cpu")  # per seed: seeds may run in separate processes (--seeds) and be merged (--report)
     print(f"seed {seed}: " + "  ".join(f"{c} tgt {out[c]['tgt']:.3f} en {out[c]['en']:.3f}" for c in ["base"] + conditions)
           + f" ({out['wall_s']:.0f}s)", flush=True)
     return out
