@@ -199,6 +199,15 @@ class LanguagePrior:
         if self.inner is not None:
             self.inner.begin_step(micro_batches, run)
 
+    def extend_batch(self, micro):
+        """Rows a method appends to the micro-batch's forward (the loop asks every method): the inner method's.
+        The prior covers the micro-batch's own rows only, so an inner method that appends rows is an error."""
+        extra = self.inner.extend_batch(micro) if hasattr(self.inner, "extend_batch") else []
+        if extra:
+            raise ValueError(f"LanguagePrior: {type(self.inner).__name__} appends {len(extra)} rows to the forward; "
+                             "the per-row prior has no language for them")
+        return extra
+
     def loss(self, out, batch, net, run):
         return self.inner.loss(out, batch, net, run) if self.inner is not None else {}
 
