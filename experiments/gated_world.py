@@ -40,13 +40,14 @@ at beta 0 (3 seeds), 0.55-0.88 at beta 1, 0.56 at beta 2 (run stopped after 6 of
 (96 facts), beta 2, seed 1: English 1.00, target 0.83, band oracle 1.00. Earlier, 700-1,500 steps at lr 5e-3 / 1e-2
 with 160 facts gave 0.24-0.73 (1,500 steps at 1e-2: 0.24). A base model costs ~70 CPU-seconds.
 
-The later SARA comparison (declared in results/gated_world/report.md, not run here): from the same base models,
-plain fine-tuning vs SARA on the middle band, on identical batches; its training step is `train_steps`, a
-placeholder in experiments/gated_sara.py until the product's training loop lands (it raises NotImplementedError).
+Training runs the product's loop (loop.train_phase, eq. 12 by step_loss.py), never a copy of it: pretrain and the
+SARA comparison's fine-tuning (experiments/gated_sara.py, declared in results/gated_world/report.md) both go through
+train_steps_under_prior, whose LanguagePrior sets each step's per-row prior on the routers before the forward.
+The move from this file's former loop is bit-identical (tests/test_gated_world.py keeps that loop as the oracle).
 """
 import argparse
+import contextlib
 import json
-import math
 import os
 import sys
 import time
@@ -176,40 +177,79 @@ def collate(seqs, pad=0):
 
 
 # -----------------------------------------------------------------------------
-# training
-def lr_at(step, total, peak, warmup_frac):
-    warmup = max(1, int(warmup_frac * total))
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+# training: the product's loop (loop.train_phase, eq. 12 via step_loss.py), never a copy of it
+class LanguagePrior:
+    """The per-row language prior during training, in loop.train_phase's method slot: begin_step (which the
+    loop calls before a step's forwards) sets, through the routing hook (router.intervene), the prior of the
+    step's rows on the routers of prior["layers"]; loss delegates to `inner` (methods.sara.Sara, or None: no
+    term). A step must be ONE micro-batch (begin_step sees the whole step, not which micro-batch is next):
+    checked. close() removes the prior. Why here and not in loop.py: the loop needs no change for it."""
+
+    def __init__(self, model, prior, inner=None):
+        self.model, self.prior, self.inner = model, prior, inner
+        self._stack = contextlib.ExitStack()
+
+    def begin_step(self, micro_batches, run):
+        if len(micro_batches) != 1:
+            raise ValueError(f"LanguagePrior: a step of {len(micro_batches)} micro-batches; the per-row prior "
+                             "needs one micro-batch per step (schedule: [(step, [indices])])")
+        self._stack.close()  # the previous step's prior off, this step's on
+        self._stack.enter_context(intervene(self.model, language_prior([e["lang"] for e in micro_batches[0]],
+                                                                       self.prior, self.model.config)))
+        if self.inner is not None:
+            self.inner.begin_step(micro_batches, run)
+
+    def extend_batch(self, micro):
+        """Rows a method appends to the micro-batch's forward (the loop asks every method): the inner method's.
+        The prior covers the micro-batch's own rows only, so an inner method that appends rows is an error."""
+        extra = self.inner.extend_batch(micro) if hasattr(self.inner, "extend_batch") else []
+        if extra:
+            raise ValueError(f"LanguagePrior: {type(self.inner).__name__} appends {len(extra)} rows to the forward; "
+                             "the per-row prior has no language for them")
+        return extra
+
+    def loss(self, out, batch, net, run):
+        return self.inner.loss(out, batch, net, run) if self.inner is not None else {}
+
+    def close(self):
+        self._stack.close()
+
+
+def train_steps_under_prior(model, examples, schedule, settings, lr, prior, inner=None, phase="gated"):
+    """loop.train_phase on `examples` (dicts: id, input_ids, labels, lang; has_anchor for SARA) with the fixed
+    `schedule` (list of (step, [indices]): one micro-batch per step), each forward under its rows' language
+    prior; inner: the method (methods.sara.Sara) or None (eq. 12 without method terms). AdamW (betas 0.9,
+    0.999) with decay on matrices, linear warmup then cosine to 0, grad clip, lambda_LB = the model's
+    router_aux_loss_coef. -> loop records (one per step: ce, lb, loss, js with SARA)."""
+    from loop import Dist, Run, train_phase
+    from settings import TrainSettings
+    s = TrainSettings(beta2=0.999, weight_decay=settings["weight_decay"], warmup_frac=settings["warmup_frac"],
+                      grad_clip=settings["grad_clip"], lambda_js=getattr(inner, "weight", 0.0), log_interval=1,
+                      eval_interval=10 ** 9, ckpt_interval=10 ** 9)
+    method = LanguagePrior(model, prior, inner)
+    model.train()
+    try:
+        records = train_phase(Run(s, Dist(), pad_id=0, quiet=True), phase, model, examples, len(schedule), lr,
+                              method, None, None, schedule=iter(schedule))
+    finally:
+        method.close()
+    model.eval()
+    return records
 
 
 def pretrain(model, en, tgt, settings, seed, prior):
     """Language modelling on every token; each row is a target row with probability target_share; each
     sequence's routers carry its language's prior. -> mean CE of the last 20 steps."""
     rng = np.random.default_rng(2000 + seed)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([dict(params=decay, weight_decay=settings["weight_decay"]),
-                             dict(params=rest, weight_decay=0.0)], lr=settings["pretrain_lr"])
-    B, steps, ces = settings["pretrain_batch"], settings["pretrain_steps"], []
-    model.train()
-    for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, settings["pretrain_lr"], settings["warmup_frac"])
+    examples = [dict(id=f"{r['lang']}{i}", input_ids=r["ids"], labels=r["ids"], lang=r["lang"])
+                for i, r in enumerate(en + tgt)]
+    B, schedule = settings["pretrain_batch"], []
+    for step in range(settings["pretrain_steps"]):
         n_t = rng.binomial(B, settings["target_share"])
-        rows = [en[i] for i in rng.integers(len(en), size=B - n_t)] + [tgt[i] for i in rng.integers(len(tgt), size=n_t)]
-        ids, mask = collate([r["ids"] for r in rows])
-        with intervene(model, language_prior([r["lang"] for r in rows], prior, model.config)):
-            out = model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
-        loss = out.loss + model.config.router_aux_loss_coef * out.aux_loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), settings["grad_clip"])
-        opt.step()
-        ces.append(out.loss.item())
-    model.eval()
-    return float(np.mean(ces[-20:]))
+        rows = rng.integers(len(en), size=B - n_t).tolist() + (len(en) + rng.integers(len(tgt), size=n_t)).tolist()
+        schedule.append((step, [rows]))
+    records = train_steps_under_prior(model, examples, schedule, settings, settings["pretrain_lr"], prior, phase="pretrain")
+    return float(np.mean([r["ce"] for r in records[-20:]]))
 
 
 # -----------------------------------------------------------------------------

@@ -172,3 +172,29 @@ def test_quick_report_is_reproduced_from_the_summary(quick, tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
     assert (tmp_path / "results.md").read_text() == quick["md"]
+
+
+def test_conditional_transfer_by_hand(tmp_path):
+    """P(target correct | English correct on the same fact and template), per seed and condition, on a file
+    small enough to count by hand; shared and control rows are left out."""
+    rows = [  # seed, condition, split, entity, relation, lang, template, correct
+        (0, "plain", "test", "A", "color", "en", 0, 1), (0, "plain", "test", "A", "color", "ren", 0, 1),
+        (0, "plain", "test", "A", "color", "sub", 0, 0),
+        (0, "plain", "test", "A", "color", "en", 1, 0), (0, "plain", "test", "A", "color", "ren", 1, 1),  # English wrong: out
+        (0, "band", "test", "A", "color", "en", 0, 1), (0, "band", "test", "A", "color", "ren", 0, 1),
+        (0, "band", "test", "A", "color", "sub", 0, 1),
+        (0, "band", "shared", "B", "color", "en", 0, 1), (0, "band", "shared", "B", "color", "ren", 0, 0),  # not test: out
+        (1, "plain", "test", "A", "job", "en", 0, 1), (1, "plain", "test", "A", "job", "ord", 0, 0),
+        (1, "band", "test", "A", "job", "en", 0, 1), (1, "band", "test", "A", "job", "ord", 0, 0),
+        (1, "band", "test", "C", "job", "en", 1, 1), (1, "band", "test", "C", "job", "ord", 1, 1),
+    ]
+    path = tmp_path / "per_item.csv.gz"
+    with gzip.open(path, "wt", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["seed", "condition", "split", "entity", "relation", "lang", "template", "correct", "margin"])
+        w.writerows([(*r, 0.0) for r in rows])
+    C = T.conditional_transfer(str(path))
+    assert C["seeds"] == [0, 1]
+    assert C["rate"]["plain"] == [0.5, 0.0] and C["n"]["plain"] == [2, 1]
+    assert C["rate"]["band"] == [1.0, 0.5] and C["n"]["band"] == [2, 2]
+    assert C["diff"]["per_seed"] == pytest.approx([0.5, 0.5]) and C["diff"]["mean"] == pytest.approx(0.5)
