@@ -6,7 +6,7 @@ with plain fine-tuning by a seed-level paired t interval (stats.t_interval over 
     python compare.py --quick --out_dir out/compare_quick                       # toy, CPU, ~1-2 min
     python compare.py --out_dir out/compare --seeds 1,2,3 configs/toy.py        # the toy experiment
     python compare.py --out_dir out/cmp --launcher "torchrun --nproc_per_node 8" \\
-        configs/qwen3_30b_a3b.py --init_from=DIR --data_path=FILE --seeds 1,2,3  # real checkpoints, GPUs
+        configs/qwen3_30b_a3b.py --init_from=DIR --data_path=FILE --seeds 1,2,3  # real checkpoints, GPUs (not run here)
     python compare.py --reanalyse --out_dir out/compare                         # the table again, no training
 
 Every argument compare.py does not know is handed to train.py unchanged (config files, --key=value), and

@@ -82,7 +82,7 @@ COVERAGE = {
         (TRAIN, "test_lambda_js_zero_sees_the_same_batches"),
     "python train.py configs/toy.py --lambda_js=0.0": (TRAIN, "test_lambda_js_zero_sees_the_same_batches"),
     "python train.py --help": ("tests/test_configurator.py", "test_scripts_print_help"),
-    "python train.py configs/phi35.py --init_from=/ckpt/Phi-3.5-MoE-instruct --lr=1e-5": REHEARSAL,
+    "python train.py configs/phi35.py --init_from=/ckpt/Phi-3.5-MoE-instruct --lr=1e-5": ("tests/test_train.py", "test_two_processes_match_one"),
     # the studies (their --quick modes are the documented quick versions of the full runs)
     "python experiments/transfer.py": ("tests/test_transfer.py", "test_quick_identical_batches_and_primary_declared"),
     "python experiments/transfer.py --quick": ("tests/test_transfer.py", "test_quick_identical_batches_and_primary_declared"),
@@ -91,6 +91,9 @@ COVERAGE = {
     "python experiments/toy_sara.py --reanalyse": ("tests/test_experiment.py", "test_reanalyse_reproduces_the_run"),
     "python experiments/gated_world.py": ("tests/test_gated_world.py", "test_quick_study_end_to_end"),
     "python experiments/gated_world.py --quick": ("tests/test_gated_world.py", "test_quick_study_end_to_end"),
+    "python experiments/gated_sara.py": ("tests/test_gated_world.py", "test_quick_sara_comparison_end_to_end"),
+    "python experiments/gated_sara.py --quick": ("tests/test_gated_world.py", "test_quick_sara_comparison_end_to_end"),
+    "python experiments/gated_sara.py --report": ("tests/test_gated_world.py", "test_quick_sara_comparison_end_to_end"),
     "python experiments/generation_throughput.py": (T, "test_generation_throughput_runs"),
     "python experiments/generation_throughput.py --shape qwen3 --n-layers 4 --dtype bfloat16 --device cuda":
         (T, "test_generation_throughput_runs"),
