@@ -47,7 +47,7 @@ import torch
 
 from jsonl import read_jsonl
 from provenance import platform_info
-from settings import TrainSettings
+from settings import TOY_TOKENIZER, TrainSettings
 from stats import t_interval
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -171,7 +171,9 @@ def evaluate(args, settings, seed, method):
     res["js_band"] = routing_js(model, tok, settings, device)
     if method == "plain":  # the original model, once per seed (the same for every method of the seed)
         original = os.path.join(d, "base.pt") if settings.init_from == "scratch" else settings.init_from
-        model, tok = load_model_and_tokenizer(original, tokenizer=settings.tokenizer_path, dtype=dtype, device=device)
+        # a base.pt carries no tokenizer: the one train.py used for it (tokenizer_path, else the toy BPE)
+        pt_tok = settings.tokenizer_path or (TOY_TOKENIZER if original.endswith(".pt") else "")
+        model, tok = load_model_and_tokenizer(original, tokenizer=pt_tok, dtype=dtype, device=device)
         res["js_band_before"] = routing_js(model, tok, settings, device)
     json.dump(res, open(path, "w"), indent=1)
     return res

@@ -255,6 +255,7 @@ def test_ci_runs_the_readme_test_command():
 TOY_CE_RANGE, TOY_BAND_JS_MAX = (5.66, 5.78), 0.01
 
 
+@pytest.mark.slow  # ~90 s on 2 idle cores; its short version: test_train.py's tiny runs of the same script
 def test_default_toy_run_lands_in_the_readme_range(tmp_path):
     readme = (ROOT / "README.md").read_text()
     assert f"{TOY_CE_RANGE[0]:.2f}–{TOY_CE_RANGE[1]:.2f}" in readme and f"{TOY_BAND_JS_MAX}" in readme
