@@ -134,8 +134,8 @@ def _toy_chat_format_differs(path):
 
 
 def test_server_reply_is_exactly_the_builtin_text(server, exports):
-    """The server returns the assistant's text only. transformers serve parses a qwen3_moe reply as ChatML;
-    the toy export's chat template is Phi-style, so the reply comes back with the prompt in front."""
+    """The server returns the assistant's text only: transformers serve parses a qwen3_moe reply as ChatML,
+    which is the toy export's own format (a toy in another family's format got the prompt echoed back)."""
     path = str(exports["random"])
     got = make_engine_responder(server, path, max_new_tokens=12, temperature=0.0, concurrency=2,
                                 timeout=120)(PROMPTS, 0)
