@@ -21,9 +21,9 @@ and the same step-0 loss (same weights).
 
 Measured on the held-out split of train.py (split_train_val(samples, val_fraction, seed=0), by
 UDHR paragraph). A held-out paragraph is unseen as a RESPONSE in fine-tuning, but each UDHR row's
-prompt is the preceding paragraph, so most held-out paragraphs are the prompt of a training row,
-and every paragraph is in stage 0's pretraining text (English and the other non-target languages
-always, the targets at pretrain_target_fraction). The study reports only the held-out rows whose
+prompt is the preceding paragraph, so most held-out paragraphs are the prompt of a training row.
+Stage 0 pretrains on the training split only (split by group), so a held-out row is never trained on as
+a response; only the tokenizer's BPE merges saw every paragraph. The study reports only the held-out rows whose
 response is no training row's prompt (unseen_heldout, asserted; 22 of 65 with the committed data):
   - per item: mean cross-entropy over response tokens (nats/token), the quantity train.py trains on;
   - per item and MoE layer: JS(original model's pooled routing on the English anchor || model's
