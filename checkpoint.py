@@ -209,21 +209,29 @@ def load_model(path, dtype=None, device="cpu", check_finite=True, **overrides):
     return model
 
 
+def checkpoint_tokenizer(checkpoint, tokenizer=""):
+    """The tokenizer that goes with a checkpoint, read without its weights: a directory's own unless
+    `tokenizer` names another; a .pt file (the toy base.pt) has none of its own and needs `tokenizer`.
+    Raises CheckpointError naming the file and what to pass."""
+    from tokenizer import load_tokenizer  # (kept local: tokenizer.py is not needed to read weights)
+    path = Path(checkpoint)
+    if path.suffix == ".pt" and not tokenizer:
+        raise CheckpointError(f"{path} is a .pt file, which carries no tokenizer: pass the tokenizer it was "
+                              "trained with (e.g. data/udhr/bpe.tiktoken)")
+    try:
+        return load_tokenizer(tokenizer or path)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"tokenizer {tokenizer or path}: {err}") from None
+
+
 def load_model_and_tokenizer(checkpoint, tokenizer="", dtype=None, device="cpu", **overrides):
     """The model and the tokenizer that goes with it, for every script that runs a checkpoint (sample.py,
     eval.py, stage1.py): a directory's own tokenizer unless `tokenizer` names another; a .pt file (the toy
     base.pt) has none of its own and needs `tokenizer`. The tokenizer is read first (cheap) and checked
     against the model's vocabulary before the weights are, so a mismatch costs no load.
     Raises CheckpointError naming the file and what to pass."""
-    from tokenizer import load_tokenizer  # (tokenizer.py imports nothing of ours; kept local: rarely needed)
     path = Path(checkpoint)
-    if path.suffix == ".pt" and not tokenizer:
-        raise CheckpointError(f"{path} is a .pt file, which carries no tokenizer: pass the tokenizer it was "
-                              "trained with (e.g. data/udhr/bpe.tiktoken)")
-    try:
-        tok = load_tokenizer(tokenizer or path)
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"tokenizer {tokenizer or path}: {err}") from None
+    tok = checkpoint_tokenizer(path, tokenizer)
     model = load_model(path, dtype=dtype, device=device, **overrides)
     if tok.vocab_size > model.config.vocab_size:
         raise CheckpointError(f"tokenizer {tokenizer or path} has {tok.vocab_size} tokens but the model {path} "

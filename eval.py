@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import CheckpointError, load_model_and_tokenizer
+from checkpoint import CheckpointError, checkpoint_tokenizer, load_model_and_tokenizer
 from engine import (DEFAULT_RETRIES, DEFAULT_TIMEOUT, EngineError, check_engine, check_url, make_engine_responder,
                     settings_problems)
 from evaluation.accuracy import (compare_conditions, format_comparison, format_correlation, format_table, load_predictions, load_results,
@@ -57,18 +57,13 @@ def load_model(checkpoint, tokenizer, dtype, device):
 
 
 def peek_checkpoint(checkpoint, tokenizer):
-    """-> (context or None, tokenizer), without reading the weights: the tokenizer, and a directory's
-    config.json (a .pt holds its config with its weights: None, checked after loading)."""
-    from tokenizer import load_tokenizer
-    path = Path(checkpoint)
-    if path.suffix == ".pt" and not tokenizer:
-        raise SystemExit(f"--checkpoint {path} is a .pt file, which carries no tokenizer: pass --tokenizer "
-                         "(e.g. data/udhr/bpe.tiktoken)")
+    """-> (context or None, tokenizer), without reading the weights: the tokenizer (checkpoint.checkpoint_tokenizer),
+    and a directory's config.json (a .pt holds its config with its weights: None, checked after loading)."""
     try:
-        tok = load_tokenizer(tokenizer or path)
-    except (OSError, ValueError) as err:
-        raise SystemExit(f"--tokenizer {tokenizer or path}: {err}") from None
-    return peek_context(path), tok
+        tok = checkpoint_tokenizer(checkpoint, tokenizer or "")
+    except CheckpointError as err:
+        raise SystemExit(f"--checkpoint {checkpoint}: {err}") from None
+    return peek_context(Path(checkpoint)), tok
 
 
 def _dtype(name):
