@@ -4,12 +4,13 @@ grad, before any fine-tuning -- over the anchor (e.g. English) side of every tra
 each sample one pooled routing distribution per MoE layer, (L, E). They are the constants that
 the SARA loss pulls the target-language routing towards, computed once and cached on disk.
 
-    forward_and_pool(model, sequences, *, pad_id, batch_size, labels=None, autocast=None, device=None)
-        -> Pooled(nll, n_targets, routing)
+    forward_and_pool(model, sequences, *, pad_id, batch_size, labels=None, autocast=None, device=None,
+                     before_batch=None) -> Pooled(nll, n_targets, routing)
         The one "run a model over a list of sequences and pool its routing" helper (training
         evaluation, stage 2, the routing analysis, the experiments). sequences: N lists of token
         ids; labels: None or N lists of the same lengths (-100 = not a target; position t's logits
-        predict labels[t + 1]). Runs in eval mode with no grad (the model's mode is restored),
+        predict labels[t + 1]); before_batch(slice) is called before the forward of sequences[slice].
+        Runs in eval mode with no grad (the model's mode is restored),
         batch_size sequences at a time, in the given order, right-padded.
         nll: None, or (N,) float64 CPU, the summed next-token NLL of each sequence's targets;
         n_targets: None, or (N,) long, how many targets each has (nll / n_targets = its mean CE);
@@ -55,7 +56,8 @@ def _inner(model):
 
 
 @torch.no_grad()
-def forward_and_pool(model, sequences, *, pad_id, batch_size, labels=None, autocast=None, device=None):
+def forward_and_pool(model, sequences, *, pad_id, batch_size, labels=None, autocast=None, device=None,
+                     before_batch=None):
     """See the module docstring."""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: must be >= 1")
@@ -75,6 +77,8 @@ def forward_and_pool(model, sequences, *, pad_id, batch_size, labels=None, autoc
             for r, lab in zip(rows, labels[start:start + batch_size]):
                 r["labels"] = lab
         batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
+        if before_batch is not None:  # e.g. ShifCon's hook learns the rows' languages
+            before_batch(slice(start, start + len(rows)))
         # one sequence has no padding: no mask lets attention use its fused causal kernel
         mask = batch["attention_mask"] if len(rows) > 1 else None
         with autocast:

@@ -655,6 +655,16 @@ def check_fingerprint(what, saved, now):
                          + ". Use a new out_dir, or restore those settings.")
 
 
+def _meta_difference(saved, meta):
+    """"{key: value, ...}, but meta.json says {key: value, ...}" over the keys that differ, each value cut to 60
+    characters (a meta may hold a method's state, e.g. ShifCon's vectors: thousands of numbers)."""
+    if not (isinstance(saved, dict) and isinstance(meta, dict)):
+        return f"{saved!r:.200}, but meta.json says {meta!r:.200}"
+    keys = sorted(k for k in set(saved) | set(meta) if saved.get(k) != meta.get(k))
+    show = lambda d: "{" + ", ".join(f"{k!r}: {d[k]!r:.60}" if k in d else f"{k!r}: (absent)" for k in keys) + "}"
+    return f"{show(saved)}, but meta.json says {show(meta)}"
+
+
 def _damaged(path, file, problem):
     """The one error of a training checkpoint that cannot be resumed: the file, what is wrong, what to do."""
     return CheckpointError(f"{file}: {problem}. The checkpoint {path} cannot be resumed: restore it from a "
@@ -842,7 +852,7 @@ def load_training_state(path, model, optimizer, *, rank=0, sharded=False, device
             raise _damaged(path, state_file, "not a training state (expected a dict with 'model' and 'optimizer')")
         saved_meta = state.get("meta", {**meta, "step": state.get("step")})
     if saved_meta is not None and saved_meta != meta:
-        raise _damaged(path, state_file, f"saved with {saved_meta}, but meta.json says {meta}: the files of "
+        raise _damaged(path, state_file, f"saved with {_meta_difference(saved_meta, meta)}: the files of "
                                          "two checkpoints are mixed")
     if meta.get("step", step) != step:
         raise _damaged(path, Path(path, "COMPLETE"), f"says step {step}, meta.json step {meta.get('step')}")
@@ -858,7 +868,7 @@ def load_training_state(path, model, optimizer, *, rank=0, sharded=False, device
             and rng["torch"].dtype == torch.uint8 and rng["torch"].shape == torch.get_rng_state().shape):
         raise _damaged(path, rng_file, "not an RNG state file (expected {'torch': uint8 tensor, 'cuda': ...})")
     if rng.get("meta", meta) != meta:
-        raise _damaged(path, rng_file, f"saved with {rng['meta']}, but meta.json says {meta}: the files of two "
+        raise _damaged(path, rng_file, f"saved with {_meta_difference(rng['meta'], meta)}: the files of two "
                                        "checkpoints are mixed")
     try:
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])

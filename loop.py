@@ -158,7 +158,8 @@ def evaluate(run, net, examples, method, phase, step):
     (step -1: before fine-tuning). -> the record."""
     mb = run.s.micro_batch
     out = forward_and_pool(net, [e["input_ids"] for e in examples], labels=[e["labels"] for e in examples],
-                           pad_id=run.pad_id, batch_size=mb, autocast=run.autocast, device=run.dist.device)
+                           pad_id=run.pad_id, batch_size=mb, autocast=run.autocast, device=run.dist.device,
+                           before_batch=lambda rows: method.set_rows([e.get("lang") for e in examples[rows]]))
     ce = sum(out.nll[i:i + mb].sum().item() / out.n_targets[i:i + mb].sum().item()
              * len(examples[i:i + mb]) for i in range(0, len(examples), mb))
     res = dict(val_ce=ce / max(len(examples), 1))
@@ -170,13 +171,15 @@ def evaluate(run, net, examples, method, phase, step):
     return record
 
 
-def resume(run, phase, net, optimizer, ckpt_dir, phase_id):
-    """-> the step to start from: 0, or that of ckpt_dir (checked to belong to this run). metrics.jsonl
-    keeps this phase's rows before that step only: the steps after it are redone and logged again."""
+def resume(run, phase, net, optimizer, ckpt_dir, phase_id, method=None):
+    """-> the step to start from: 0, or that of ckpt_dir (checked to belong to this run; the method's
+    state, e.g. ShifCon's language vectors, restored from it). metrics.jsonl keeps this phase's rows
+    before that step only: the steps after it are redone and logged again."""
     start = 0
     if ckpt_dir and os.path.exists(ckpt_dir):
         try:  # (a CheckpointError names the damaged file and the fix: no traceback, no second guess)
-            saved_id = read_checkpoint_meta(ckpt_dir)["fingerprint"]
+            saved_meta = read_checkpoint_meta(ckpt_dir)
+            saved_id = saved_meta["fingerprint"]
         except CheckpointError as err:
             raise SystemExit(str(err)) from None
         except KeyError as err:
@@ -188,6 +191,11 @@ def resume(run, phase, net, optimizer, ckpt_dir, phase_id):
         except CheckpointError as err:
             raise SystemExit(str(err)) from None
         check_finite_weights(net, ckpt_dir, run)
+        if method is not None:
+            try:
+                method.load_state_dict(saved_meta.get("method_state"))
+            except (KeyError, ValueError, TypeError) as err:
+                raise SystemExit(f"{ckpt_dir}: the method's saved state does not load ({err}); use a new out_dir") from None
         run.log(f"{phase}: resumed from {ckpt_dir} at step {start}")
     path = run.metrics_path
     if run.dist.master and path and os.path.exists(path):
@@ -229,6 +237,8 @@ def micro_steps(run, net, micro_batches, method, weights, poison):
         # two forwards of a DDP module before one backward break DDP's reducer); appended rows carry
         # labels -100, so L_CE is over the micro-batch's own rows only; out.* rows [len(micro):] are theirs
         extra = method.extend_batch(micro) if method is not None else []
+        if method is not None:  # (ShifCon shifts each row by its language; an appended row is never shifted)
+            method.set_rows([e.get("lang") for e in micro] + [None] * len(extra))
         batch = {k: v.to(d.device, non_blocking=True) for k, v in collate(micro + extra, run.pad_id).items()}
         batch["examples"] = micro
         batch["mask"] = batch["attention_mask"] if len(micro) + len(extra) > 1 else None  # one sequence: no padding, fused kernel
@@ -256,9 +266,9 @@ def train_phase(run, phase, net, examples, total_steps, peak_lr, method, ckpt_di
     core = net.module if hasattr(net, "module") else net
     optimizer = make_optimizer(net, s.optimizer_states, peak_lr, (s.beta1, s.beta2), s.weight_decay,
                                fused=d.device_type == "cuda")
-    start = resume(run, phase, net, optimizer, ckpt_dir, phase_id)
+    start = resume(run, phase, net, optimizer, ckpt_dir, phase_id, method)
     weights = dict(lb_weight=s.lambda_lb if s.lambda_lb >= 0 else core.config.router_aux_loss_coef,
-                   z_weight=core.config.router_z_loss_coef)
+                   z_weight=core.config.router_z_loss_coef, ce_weight=method.ce_weight if method is not None else 1.0)
     if start == 0 and method is not None and val_set:  # the "before" point of the method's curves
         evaluate(run, net, val_set, method, phase, -1)
     bar = tqdm(total=total_steps, initial=start, desc=phase, disable=not d.master or run.quiet, dynamic_ncols=True)
@@ -270,6 +280,8 @@ def train_phase(run, phase, net, examples, total_steps, peak_lr, method, ckpt_di
             group["lr"] = lr_now
         micro_batches = [[examples[i] for i in m] for m in step_indices]
         stats, n_tok, n_flops, seen = micro_steps(run, net, micro_batches, method, weights, step == s.inject_nan_at_iter)
+        if method is not None:  # after the step's last backward (ShifCon: the language vectors take the step's means)
+            method.end_step(run)
         tokens, flops = tokens + n_tok, flops + n_flops
         grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), s.grad_clip)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor, already the global norm
@@ -302,8 +314,10 @@ def train_phase(run, phase, net, examples, total_steps, peak_lr, method, ckpt_di
             evaluate(run, net, val_set, method, phase, step)
         if ckpt_dir and ((step + 1) % s.ckpt_interval == 0 or step == total_steps - 1):
             try:  # (a full disk: the message names the step and the checkpoint still kept)
-                save_training_state(ckpt_dir, net, optimizer, step + 1, dict(fingerprint=phase_id, phase=phase),
-                                    rank=d.rank, world=d.world, sharded=d.sharded)
+                meta = dict(fingerprint=phase_id, phase=phase)
+                if method is not None and method.state_dict() is not None:
+                    meta["method_state"] = method.state_dict()  # (JSON: ShifCon's language vectors)
+                save_training_state(ckpt_dir, net, optimizer, step + 1, meta, rank=d.rank, world=d.world, sharded=d.sharded)
             except CheckpointError as err:
                 bar.close()
                 raise SystemExit(str(err)) from None

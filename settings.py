@@ -20,7 +20,7 @@ TOY_TOKENIZER = "data/udhr/bpe.tiktoken"  # the toy BPE of a run from scratch (d
 
 # settings that were renamed: using the old name is an error that says what to write instead
 RENAMED = dict(sara_layers="use sara_band=(start, end), an inclusive pair, or sara_layer_list=[...] for exact layers")
-METHODS = ("sara", "live_kl")  # the alignment methods train.py can run (methods/<name>.py; docs/method.md)
+METHODS = ("sara", "live_kl", "shifcon")  # the alignment methods train.py can run (methods/<name>.py; docs/method.md)
 
 
 @dataclass
@@ -54,6 +54,10 @@ class TrainSettings:
     # the baselines and controls (docs/baselines.md); the band settings above are theirs too
     live_kl_alpha: float = 0.1  # method=live_kl: alpha of L_CE + 200 * alpha * KL (Bandarkar et al.'s launch value); 0 = plain
     live_kl_freeze: str = "early_layers"  # method=live_kl: "early_layers" (their default), "routers" or "none"
+    shifcon_positions: tuple = ()  # method=shifcon: (l_f, l_b) residual positions (0 = embeddings); () = the band's: (first + 1, last + 2)
+    shifcon_ce_weight: float = 0.5  # method=shifcon: weight of L_CE (their pipeline's 0.5)
+    shifcon_contrastive_weight: float = 2.0  # method=shifcon: weight of the contrastive term (their 2.0); 0 = the shift alone
+    shifcon_scale: float = 1.0  # method=shifcon: InfoNCE logits = scale * e g^T (their 1.0)
     freeze_routers: bool = False  # control: every router gate weight W_g frozen (any method; with lambda_js=0: plain + frozen)
     anchor_shuffle: bool = False  # control (sara, offline): each training row anchored on another item's anchor
     # optimisation
@@ -170,6 +174,9 @@ RULES = dict(
     sara_layer_list=lambda v: None if all(type(x) is int and x >= 0 for x in v) and len(set(v)) == len(v)
     else "must be distinct layer indices >= 0",
     anchor_mode=one_of("offline", "online"), min_anchor_fraction=in_range(0, 1),
+    shifcon_positions=lambda v: None if len(v) == 0 or (len(v) == 2 and all(type(x) is int for x in v) and 0 < v[0] < v[1])
+    else "must be () (from the band) or a pair (l_f, l_b) of residual positions with 0 < l_f < l_b",
+    shifcon_ce_weight=_positive, shifcon_contrastive_weight=in_range(0, math.inf), shifcon_scale=_positive,
     live_kl_alpha=in_range(0, math.inf), live_kl_freeze=one_of("early_layers", "routers", "none"),
     epochs=at_least(0), global_batch=at_least(1), micro_batch=at_least(1), lr=_positive,
     warmup_frac=in_range(0, 1), min_lr_frac=in_range(0, 1), weight_decay=at_least(0),

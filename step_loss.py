@@ -4,6 +4,8 @@ experiments all call step_loss):
 
     L = L_CE + λ_LB · L_LB (+ λ_z · L_z, the router z-loss of ST-MoE) + Σ_m λ_m · L_m
 
+(L_CE weighted by the method's ce_weight, 1 for all but ShifCon: 0.5 · L_CE in its authors' code)
+
 where each L_m is a term an alignment method adds (methods/: SARA adds λ_JS · L_JS, eq. 9).
 
 Under gradient accumulation a step is n_micro micro-batches on this rank. L_CE, L_LB and L_z are means
@@ -31,17 +33,18 @@ class Term:
     step_share: bool = False
 
 
-def step_loss(out, terms, *, lb_weight, z_weight, n_micro, poison=False):
+def step_loss(out, terms, *, lb_weight, z_weight, n_micro, ce_weight=1.0, poison=False):
     """-> (loss, logged). loss: this micro-batch's contribution to the step's eq. 12 loss, to call
     .backward() on (the sum over the step's micro-batches is the step's loss). logged: {name: detached
     0-dim tensor}, each the micro-batch's share of the step's value of that term ("loss": the total).
     out: the model's output (loss = L_CE, aux_loss = L_LB, z_loss = L_z, None where the model has none);
     terms: {name: Term} from the method (methods/), {} for none. poison: multiply by NaN (a test of
-    the non-finite guard)."""
+    the non-finite guard). ce_weight: the weight of L_CE (1; ShifCon's authors use 0.5); "ce" is logged unweighted."""
     lb = out.aux_loss if out.aux_loss is not None else torch.zeros((), device=out.loss.device)
     parts = dict(ce=out.loss, lb=lb)
     # eq. 12: L = L_CE + λ_LB · L_LB (+ λ_z · L_z) + Σ_m λ_m · L_m
-    total = out.loss + lb_weight * lb + (z_weight * out.z_loss if out.z_loss is not None else 0.0)
+    # (ce_weight 1.0: x 1.0 is exact, bit-identical to L_CE alone)
+    total = ce_weight * out.loss + lb_weight * lb + (z_weight * out.z_loss if out.z_loss is not None else 0.0)
     for name, term in terms.items():
         parts[name] = term.value
         if term.weight > 0:  # weight 0: logged, never part of the total (bit-identical to no term)

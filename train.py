@@ -44,7 +44,7 @@ from configurator import ConfigError
 from data.parallel import load_parallel_jsonl, split_train_val, tokenize_samples, with_anchor_lang
 from hf_config import config_from_hf
 from loop import Dist, Run, check_finite_weights, full_state_dict, param_dtype, train_phase, wrap
-from methods import controls, live_kl, sara
+from methods import controls, live_kl, sara, shifcon
 from model import MoEConfig, MoETransformer
 from provenance import platform_info
 from settings import TOY_TOKENIZER, TrainSettings
@@ -74,6 +74,17 @@ except (OSError, ValueError, TypeError) as err:  # (CheckpointError and JSON err
     _key = "model_config" if s.init_from == "scratch" else "init_from"
     raise ConfigError(f"{_key} ({sources[_key]}): {err}") from None
 band_layers, band = sara.band_positions(s, sources, model_cfg.moe_layers)  # band: positions in out.router_logits
+shifcon_positions = None
+if s.method == "shifcon":  # the shift's residual positions must exist in this model (l_b - 1 is a decoder layer)
+    shifcon_positions = tuple(s.shifcon_positions) or shifcon.default_positions(band_layers)
+    if shifcon_positions[1] > model_cfg.n_layers:
+        _key = "shifcon_positions" if s.shifcon_positions else ("sara_layer_list" if s.sara_layer_list else "sara_band")
+        raise ConfigError(f"{_key}={getattr(s, _key)!r} ({sources[_key]}): ShifCon's positions (l_f, l_b) = {shifcon_positions} "
+                          f"need l_b <= n_layers = {model_cfg.n_layers} (the shift back happens before layer l_b - 1); "
+                          "set shifcon_positions=(l_f, l_b) or a band that ends before the last layer")
+if s.init_from != "scratch" and shifcon.find_vectors(s.init_from):  # its layers expect the shift: never silently dropped
+    raise ConfigError(f"init_from={s.init_from!r} ({sources['init_from']}) holds ShifCon language vectors ({shifcon.VECTORS_FILE}): "
+                      "a ShifCon model runs with its shift, and fine-tuning it further is not supported; start from its original model")
 if s.anchor_shuffle and (s.method != "sara" or s.anchor_mode != "offline"):
     raise ConfigError(f"anchor_shuffle=True ({sources['anchor_shuffle']}) is a control of SARA's stored anchors: it needs "
                       f"method='sara' and anchor_mode='offline' (got {s.method!r}, {s.anchor_mode!r})")
@@ -286,6 +297,10 @@ if s.method == "sara":  # (settings.METHODS: one branch per method of methods/)
         method.anchors = controls.shuffled_anchors(method.anchors, train_set, s.seed)
 elif s.method == "live_kl":
     method = live_kl.LiveKL.prepare(run, band)
+elif s.method == "shifcon":  # the language vectors' start: the original model over the training pairs
+    method = shifcon.ShifCon.prepare(run, model, train_set, band, shifcon_positions)
+    log(f"shifcon: shift at residual positions {shifcon_positions} (layers {shifcon_positions[0] - 1}.."
+        f"{shifcon_positions[1] - 2} run shifted), vectors of {method.hook.vectors.languages()} in {time.time() - t0:.1f}s")
 if s.method == "sara" and s.anchor_mode == "offline":
     missing = sum(not e["has_anchor"] for e in train_set + val_set)
     log(f"anchors: {len(method.anchors)} ready in {time.time() - t0:.1f}s ({missing} samples have no anchor "
@@ -297,14 +312,16 @@ if s.compile:
 # stage 3: fine-tune
 steps_per_epoch = max(1, len(train_set) // s.global_batch)
 n_steps = s.epochs * steps_per_epoch
-log(f"stage 3: {n_steps} steps ({s.epochs} epochs x {steps_per_epoch}), lambda_js={s.lambda_js}, "
+log(f"stage 3: {n_steps} steps ({s.epochs} epochs x {steps_per_epoch}), method={s.method!r}" + (f", lambda_js={s.lambda_js}" if s.method == "sara" else "") + ", "
     f"aligned decoder layers {band_layers}")
 # (method "sara" is left out of the fingerprint: checkpoints written before the setting existed still resume)
 # (settings added later enter only when set, so that older checkpoints still resume)
-_later = dict(method="sara", live_kl_alpha=0.1, live_kl_freeze="early_layers", freeze_routers=False, anchor_shuffle=False)
+_later = dict(method="sara", live_kl_alpha=0.1, live_kl_freeze="early_layers", freeze_routers=False, anchor_shuffle=False,
+              shifcon_positions=(), shifcon_ce_weight=0.5, shifcon_contrastive_weight=2.0, shifcon_scale=1.0)
 run_id = fingerprint(_shared_keys + ["anchor_lang", "lambda_js", "lambda_lb", "anchor_mode", "epochs", "lr", "router_clean_logits"]
                      + [k for k, v in _later.items() if getattr(s, k) != v], model=model_digest, band=band_layers)
-_phase = dict(sara="sara" if s.lambda_js > 0 else "finetune", live_kl="live_kl" if s.live_kl_alpha > 0 else "finetune")
+_phase = dict(sara="sara" if s.lambda_js > 0 else "finetune", live_kl="live_kl" if s.live_kl_alpha > 0 else "finetune",
+              shifcon="shifcon")
 train_phase(run, _phase[s.method], model, train_set, n_steps, s.lr, method, os.path.join(s.out_dir, "ckpt"), run_id, val_set)
 
 if s.export_hf:
@@ -312,7 +329,8 @@ if s.export_hf:
     if layout.master:
         hf_dir = os.path.join(s.out_dir, "hf")
         try:  # the tokenizer travels with the weights: sample.py, eval.py, transformers need only the directory
-            save_hf_state(full, raw_model.config, hf_dir, copy_from=None if s.init_from == "scratch" or from_base_pt else s.init_from)
+            save_hf_state(full, raw_model.config, hf_dir, copy_from=None if s.init_from == "scratch" or from_base_pt else s.init_from,
+                          extra_files=method.export_files(s.out_dir))  # (ShifCon: its language vectors)
             save_hf_tokenizer(tok, hf_dir, model_max_length=raw_model.config.max_position_embeddings)
             log(f"exported the fine-tuned model to {hf_dir} (Hugging Face layout)")
         except (ImportError, ValueError, OSError) as err:  # (a full disk): the run did not deliver what it should

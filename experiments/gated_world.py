@@ -60,6 +60,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import stats  # noqa: E402
 from evaluation.routing import oracle_interventions, record_routing  # noqa: E402
+from methods.base import Component  # noqa: E402
 from model import MoEConfig, MoETransformer  # noqa: E402
 from provenance import platform_info  # noqa: E402
 from router import RoutingIntervention, intervene, merge_intervention  # noqa: E402
@@ -178,7 +179,7 @@ def collate(seqs, pad=0):
 
 # -----------------------------------------------------------------------------
 # training: the product's loop (loop.train_phase, eq. 12 via step_loss.py), never a copy of it
-class LanguagePrior:
+class LanguagePrior(Component):
     """The per-row language prior during training, in loop.train_phase's method slot: begin_step (which the
     loop calls before a step's forwards) sets, through the routing hook (router.intervene), the prior of the
     step's rows on the routers of prior["layers"]; loss delegates to `inner` (methods.sara.Sara, or None: no

@@ -29,7 +29,7 @@ Defaults of the authors' code (named constants below):
 - lr 1e-6 (6e-7 to 1.2e-6 in examples), warmup-stable-decay, effective batch 32, one epoch of 200k
   pairs, AdamW β2 0.99, gradient clipping 1.0, pure bf16.
 
-As a training component (method=live_kl; docs/method.md, "Alignment methods"), class LiveKL:
+As a training component (method=live_kl; docs/method.md, "Alignment methods"), class LiveKL(Component):
     prepare      nothing to precompute; train.py freezes what live_kl_freeze leaves frozen BEFORE wrapping
                  the model (trainable_parameter_names, band_end = the last layer of sara_band/sara_layer_list)
     extend_batch the English source (anchor_input_ids) of each anchored row of the micro-batch, labels all
@@ -37,7 +37,7 @@ As a training component (method=live_kl; docs/method.md, "Alignment methods"), c
                  break DDP's reducer), L_CE over the target rows only, gradients through both sides
     loss         {"kl": Term(L_KL, 200 α)}: a per-micro-batch mean over its pairs, as their batchmean is
     evaluate     val_kl and val_js (band mean): held-out target vs the CURRENT model's English
-    inference    nothing
+    (the other parts of methods/base.py: nothing; live_kl changes nothing at inference)
 Where ours differs from a target-only forward: L_LB and L_z (means over every real token of the forward)
 include the English tokens, which also go through the routers. α = 0 adds no rows and no term: plain
 fine-tuning bit for bit (the KL is not logged then; it would cost a second forward).
@@ -57,6 +57,7 @@ import torch
 from anchors import forward_and_pool
 from data.parallel import IGNORE_INDEX
 from sara_loss import _kl, _layer_indices, pool_routing, sara_loss
+from methods.base import Component
 from step_loss import Term
 
 ALPHA = 0.1  # their launch examples; their argparse default is 1.0
@@ -162,7 +163,7 @@ def _layer_of(name):
 # -----------------------------------------------------------------------------
 # the training component
 
-class LiveKL:
+class LiveKL(Component):
     """band: positions in out.router_logits (sara.band_positions); alpha: their α (the term's weight is 200 α)."""
 
     def __init__(self, band, alpha=ALPHA):
@@ -172,9 +173,6 @@ class LiveKL:
     @classmethod
     def prepare(cls, run, band):
         return cls(band, run.s.live_kl_alpha)
-
-    def begin_step(self, micro_batches, run):
-        pass
 
     def extend_batch(self, micro):
         """The English sources of the micro-batch's anchored rows, in order; labels -100 (no CE on them)."""
@@ -211,7 +209,3 @@ class LiveKL:
 
     def describe(self, res):
         return f"  val KL(band) {res.get('val_kl', math.nan):.4f}  val JS(band, current English) {res.get('val_js', math.nan):.4f}"
-
-    def inference_hook(self, model):
-        """live_kl changes nothing at inference."""
-        return None

@@ -8,7 +8,7 @@ this file wires them into the loop.
     loss     {"js": λ_JS · L_JS}: eq. 9 over the band, the mean over EVERY anchored sample of the step
              (all micro-batches and ranks), so that a micro-batch without anchors does not dilute λ_JS
     evaluate val_js (band mean) and val_js_per_layer on the held-out samples that have an anchor
-    inference nothing: SARA changes training only
+    (the other parts of methods/base.py: nothing; SARA changes training only, not inference)
 
 λ_JS = 0 is plain fine-tuning: the term is computed and logged, never differentiated (step_loss.py).
 """
@@ -19,6 +19,7 @@ import torch
 from anchors import anchor_fingerprint, build_anchors, load_or_build_anchors, lookup_anchors
 from configurator import ConfigError
 from sara_loss import layer_band, layer_divergence, moe_positions, pool_routing, sara_loss
+from methods.base import Component
 from step_loss import Term
 
 
@@ -34,18 +35,24 @@ def band_positions(s, sources, moe_layers):
 
 
 def check_anchors(s, train_set):
-    """SARA needs anchors: with λ_JS > 0, fewer than min_anchor_fraction of the training samples with one
-    is an error (before any model is loaded) that gives the count per language."""
+    """A method that reads the English side needs anchors (SARA with λ_JS > 0, live_kl with α > 0,
+    ShifCon): fewer than min_anchor_fraction of the training samples with one is an error (before any
+    model is loaded) that gives the count per language; so is, for ShifCon, a language with none."""
     n_anchored = sum(e["has_anchor"] for e in train_set)
-    if s.lambda_js > 0 and n_anchored < max(1, s.min_anchor_fraction * len(train_set)):
+    needs = dict(sara=s.lambda_js > 0, live_kl=s.live_kl_alpha > 0, shifcon=True)[s.method]
+    without = [l for l in s.train_langs if not any(e["has_anchor"] and e["lang"] == l for e in train_set)]
+    if s.method == "shifcon" and without:
+        raise ConfigError(f"ShifCon needs each language's pairs for its language vector: {without} have no training "
+                          f"sample with an anchor in anchor_lang={s.anchor_lang!r}; drop them from train_langs")
+    if needs and n_anchored < max(1, s.min_anchor_fraction * len(train_set)):
         by_lang = {l: (sum(e["has_anchor"] for e in train_set if e["lang"] == l), sum(e["lang"] == l for e in train_set))
                    for l in s.train_langs}
-        raise ConfigError(f"SARA needs anchors: {n_anchored} of {len(train_set)} training samples have an anchor in "
+        raise ConfigError(f"{dict(sara='SARA', live_kl='live_kl', shifcon='ShifCon')[s.method]} needs anchors: {n_anchored} of {len(train_set)} training samples have an anchor in "
                           f"anchor_lang={s.anchor_lang!r} (per language, with/total: {by_lang}; min_anchor_fraction="
-                          f"{s.min_anchor_fraction}). Check anchor_lang against the data, or set lambda_js=0 for plain fine-tuning.")
+                          f"{s.min_anchor_fraction}). Check anchor_lang against the data, or set lambda_js=0 (method='sara') for plain fine-tuning.")
 
 
-class Sara:
+class Sara(Component):
     """anchors: {sample id: (L, E) pooled routing of the original model on its anchor}, or "online";
     band: positions in out.router_logits (band_positions); weight: λ_JS."""
 
@@ -79,10 +86,6 @@ class Sara:
         self.n_anchored = sum(e["has_anchor"] and (self.anchors == "online" or e["id"] in self.anchors)
                               for m in micro_batches for e in m)
 
-    def extend_batch(self, micro):
-        """SARA adds no rows to the micro-batch (its anchors are stored)."""
-        return []
-
     def loss(self, out, batch, net, run):
         target_dist = pool_routing(out.router_logits, batch["mask"], check=False)  # (B, L, E)
         anchor_dist, has = lookup_anchors(self._table(net, batch["examples"], run, len(batch["examples"])),
@@ -104,7 +107,3 @@ class Sara:
 
     def describe(self, res):
         return f"  val JS(band) {res.get('val_js', math.nan):.4f}  JS per MoE layer {res.get('val_js_per_layer')}"
-
-    def inference_hook(self, model):
-        """SARA changes nothing at inference."""
-        return None

@@ -45,8 +45,18 @@ Decisions (ours):
   vector of norm > 1e-12, finite for an all-zero one.
 """
 
+import json
+import math
+import os
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+
+from data.parallel import IGNORE_INDEX
+from methods.base import Component
+from sara_loss import sara_loss
+from step_loss import Term
 
 SHIFT_FORWARD = 12  # l_f, their LLaMA-2-7B (32 layers) example
 SHIFT_BACK = 15  # l_b
@@ -143,6 +153,18 @@ class LanguageVectors:
         self._sum[key] = self._sum[key] + batch_mean_H if key in self._sum else batch_mean_H.clone()
         self._count[key] = self._count.get(key, 0) + 1
 
+    def add(self, lang, position, sum_H, count):
+        """Add `count` batches whose batch means sum to sum_H (what ShifCon.end_step gathers over ranks)."""
+        key = (lang, int(position))
+        sum_H = sum_H.detach().to(torch.float64).cpu()
+        if key in self._sum and self._sum[key].shape != sum_H.shape:
+            raise ValueError(f"{key}: hidden size {sum_H.shape[0]} differs from the stored {self._sum[key].shape[0]}")
+        self._sum[key] = self._sum[key] + sum_H if key in self._sum else sum_H.clone()
+        self._count[key] = self._count.get(key, 0) + int(count)
+
+    def languages(self):
+        return sorted({lang for lang, _ in self._sum})
+
     def vector(self, lang, position):
         key = (lang, int(position))
         if key not in self._sum:
@@ -158,6 +180,25 @@ class LanguageVectors:
         return {"sums": {f"{lang}@{p}": s.clone() for (lang, p), s in self._sum.items()},
                 "counts": {f"{lang}@{p}": c for (lang, p), c in self._count.items()}}
 
+    def to_json(self):
+        """{"lang@position": {"sum": [H floats], "count": n}}: exact (JSON keeps a float64 bit for bit)."""
+        return {f"{lang}@{p}": dict(sum=s.tolist(), count=self._count[(lang, p)]) for (lang, p), s in sorted(self._sum.items())}
+
+    @classmethod
+    def from_json(cls, obj, where="language vectors"):
+        out = cls()
+        if not isinstance(obj, dict):
+            raise ValueError(f"{where}: expected an object of 'lang@position' entries")
+        for key, entry in obj.items():
+            lang, _, p = key.rpartition("@")
+            if not lang or not p.isdigit() or not isinstance(entry, dict) or set(entry) != {"sum", "count"}:
+                raise ValueError(f"{where}: entry {key!r} must be 'lang@position': {{'sum': [...], 'count': n}}")
+            s = torch.tensor(entry["sum"], dtype=torch.float64)
+            if s.dim() != 1 or not torch.isfinite(s).all() or not isinstance(entry["count"], int) or entry["count"] < 1:
+                raise ValueError(f"{where}: entry {key!r} needs a finite vector and a count >= 1")
+            out._sum[(lang, int(p))], out._count[(lang, int(p))] = s, entry["count"]
+        return out
+
     def load_state_dict(self, state):
         if set(state.get("sums", {})) != set(state.get("counts", {})):
             raise ValueError("language-vector state: 'sums' and 'counts' must have the same keys")
@@ -171,35 +212,258 @@ class LanguageVectors:
 # -----------------------------------------------------------------------------
 # the shift in the model's forward (model.MoETransformer.residual_hook)
 
-def shift_hook(vectors, langs, forward=SHIFT_FORWARD, back=SHIFT_BACK, english="en"):
-    """A residual_hook for model.MoETransformer: every row b with langs[b] != english is shifted into
-    English's subspace and back, as their code does:
+class ShiftHook:
+    """A residual_hook for model.MoETransformer that shifts every non-English row into English's subspace
+    and back, as their code does:
         before decoder layer forward − 1:  h <- h − v_lang[forward] + v_English[forward]
         before decoder layer back − 1:     h <- h − v_English[back] + v_lang[back]
-    (the vector measured at position p applied to the input of layer p − 1; see the module docstring);
-    English rows are untouched, bit for bit. vectors: LanguageVectors; langs: one code per row of the batch.
-    Set it with model.residual_hook = shift_hook(...) (and None afterwards)."""
-    if not 0 < forward < back:
-        raise ValueError(f"ShifCon positions must satisfy 0 < forward < back; got forward={forward}, back={back}")
-    shifted = [l != english for l in langs]
+    (the vector measured at position p applied to the input of layer p − 1; see the module docstring).
+    set_rows(langs) before every forward: one language code per row of the batch (None or English: the row
+    is untouched, bit for bit), or one code for all rows (generation, where the batch size changes). A
+    forward whose row count differs from the codes given is an error, never a silent misalignment.
+    record: residual positions whose input (B, T, H) is kept in .recorded, with its graph, at each forward
+    (the training component reads its contrastive term and vector updates from them). Install with
+    model.residual_hook = hook (None afterwards)."""
 
-    def delta(position, into):  # (B, 1, H) float64: zero on English rows
-        rows = []
-        for lang, moved in zip(langs, shifted):
-            if not moved:
-                rows.append(None)
-                continue
-            v_en, v_l = vectors.vector(english, position), vectors.vector(lang, position)
-            rows.append(v_en - v_l if into else v_l - v_en)
-        H = next(r for r in rows if r is not None).shape[0] if any(shifted) else 0
-        return torch.stack([r if r is not None else torch.zeros(H, dtype=torch.float64) for r in rows])[:, None, :]
+    def __init__(self, vectors, forward=SHIFT_FORWARD, back=SHIFT_BACK, english="en", record=()):
+        if not 0 < forward < back:
+            raise ValueError(f"ShifCon positions must satisfy 0 < forward < back; got forward={forward}, back={back}")
+        self.vectors, self.forward, self.back, self.english = vectors, forward, back, english
+        self.record, self.recorded = tuple(record), {}
+        self.rows, self._table, self._keep = None, {}, None
 
-    table = {forward - 1: delta(forward, True), back - 1: delta(back, False)} if any(shifted) else {}
+    def set_rows(self, langs):
+        self.rows = langs if isinstance(langs, str) else list(langs)
 
-    def hook(p, x_BTH):
-        if p not in table:
+    def _prepare(self, x_BTH):
+        B = x_BTH.shape[0]
+        if self.rows is None:
+            raise RuntimeError("ShifCon: the rows' languages were not set before the forward (ShiftHook.set_rows)")
+        langs = [self.rows] * B if isinstance(self.rows, str) else self.rows
+        if len(langs) != B:
+            raise ValueError(f"ShifCon: a batch of {B} rows, but {len(langs)} languages were set (ShiftHook.set_rows)")
+        moved = [lang is not None and lang != self.english for lang in langs]
+        self._table, self._keep = {}, torch.tensor([not m for m in moved], device=x_BTH.device)[:, None, None]
+        if not any(moved):
+            return
+        for position, into in ((self.forward, True), (self.back, False)):
+            v_en = self.vectors.vector(self.english, position)
+            rows = [(v_en - self.vectors.vector(lang, position)) * (1 if into else -1) if m else torch.zeros_like(v_en)
+                    for lang, m in zip(langs, moved)]
+            self._table[position - 1] = torch.stack(rows)[:, None, :]  # (B, 1, H) float64: zero on unshifted rows
+
+    def __call__(self, p, x_BTH):
+        if p == 0:
+            self.recorded = {}
+            self._prepare(x_BTH)
+        if p in self.record:
+            self.recorded[p] = x_BTH
+        if p not in self._table:
             return x_BTH
-        d_B1H = table[p].to(device=x_BTH.device, dtype=x_BTH.dtype)
-        keep_B11 = torch.tensor([not s for s in shifted], device=x_BTH.device)[:, None, None]
-        return torch.where(keep_B11, x_BTH, x_BTH + d_B1H)  # English rows: the same tensor values, untouched
+        d_B1H = self._table[p].to(device=x_BTH.device, dtype=x_BTH.dtype)
+        return torch.where(self._keep, x_BTH, x_BTH + d_B1H)  # unshifted rows: the same values, untouched
+
+
+def shift_hook(vectors, langs, forward=SHIFT_FORWARD, back=SHIFT_BACK, english="en"):
+    """A ShiftHook with the rows' languages set: model.residual_hook = shift_hook(vectors, ["sw", "en"])."""
+    hook = ShiftHook(vectors, forward, back, english)
+    hook.set_rows(langs)
     return hook
+
+
+# -----------------------------------------------------------------------------
+# the file inference reads (next to the exported weights)
+
+VECTORS_FILE = "shifcon.json"
+
+
+def save_vectors(path, vectors, forward, back, english):
+    with open(path, "w") as f:
+        json.dump(dict(format="shifcon-language-vectors", forward=forward, back=back, english=english,
+                       vectors=vectors.to_json()), f)
+
+
+def load_shift_hook(path, config):
+    """-> ShiftHook from a shifcon.json, checked against the model's config (hidden size, layer count)
+    and for English and every language at both positions; errors name the file and the entry."""
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: not a readable ShifCon vectors file ({err})") from None
+    if not isinstance(obj, dict) or obj.get("format") != "shifcon-language-vectors":
+        raise ValueError(f"{path}: not a ShifCon vectors file (format must be 'shifcon-language-vectors')")
+    forward, back, english = obj.get("forward"), obj.get("back"), obj.get("english")
+    if not (type(forward) is int and type(back) is int and 0 < forward < back <= config.n_layers):
+        raise ValueError(f"{path}: positions forward={forward!r}, back={back!r} must satisfy 0 < forward < back <= "
+                         f"{config.n_layers} (the model's layers)")
+    vectors = LanguageVectors.from_json(obj.get("vectors"), where=path)
+    for lang in vectors.languages():
+        for p in (forward, back):
+            try:
+                v = vectors.vector(lang, p)
+            except KeyError:
+                raise ValueError(f"{path}: language {lang!r} has no vector at position {p}") from None
+            if v.shape[0] != config.hidden_size:
+                raise ValueError(f"{path}: vector {lang}@{p} has {v.shape[0]} values; the model's hidden size is "
+                                 f"{config.hidden_size}")
+    if english not in vectors.languages():
+        raise ValueError(f"{path}: no vectors for its English language {english!r}")
+    return ShiftHook(vectors, forward, back, english)
+
+
+def find_vectors(checkpoint):
+    """The shifcon.json of a checkpoint directory, or None (a model trained without ShifCon)."""
+    path = os.path.join(str(checkpoint), VECTORS_FILE)
+    return path if os.path.isdir(str(checkpoint)) and os.path.exists(path) else None
+
+
+# -----------------------------------------------------------------------------
+# the training component (method=shifcon; docs/method.md, "Alignment methods")
+
+def default_positions(band_layers):
+    """(l_f, l_b) from the SARA band's decoder layers: the band's layers are the ones that run shifted
+    (shift before the band's first layer, back after its last): (first + 1, last + 2)."""
+    return min(band_layers) + 1, max(band_layers) + 2
+
+
+class ShifCon(Component):
+    """ShifCon in the loop. One forward per micro-batch of [target rows (shifted); their English sources;
+    unshifted copies of the target rows], the last two with labels -100: L_CE is over the target rows
+    (shifted, as in their instruction batch); the contrastive term and the vector updates read the
+    unshifted English and target hidden states (their contrastive batch runs without the shift).
+    Language vectors: a running mean over batches (the batches of one pass of the original model over
+    the training pairs, then every (micro-batch, language) group of training), fixed within a step and
+    updated at its end from every rank's groups (identical on every rank)."""
+
+    def __init__(self, hook, langs, band, scale, ce_weight, contrastive_weight):
+        self.hook, self.band, self.scale = hook, band, scale
+        self.ce_weight, self.weight = ce_weight, contrastive_weight
+        self.keys = [(lang, p) for lang in list(langs) + [hook.english] for p in (hook.forward, hook.back)]
+        self._pending = None  # (sums (K, H) float64, counts (K,)): this step's batch means, per key
+
+    @classmethod
+    def prepare(cls, run, net, examples, band, positions):
+        """The language vectors' start: one pass of the ORIGINAL model (eval mode, no grad, no shift) over the
+        training pairs, in micro_batch batches of one language; every rank runs every batch (FSDP needs the
+        same forwards on all ranks) and rank 0's sums are shared. Installs the hook on the model."""
+        s = run.s
+        forward, back = positions
+        core = net.module if hasattr(net, "module") else net
+        hook = ShiftHook(LanguageVectors(), forward, back, s.anchor_lang, record=range(forward, back + 1))
+        self = cls(hook, s.train_langs, band, s.shifcon_scale, s.shifcon_ce_weight, s.shifcon_contrastive_weight)
+        core.residual_hook = hook
+        from data.parallel import collate
+        was_training = net.training
+        net.eval()
+        pairs = [e for e in examples if e["has_anchor"]]
+        with torch.no_grad():
+            for lang in s.train_langs:
+                rows = [e for e in pairs if e["lang"] == lang]
+                for i in range(0, len(rows), s.micro_batch):
+                    chunk = rows[i:i + s.micro_batch]
+                    seqs = [dict(input_ids=e["input_ids"], labels=[IGNORE_INDEX] * len(e["input_ids"])) for e in chunk]
+                    seqs += [dict(input_ids=e["anchor_input_ids"], labels=[IGNORE_INDEX] * len(e["anchor_input_ids"]))
+                             for e in chunk]
+                    batch = {k: v.to(run.dist.device) for k, v in collate(seqs, run.pad_id).items()}
+                    hook.set_rows([None] * len(seqs))
+                    with run.autocast:
+                        net(batch["input_ids"], attention_mask=batch["attention_mask"] if len(seqs) > 1 else None)
+                    if run.dist.rank == 0:
+                        n, mask = len(chunk), batch["attention_mask"]
+                        self._gather(lang, list(range(n)), list(range(n, 2 * n)), mask)
+        net.train(was_training)
+        self.end_step(run)
+        missing = [lang for lang in s.train_langs if not any(e["lang"] == lang for e in pairs)]
+        if missing:  # checked by train.py before the model loads; kept here for other callers
+            raise ValueError(f"ShifCon: no training pair of {missing}: no language vector to shift by")
+        return self
+
+    def _gather(self, lang, target_rows, english_rows, mask_BT):
+        """Add one batch of `lang` (target rows and their English rows of the last forward) to the step's sums."""
+        H = self.hook.recorded[self.hook.forward].shape[-1]
+        if self._pending is None:
+            self._pending = (torch.zeros(len(self.keys), H, dtype=torch.float64), torch.zeros(len(self.keys), dtype=torch.float64))
+        sums, counts = self._pending
+        with torch.no_grad():
+            for p in (self.hook.forward, self.hook.back):
+                h_BTH = self.hook.recorded[p]
+                for who, rows in ((lang, target_rows), (self.hook.english, english_rows)):
+                    idx = torch.tensor(rows, device=h_BTH.device)
+                    u_BH = sentence_vectors(h_BTH[idx].float(), None if mask_BT is None else mask_BT[idx])
+                    k = self.keys.index((who, p))
+                    sums[k] += u_BH.double().mean(0).cpu()
+                    counts[k] += 1
+
+    def extend_batch(self, micro):
+        """The English sources of the anchored rows, then unshifted copies of those rows; labels all -100."""
+        paired = [e for e in micro if e["has_anchor"]]
+        return ([dict(input_ids=e["anchor_input_ids"], labels=[IGNORE_INDEX] * len(e["anchor_input_ids"])) for e in paired]
+                + [dict(input_ids=e["input_ids"], labels=[IGNORE_INDEX] * len(e["input_ids"])) for e in paired])
+
+    def set_rows(self, langs):
+        self.hook.set_rows(langs)
+
+    def loss(self, out, batch, net, run):
+        examples, n = batch["examples"], len(batch["examples"])
+        paired = [i for i, e in enumerate(examples) if e["has_anchor"]]
+        k, mask = len(paired), batch["mask"]
+        groups = {}  # their contrastive batch is of ONE language: pairs grouped by language
+        for j, i in enumerate(paired):
+            groups.setdefault(examples[i]["lang"], []).append(j)
+        terms = []
+        for lang, js in groups.items():
+            english_rows, target_rows = [n + j for j in js], [n + k + j for j in js]
+            self._gather(lang, target_rows, english_rows, mask)
+            if len(js) < 2:  # one pair has no negative: InfoNCE is log 1 = 0
+                continue
+            en_idx, tgt_idx = (torch.tensor(r, device=out.loss.device) for r in (english_rows, target_rows))
+            positions = range(self.hook.forward, self.hook.back)
+            terms.append(shifcon_contrastive(
+                [self.hook.recorded[p][en_idx].float() for p in positions], None if mask is None else mask[en_idx],
+                [self.hook.recorded[p][tgt_idx].float() for p in positions], None if mask is None else mask[tgt_idx],
+                self.scale))
+        value = torch.stack(terms).mean() if terms else torch.zeros((), device=out.loss.device)
+        return dict(contrastive=Term(value, self.weight))
+
+    def end_step(self, run):
+        """The step's batch means (summed over ranks) join the running means; identical on every rank."""
+        if self._pending is None:
+            return
+        sums, counts = self._pending
+        if run.dist.ddp:
+            both = torch.cat([sums, counts[:, None]], 1).to(run.dist.device)
+            dist.all_reduce(both)
+            sums, counts = both[:, :-1].cpu(), both[:, -1].cpu()
+        for (lang, p), s_H, c in zip(self.keys, sums, counts.tolist()):
+            if c > 0:
+                self.hook.vectors.add(lang, p, s_H, round(c))
+        self._pending = None
+
+    def evaluate(self, net, examples, pooled, run):
+        """val_js: band JS between the held-out target rows' routing (shifted, as pooled by the loop) and
+        their English sources' under the current model (unshifted: English)."""
+        from anchors import forward_and_pool
+        has = [i for i, e in enumerate(examples) if e["has_anchor"]]
+        if not has:
+            return {}
+        english = forward_and_pool(net, [examples[i]["anchor_input_ids"] for i in has], pad_id=run.pad_id,
+                                   batch_size=run.s.micro_batch, autocast=run.autocast, device=run.dist.device,
+                                   before_batch=lambda rows: self.hook.set_rows([None] * len(has[rows])))
+        return dict(val_js=sara_loss(pooled.routing[has], english.routing, self.band, check=False).item())
+
+    def describe(self, res):
+        return f"  val JS(band, current English) {res.get('val_js', math.nan):.4f}"
+
+    def state_dict(self):
+        return dict(vectors=self.hook.vectors.to_json())
+
+    def load_state_dict(self, state):
+        if not state or "vectors" not in state:
+            raise ValueError("a ShifCon run's checkpoint must hold its language vectors (method_state.vectors)")
+        self.hook.vectors = LanguageVectors.from_json(state["vectors"], where="checkpoint method_state")
+
+    def export_files(self, out_dir):
+        path = os.path.join(out_dir, VECTORS_FILE)
+        save_vectors(path, self.hook.vectors, self.hook.forward, self.hook.back, self.hook.english)
+        return [path]

@@ -173,7 +173,9 @@ def test_the_prior_acts_in_every_training_forward_and_plain_is_sara_at_weight_0(
     rows = ft[:5] + en_rows  # a mixed batch: 5 target rows, 3 English
     seen = []
 
-    class Probe:
+    from methods.base import Component
+
+    class Probe(Component):
         def begin_step(self, micro_batches, run):
             pass
 

@@ -49,6 +49,16 @@ def test_total_is_ce_plus_weighted_lb_z_and_method_terms(n_micro):
     assert out.aux_loss.grad.item() == pytest.approx(0.01 / n_micro)
 
 
+def test_ce_weight_scales_l_ce_only_and_ce_is_logged_unweighted():
+    """ShifCon's 0.5 · L_CE (their pipeline): the total and L_CE's gradient halve, the logged ce does not."""
+    out = fake_out(2.5, 1.25, None)
+    loss, logged = step_loss(out, {}, lb_weight=0.01, z_weight=0.0, n_micro=2, ce_weight=0.5)
+    assert loss.item() == pytest.approx((0.5 * 2.5 + 0.01 * 1.25) / 2, rel=1e-15)
+    assert logged["ce"].item() == pytest.approx(2.5 / 2)
+    loss.backward()
+    assert out.loss.grad.item() == pytest.approx(0.25) and out.aux_loss.grad.item() == pytest.approx(0.005)
+
+
 def test_missing_lb_and_z_count_as_zero():
     loss, logged = step_loss(fake_out(2.0, None, None), {}, lb_weight=0.5, z_weight=0.5, n_micro=2)
     assert loss.item() == 1.0 and logged["lb"].item() == 0.0 and set(logged) == {"ce", "lb", "loss"}
