@@ -59,6 +59,7 @@ METHODS = dict(
     frozen_routers=dict(lambda_js=0.0, freeze_routers=True),  # control (a): plain with W_g frozen
     sara_frozen_routers=dict(freeze_routers=True),
     mismatched=dict(anchor_shuffle=True),  # control (b): SARA on a non-parallel English row's routing
+    shifcon=dict(method="shifcon"),  # Zhang et al.: shift into English's subspace + contrastive term
 )
 DEFAULT_METHODS = "plain,sara,live_kl,frozen_routers,mismatched"
 # --quick: a 3-layer toy, 2 seeds, one short epoch (the CI test); measured in the test's docstring
