@@ -149,19 +149,21 @@ def check_prompts_fit(items, templates, args, tok, context):
 
 
 def make_responder(args, items, templates):
-    """respond(prompts, run): an OpenAI-compatible server (engine.py), or the checkpoint run here (its prompts
-    checked against the context before the weights are read, where the context is known without them)."""
+    """-> (respond(prompts, run), on_language or None): an OpenAI-compatible server (engine.py), or the checkpoint
+    run here (its prompts checked against the context before the weights are read, where the context is known
+    without them; a ShifCon checkpoint shifted by each language's prompts, told through on_language)."""
     if args.engine_url:  # same call signature as make_generative_responder
         return make_engine_responder(args.engine_url, args.engine_model, max_new_tokens=args.max_new_tokens,
                                      temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                                      concurrency=args.engine_concurrency, timeout=args.engine_timeout,
-                                     retries=args.engine_retries, system=args.system)
+                                     retries=args.engine_retries, system=args.system), None
     context, tok = peek_checkpoint(args.checkpoint, args.tokenizer)
     if context is not None:
         check_prompts_fit(items, templates, args, tok, context)
     model, tok = load_model(args.checkpoint, args.tokenizer, args.dtype, args.device)
     if context is None:
         check_prompts_fit(items, templates, args, tok, model.config.max_position_embeddings)
+    shift = shifcon_hook(model, args.checkpoint, list(items), args.shifcon)
     if args.steering:  # generation and log-likelihood both run the steered routers (methods/steering.py)
         from methods import steering
         try:
@@ -172,14 +174,30 @@ def make_responder(args, items, templates):
             raise SystemExit(str(err)) from None
         steering.set_steering(model, edits)
     chat = args.protocol != "harness"
+    on_language = shift.set_rows if shift is not None else None
     if args.protocol == "loglik" or (args.protocol == "harness" and args.benchmark != "mgsm"):
-        return make_loglik_responder(model, tok, batch_size=args.batch_size, system=args.system, chat=chat)
+        return make_loglik_responder(model, tok, batch_size=args.batch_size, system=args.system, chat=chat), on_language
     if args.protocol == "harness":  # mgsm_direct: greedy
         return make_generative_responder(model, tok, max_new_tokens=args.max_new_tokens, temperature=0.0, top_p=1.0,
-                                         batch_size=args.batch_size, seed=args.seed, chat=False, progress=_say)
+                                         batch_size=args.batch_size, seed=args.seed, chat=False, progress=_say), on_language
     return make_generative_responder(model, tok, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                      top_p=args.top_p, batch_size=args.batch_size, seed=args.seed, system=args.system,
-                                     progress=_say)
+                                     progress=_say), on_language
+
+
+def shifcon_hook(model, checkpoint, langs, mode):
+    """A ShifCon checkpoint (shifcon.json next to its weights) runs with its shift unless --shifcon off
+    (methods/shifcon.install_for_inference); said on stderr either way. -> the hook or None."""
+    from methods import shifcon
+    try:
+        hook = shifcon.install_for_inference(model, checkpoint, langs, mode)
+    except ValueError as err:
+        raise SystemExit(f"--checkpoint {checkpoint}: {err}") from None
+    path = shifcon.find_vectors(checkpoint)
+    if path:
+        _say(f"ShifCon: {path} " + (f"shifts {langs} at residual positions {hook.forward}, {hook.back}" if hook
+                                    else "is NOT applied (--shifcon off): the model runs unshifted"))
+    return hook
 
 
 def _protocol_line(args, runs):
@@ -200,8 +218,9 @@ def cmd_bench(args):
         items = load_benchmarks(args.benchmark, args.data, langs, args.limit, progress=_say)
         templates = load_templates(args.templates, args.benchmark, langs)
         runs = 1 if args.protocol != "generative" else args.runs
-        records = run_benchmark(items, make_responder(args, items, templates), benchmark=args.benchmark,
-                                protocol=args.protocol, runs=runs, templates=templates, progress=_say)
+        respond, on_language = make_responder(args, items, templates)
+        records = run_benchmark(items, respond, benchmark=args.benchmark, protocol=args.protocol, runs=runs,
+                                templates=templates, progress=_say, on_language=on_language)
     except EngineError as err:  # one line, as stage1.py prints it; the server's side of the story is in its log
         raise SystemExit(f"engine: {err}") from None
     summary = summarize(records)
@@ -213,6 +232,7 @@ def cmd_bench(args):
                 max_new_tokens=args.max_new_tokens, seed=args.seed, templates=args.templates, system=args.system,
                 steering=dict(file=args.steering, rule=args.steering_rule, strength=args.steering_strength,
                               layers=args.steering_layers, target=args.steering_target) if args.steering else None,
+                shifcon=args.shifcon if args.checkpoint and Path(args.checkpoint, "shifcon.json").is_file() else None,
                 platform=platform_info(None if args.engine_url else args.device))
     out = args.out or f"results/{args.benchmark}-{args.protocol}-{label.replace('/', '-')}"
     write_bench_outputs(out, records, summary, meta)
@@ -258,8 +278,9 @@ def cmd_routing(args):
     for (ckpt, tok_path), label in zip(checkpoints, labels):
         model, tok = load_model(ckpt, tok_path, args.dtype, args.device)
         max_len = min(args.max_len, model.config.max_position_embeddings)
+        shift = shifcon_hook(model, ckpt, sorted({s["lang"] for s in samples}), args.shifcon)
         dists = routing_distributions(model, tok, samples, batch_size=args.batch_size, max_len=max_len,
-                                      system=args.system)
+                                      system=args.system, set_rows=shift.set_rows if shift else None)
         rows += [dict(model=label, **r) for r in routing_divergence(dists, args.anchor, langs, model.config.moe_layers)]
         _say(f"{label}: routing of {len(samples)} sequences, {len(model.config.moe_layers)} MoE layers")
         del model
@@ -345,6 +366,8 @@ def build_parser():
                        help="default: the checkpoint's own")
         q.add_argument("--batch-size", type=int, default=16)
         q.add_argument("--system", default=None, help="optional system message")
+        q.add_argument("--shifcon", default="auto", choices=["auto", "off"],
+                       help="a ShifCon checkpoint (shifcon.json) runs with its shift (auto) or without it (off)")
 
     q = sub.add_parser("bench", help="Global-MMLU / BELEBELE / MGSM accuracy per language")
     model_args(q, required=False)  # required unless --engine-url

@@ -34,6 +34,7 @@ top_p = 1.0
 seed = 1337
 dtype = ""  # "", "float32", "bfloat16", "float16"
 device = "auto"  # "auto", "cpu", "cuda"
+lang = ""  # the prompt's language: a ShifCon checkpoint (shifcon.json) shifts by it; "en" (its English) = no shift
 steering = ""  # a statistics file (python -m methods.steering): steer the routing (docs/baselines.md)
 steering_rule = "chen"  # "chen" (strength = lambda) or "steermoe" (strength = experts boosted and suppressed)
 steering_strength = 0.022  # Chen et al.'s lambda with English as the first guide
@@ -73,6 +74,14 @@ def main(argv=None):
             raise ConfigError(f"max_new_tokens={s['max_new_tokens']} ({sources['max_new_tokens']}): " + (
                 problem if n >= context else f"the prompt's {n} tokens + max_new_tokens exceed the model's "
                                              f"context of {context} tokens (at most {context - n} new tokens fit)"))
+    from methods import shifcon
+    is_shifcon = shifcon.find_vectors(s["checkpoint"]) is not None
+    if is_shifcon and not s["lang"]:
+        raise ConfigError(f"checkpoint={s['checkpoint']!r} is a ShifCon model ({shifcon.VECTORS_FILE}): pass "
+                          "--lang=CODE, the prompt's language (its English code runs it unshifted)")
+    if s["lang"] and not is_shifcon:
+        raise ConfigError(f"lang={s['lang']!r} ({sources['lang']}): only a ShifCon checkpoint (with "
+                          f"{shifcon.VECTORS_FILE}) uses the prompt's language; {s['checkpoint']} has none")
     context = peek_context(s["checkpoint"])
     if context is not None:
         check_context(context)
@@ -82,6 +91,11 @@ def main(argv=None):
     except CheckpointError as err:
         raise SystemExit(str(err)) from None
     check_context(model.config.max_position_embeddings)
+    if is_shifcon:  # its layers were trained shifted: the prompt's language decides the shift
+        try:
+            shifcon.install_for_inference(model, s["checkpoint"], [s["lang"]]).set_rows(s["lang"])
+        except ValueError as err:
+            raise ConfigError(f"lang={s['lang']!r} ({sources['lang']}): {err}") from None
     if s["steering"]:  # inference-time routing steering (methods/steering.py), through router.RoutingIntervention
         from methods import steering
         try:
@@ -106,7 +120,7 @@ def main(argv=None):
 
 
 _SETTINGS = ["checkpoint", "tokenizer", "prompt", "system", "max_new_tokens", "temperature", "top_p", "seed",
-             "dtype", "device", "steering", "steering_rule", "steering_strength", "steering_layers", "steering_target"]
+             "dtype", "device", "lang", "steering", "steering_rule", "steering_strength", "steering_layers", "steering_target"]
 
 if __name__ == "__main__":
     main()

@@ -38,12 +38,16 @@ ONE_RUN_NOTE = ("one run per condition: the intervals measure test-item noise on
                 "seed-level intervals")
 
 
-def run_benchmark(items_by_lang, respond, *, benchmark, protocol, runs=1, templates=None, progress=None):
-    """items_by_lang: {lang: items}; respond(prompts, run) -> outputs (texts, or 4 log-likelihoods each).
+def run_benchmark(items_by_lang, respond, *, benchmark, protocol, runs=1, templates=None, progress=None,
+                  on_language=None):
+    """items_by_lang: {lang: items}; respond(prompts, run) -> outputs (texts, or 4 log-likelihoods each);
+    on_language(lang) before each language's prompts (a ShifCon model shifts by the prompt's language).
     -> per-item records {benchmark, protocol, lang, id, run, gold, pred, correct, parallel, output | scores}."""
     cut = get_benchmark(benchmark).harness_cut if protocol == "harness" else (lambda item, out: out)
     records = []
     for lang, items in items_by_lang.items():
+        if on_language is not None:
+            on_language(lang)
         prompts = [item_prompt(it, benchmark, protocol, templates) for it in items]
         for run in range(runs):
             if progress:

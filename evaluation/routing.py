@@ -44,15 +44,18 @@ from evaluation.benchmarks import read_rows
 from router import intervene, merge_intervention
 from sara_loss import layer_divergence, pooled_layer_divergence
 
-def routing_distributions(model, tok, samples, *, batch_size=16, max_len=512, system=None):
+def routing_distributions(model, tok, samples, *, batch_size=16, max_len=512, system=None, set_rows=None):
     """Pooled dense routing of every sample's chat-formatted prompt + response (eval mode, no grad;
-    anchors.forward_and_pool, the pooling of the loss). -> {lang: (groups, (N, L, E) fp32 tensor on the CPU)}."""
+    anchors.forward_and_pool, the pooling of the loss). -> {lang: (groups, (N, L, E) fp32 tensor on the CPU)}.
+    set_rows(langs): told the languages of each batch's rows before its forward (a ShifCon model's shift)."""
     seqs = []
     for s in samples:
         p, r = tok.encode_chat(s["prompt"], s["response"], system=system)
         seqs.append((p + r)[:max_len])
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths together: less padding
-    pooled = forward_and_pool(model, [seqs[i] for i in order], pad_id=tok.pad_id, batch_size=batch_size).routing
+    before = None if set_rows is None else lambda rows: set_rows([samples[i]["lang"] for i in order[rows]])
+    pooled = forward_and_pool(model, [seqs[i] for i in order], pad_id=tok.pad_id, batch_size=batch_size,
+                              before_batch=before).routing
     dists = [None] * len(seqs)
     for i, d in zip(order, pooled):
         dists[i] = d

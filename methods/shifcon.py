@@ -467,3 +467,20 @@ class ShifCon(Component):
         path = os.path.join(out_dir, VECTORS_FILE)
         save_vectors(path, self.hook.vectors, self.hook.forward, self.hook.back, self.hook.english)
         return [path]
+
+
+def install_for_inference(model, checkpoint, langs, mode="auto"):
+    """The shift of a ShifCon checkpoint (its shifcon.json) on model.residual_hook, for eval.py and sample.py.
+    -> the ShiftHook (call .set_rows(lang) before each language's prompts), or None: no shifcon.json, or
+    mode "off" (the model run without its shift, for analysis). A language without a vector is an error
+    before any prompt runs. Languages are matched exactly, as in the training data."""
+    path = find_vectors(checkpoint)
+    if path is None or mode == "off":
+        return None
+    hook = load_shift_hook(path, model.config)
+    unknown = [l for l in langs if l != hook.english and l not in hook.vectors.languages()]
+    if unknown:
+        raise ValueError(f"{path}: no language vector for {unknown} (it has {hook.vectors.languages()}): this ShifCon "
+                         "model was not trained on them; evaluate it with its shift off to run them unshifted")
+    model.residual_hook = hook
+    return hook

@@ -286,6 +286,14 @@ def run_in_process(monkeypatch, args):
     (dict(train_langs=["SW"]), r"\['SW'\] not in .* case-sensitive: the data spells \['sw'\]"),
     (dict(train_langs=["sw", "SW"]), r"\['SW'\] not in"),
     (dict(anchor_lang="xx"), r"SARA needs anchors: 0 of \d+ training samples have an anchor in anchor_lang='xx'"),
+    (dict(method="shifcon", shifcon_positions=(1, 9)), r"shifcon_positions=\(1, 9\) \(command line\): ShifCon's "
+                                                      r"positions .* need l_b <= n_layers = 3"),
+    (dict(method="shifcon", sara_band=(1, 2)), r"sara_band=\(1, 2\) \(command line\): ShifCon's positions \(l_f, l_b\) = "
+                                               r"\(2, 4\) need l_b <= n_layers = 3"),
+    (dict(method="shifcon", shifcon_positions=(2, 1)), r"shifcon_positions=\(2, 1\) \(command line\): must be \(\)"),
+    (dict(method="shifcon", shifcon_ce_weight=0.0), r"shifcon_ce_weight=0.0 \(command line\)"),
+    (dict(method="shifcon", sara_band=(1, 1), anchor_lang="xx"), r"ShifCon needs each language's pairs for its language vector: \['sw', 'hi'\] have no"),
+    (dict(method="live_kl", lambda_js=0.0, anchor_lang="xx"), r"live_kl needs anchors: 0 of"),  # (lambda_js is SARA's)
     (dict(init_from="/nonexistent"), r"init_from \(command line\): .*config.json"),
     (dict(tokenizer_path="/nonexistent.tiktoken"), r"tokenizer_path \(command line\): .*/nonexistent.tiktoken"),
     pytest.param(dict(device="cuda"), r"device='cuda' \(command line\): no CUDA device is available",
@@ -302,6 +310,13 @@ def test_bad_settings_fail_first_naming_the_key(monkeypatch, tmp_path, kw, patte
     msg = run_in_process(monkeypatch, tiny_args(tmp_path / "o", **kw))
     assert re.search(pattern, msg), msg
     assert not (tmp_path / "o" / "base.pt").exists()  # nothing was trained
+
+
+def test_a_shifcon_checkpoint_is_not_fine_tuned_without_its_shift(monkeypatch, tmp_path, tiny_hf_checkpoint):
+    shutil.copytree(tiny_hf_checkpoint, tmp_path / "hf")
+    (tmp_path / "hf" / "shifcon.json").write_text("{}")
+    msg = run_in_process(monkeypatch, tiny_args(tmp_path / "o", init_from=str(tmp_path / "hf")))
+    assert re.search(r"init_from=.* holds ShifCon language vectors \(shifcon.json\)", msg), msg
 
 
 def test_language_spelled_in_another_case_is_an_error(monkeypatch, tmp_path):

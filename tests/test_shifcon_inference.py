@@ -1,0 +1,105 @@
+"""A ShifCon checkpoint at inference (methods/shifcon.install_for_inference): eval.py bench and routing and
+sample.py run it with its shift by the prompt's language (--shifcon off / the English code: unshifted),
+and refuse, before any prompt runs, a language it has no vector for. Oracle: the same forward with
+shift_hook set by hand (tests/test_methods_shifcon_hook.py checks the hook against the equations)."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import eval as E
+import sample
+from checkpoint import save_hf
+from configurator import ConfigError
+from evaluation.benchmarks import item_prompt, load_benchmarks
+from evaluation.generate import letter_logliks
+from methods.shifcon import LanguageVectors, save_vectors, shift_hook
+from test_evaluation_model import tiny_model
+
+ROOT = Path(__file__).resolve().parent.parent
+FIX = ROOT / "tests" / "fixtures"
+TOK_PATH = ROOT / "data" / "udhr" / "bpe.tiktoken"
+FORWARD, BACK = 2, 3  # 3 layers: layer 1 runs shifted
+
+
+def vectors():
+    torch.manual_seed(3)
+    v = LanguageVectors()
+    for lang in ("en", "sw", "hi"):
+        for p in (FORWARD, BACK):
+            v.update(lang, p, 3 * torch.randn(4, 32))  # large: the shift must change the outputs
+    return v
+
+
+@pytest.fixture(scope="module")
+def shifcon_checkpoint(tok, tmp_path_factory):
+    path = tmp_path_factory.mktemp("shifcon") / "hf"
+    save_hf(tiny_model(tok), path)
+    shutil.copy(TOK_PATH, path)
+    save_vectors(path / "shifcon.json", vectors(), FORWARD, BACK, "en")
+    return path
+
+
+def test_bench_runs_each_language_shifted_by_its_own_vectors(shifcon_checkpoint, tok, tmp_path):
+    def scores(*extra):
+        out = tmp_path / "-".join(extra or ("auto",))
+        E.main(["bench", "--checkpoint", str(shifcon_checkpoint), "--benchmark", "global_mmlu", "--data",
+                str(FIX / "global_mmlu"), "--langs", "sw,hi", "--protocol", "loglik", "--out", str(out), *extra])
+        return {(r["lang"], r["id"]): r["scores"] for r in map(json.loads, open(out / "predictions.jsonl"))}
+    shifted, unshifted = scores(), scores("--shifcon", "off")
+    items = load_benchmarks("global_mmlu", str(FIX / "global_mmlu"), ["sw", "hi"], None)
+    model = tiny_model(tok)
+    for lang in ("sw", "hi"):
+        prompts = [item_prompt(it, "global_mmlu", "loglik", None) for it in items[lang]]
+        for hook, got in ((shift_hook(vectors(), lang, FORWARD, BACK), shifted), (None, unshifted)):
+            model.residual_hook = hook
+            want = letter_logliks(model, tok, prompts)
+            for it, w in zip(items[lang], want):
+                assert got[lang, it["id"]] == pytest.approx(w.tolist(), abs=1e-4)
+    assert any(abs(a - b) > 1e-3 for k in shifted for a, b in zip(shifted[k], unshifted[k]))
+    assert json.load(open(tmp_path / "auto" / "results.json"))["shifcon"] == "auto"
+
+
+def test_a_language_without_a_vector_is_refused_before_any_prompt(shifcon_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setattr(E, "run_benchmark", lambda *a, **k: pytest.fail("a prompt ran"))
+    with pytest.raises(SystemExit, match=r"no language vector for \['bn'\]"):
+        E.main(["bench", "--checkpoint", str(shifcon_checkpoint), "--benchmark", "mgsm", "--data", str(FIX / "mgsm"),
+                "--langs", "sw,bn", "--protocol", "generative", "--runs", "1", "--max-new-tokens", "2"])
+
+
+def test_routing_is_shifted_from_the_shifted_layer_on(shifcon_checkpoint, tmp_path):
+    """Layer 0 runs before the shift (identical routing), layer 1 inside it (different)."""
+    common = ["--data", str(ROOT / "data" / "udhr" / "parallel.jsonl"), "--anchor", "en", "--langs", "sw",
+              "--max-len", "32", "--batch-size", "64"]
+    auto = E.main(["routing", "--checkpoint", str(shifcon_checkpoint), "--out", str(tmp_path / "a"), *common])
+    off = E.main(["routing", "--checkpoint", str(shifcon_checkpoint), "--out", str(tmp_path / "b"), "--shifcon", "off", *common])
+    js = lambda rows, layer: next(r["js"] for r in rows if r["layer"] == layer)
+    assert js(auto, 0) == pytest.approx(js(off, 0), abs=1e-7)
+    assert abs(js(auto, 1) - js(off, 1)) > 1e-4
+
+
+def test_sample_needs_the_prompts_language_and_generates_shifted(shifcon_checkpoint, tok, monkeypatch):
+    args = ["--checkpoint=" + str(shifcon_checkpoint), "--prompt=habari", "--max_new_tokens=6"]
+    with pytest.raises(ConfigError, match="is a ShifCon model .*pass --lang=CODE"):
+        sample.main(args)
+    with pytest.raises(ConfigError, match=r"lang='xx'.*no language vector for \['xx'\]"):
+        sample.main(args + ["--lang=xx"])
+    got = sample.main(args + ["--lang=sw"])
+    model = tiny_model(tok)
+    model.residual_hook = shift_hook(vectors(), "sw", FORWARD, BACK)
+    ids, _ = tok.encode_chat("habari", None)
+    want = model.generate(torch.tensor([ids]), 6, stop_ids=tok.stop_ids)[0]
+    assert got == [t for t in want if t not in tok.stop_ids][:len(got)] and got
+    unshifted = sample.main(args + ["--lang=en"])  # English: no shift
+    model.residual_hook = None
+    want = model.generate(torch.tensor([ids]), 6, stop_ids=tok.stop_ids)[0]
+    assert unshifted == [t for t in want if t not in tok.stop_ids][:len(unshifted)]
+
+
+def test_lang_on_a_checkpoint_without_shifcon_is_an_error(tok, tmp_path):
+    save_hf(tiny_model(tok), tmp_path / "hf")
+    shutil.copy(TOK_PATH, tmp_path / "hf")
+    with pytest.raises(ConfigError, match="only a ShifCon checkpoint"):
+        sample.main(["--checkpoint=" + str(tmp_path / "hf"), "--prompt=x", "--lang=sw"])
