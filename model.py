@@ -556,6 +556,7 @@ class MoETransformer(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = RotaryEmbedding(cfg)
+        self.residual_hook = None  # hook(p, x_BTH) -> x_BTH on the residual stream (forward); ShifCon's shift
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
@@ -641,7 +642,7 @@ class MoETransformer(nn.Module):
         # stream entering decoder layer p (p = 0: the embeddings, Hugging Face's hidden_states[p]; p = n_layers:
         # the last layer's output BEFORE the final norm, where HF's last entry is after it). It may return x
         # changed (ShifCon's shift into and out of English's subspace, methods/shifcon.py) or record it.
-        hook = getattr(self, "residual_hook", None)
+        hook = self.residual_hook
         for p, block in enumerate(self.layers):
             if hook is not None:
                 x = hook(p, x)

@@ -336,11 +336,18 @@ class ShifCon(Component):
     the training pairs, then every (micro-batch, language) group of training), fixed within a step and
     updated at its end from every rank's groups (identical on every rank)."""
 
-    def __init__(self, hook, langs, band, scale, ce_weight, contrastive_weight):
+    def __init__(self, hook, langs, band, hidden_size, scale, ce_weight, contrastive_weight):
         self.hook, self.band, self.scale = hook, band, scale
         self.ce_weight, self.weight = ce_weight, contrastive_weight
         self.keys = [(lang, p) for lang in list(langs) + [hook.english] for p in (hook.forward, hook.back)]
-        self._pending = None  # (sums (K, H) float64, counts (K,)): this step's batch means, per key
+        self.hidden_size = hidden_size
+        self._reset_pending()
+
+    def _reset_pending(self):
+        """This step's sums of batch means (K, H) float64 and batch counts (K,), one row per (language, position)
+        (K fixed: every rank all-reduces the same shapes, whichever languages its micro-batches held)."""
+        self._pending = (torch.zeros(len(self.keys), self.hidden_size, dtype=torch.float64),
+                         torch.zeros(len(self.keys), dtype=torch.float64))
 
     @classmethod
     def prepare(cls, run, net, examples, band, positions):
@@ -351,7 +358,8 @@ class ShifCon(Component):
         forward, back = positions
         core = net.module if hasattr(net, "module") else net
         hook = ShiftHook(LanguageVectors(), forward, back, s.anchor_lang, record=range(forward, back + 1))
-        self = cls(hook, s.train_langs, band, s.shifcon_scale, s.shifcon_ce_weight, s.shifcon_contrastive_weight)
+        self = cls(hook, s.train_langs, band, core.config.hidden_size, s.shifcon_scale, s.shifcon_ce_weight,
+                   s.shifcon_contrastive_weight)
         core.residual_hook = hook
         from data.parallel import collate
         was_training = net.training
@@ -373,6 +381,8 @@ class ShifCon(Component):
                         n, mask = len(chunk), batch["attention_mask"]
                         self._gather(lang, list(range(n)), list(range(n, 2 * n)), mask)
         net.train(was_training)
+        if hasattr(net, "reshard"):  # FSDP2 keeps the root's parameters gathered after a forward no backward follows
+            net.reshard()
         self.end_step(run)
         missing = [lang for lang in s.train_langs if not any(e["lang"] == lang for e in pairs)]
         if missing:  # checked by train.py before the model loads; kept here for other callers
@@ -381,9 +391,6 @@ class ShifCon(Component):
 
     def _gather(self, lang, target_rows, english_rows, mask_BT):
         """Add one batch of `lang` (target rows and their English rows of the last forward) to the step's sums."""
-        H = self.hook.recorded[self.hook.forward].shape[-1]
-        if self._pending is None:
-            self._pending = (torch.zeros(len(self.keys), H, dtype=torch.float64), torch.zeros(len(self.keys), dtype=torch.float64))
         sums, counts = self._pending
         with torch.no_grad():
             for p in (self.hook.forward, self.hook.back):
@@ -427,9 +434,8 @@ class ShifCon(Component):
         return dict(contrastive=Term(value, self.weight))
 
     def end_step(self, run):
-        """The step's batch means (summed over ranks) join the running means; identical on every rank."""
-        if self._pending is None:
-            return
+        """The step's batch means (summed over ranks: a collective, every rank calls it) join the running means;
+        identical on every rank."""
         sums, counts = self._pending
         if run.dist.ddp:
             both = torch.cat([sums, counts[:, None]], 1).to(run.dist.device)
@@ -438,7 +444,7 @@ class ShifCon(Component):
         for (lang, p), s_H, c in zip(self.keys, sums, counts.tolist()):
             if c > 0:
                 self.hook.vectors.add(lang, p, s_H, round(c))
-        self._pending = None
+        self._reset_pending()
 
     def evaluate(self, net, examples, pooled, run):
         """val_js: band JS between the held-out target rows' routing (shifted, as pooled by the loop) and

@@ -103,3 +103,68 @@ def test_lang_on_a_checkpoint_without_shifcon_is_an_error(tok, tmp_path):
     shutil.copy(TOK_PATH, tmp_path / "hf")
     with pytest.raises(ConfigError, match="only a ShifCon checkpoint"):
         sample.main(["--checkpoint=" + str(tmp_path / "hf"), "--prompt=x", "--lang=sw"])
+
+
+# -----------------------------------------------------------------------------
+# end to end: train.py --method=shifcon -> hf/shifcon.json -> sample.py; two ranks against one
+
+@pytest.fixture(scope="module")
+def shifcon_run(tmp_path_factory):
+    from test_train import run_train, tiny_args
+    out = tmp_path_factory.mktemp("toy_shifcon")
+    run_train(tiny_args(out, method="shifcon", sara_band=(1, 1), export_hf=True))
+    return out, tiny_args
+
+
+def test_train_exports_vectors_that_reproduce_the_loops_held_out_ce(shifcon_run, tok):
+    """The exported weights + shifcon.json, loaded as eval.py loads them, give the held-out CE the loop logged
+    at its last evaluation (with the shift; without it the CE differs): training and inference shift alike."""
+    from anchors import forward_and_pool
+    from checkpoint import load_model_and_tokenizer
+    from data.parallel import load_parallel_jsonl, split_train_val, tokenize_samples
+    from methods.shifcon import install_for_inference
+    from test_train import metrics
+    out, _ = shifcon_run
+    logged = [json.loads(l) for l in open(out / "metrics.jsonl") if '"val_ce"' in l][-1]
+    model, tok = load_model_and_tokenizer(str(out / "hf"), str(TOK_PATH))
+    _, val = split_train_val(load_parallel_jsonl(str(ROOT / "data" / "udhr" / "parallel.jsonl")), 0.15, seed=0)
+    val_set, _ = tokenize_samples(tok, [x for x in val if x["lang"] in ("sw", "hi")], 96)
+
+    def held_out_ce():
+        hook = model.residual_hook
+        pooled = forward_and_pool(model, [e["input_ids"] for e in val_set], labels=[e["labels"] for e in val_set],
+                                  pad_id=tok.pad_id, batch_size=4,
+                                  before_batch=(lambda rows: hook.set_rows([e["lang"] for e in val_set[rows]])) if hook else None)
+        per_batch = [pooled.nll[i:i + 4].sum().item() / pooled.n_targets[i:i + 4].sum().item() * len(val_set[i:i + 4])
+                     for i in range(0, len(val_set), 4)]
+        return sum(per_batch) / len(val_set)
+    unshifted = held_out_ce()
+    hook = install_for_inference(model, str(out / "hf"), ["sw", "hi"])
+    assert (hook.forward, hook.back) == (2, 3) and logged["phase"] == "shifcon"
+    assert held_out_ce() == pytest.approx(logged["val_ce"], rel=1e-5)
+    assert abs(unshifted - logged["val_ce"]) > 1e-4
+    assert all(r["contrastive"] > 0 for r in metrics(out, "shifcon"))
+
+
+def test_sample_py_on_the_exported_shifcon_model(shifcon_run, capsys):
+    out, _ = shifcon_run
+    got = sample.main(["--checkpoint=" + str(out / "hf"), "--prompt=Habari", "--lang=sw", "--max_new_tokens=4"])
+    assert 1 <= len(got) <= 4
+
+
+@pytest.mark.parametrize("mode", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
+def test_two_ranks_keep_the_same_vectors_as_one_process(shifcon_run, tmp_path, mode):
+    """Global batch 8: one process with 2 micro-steps of 4 against two ranks with 4 each. The step's batch means
+    are all-reduced, so the exported vectors agree (float64, summed in another order) and so do the losses.
+    (FSDP: the vectors' start runs forwards with no backward, after which the root must be resharded.)"""
+    from test_train import metrics, run_train
+    out, tiny_args = shifcon_run
+    run_train(tiny_args(tmp_path, method="shifcon", sara_band=(1, 1), export_hf=True, parallel=mode), nproc=2)
+    one, two = (json.load(open(d / "hf" / "shifcon.json"))["vectors"] for d in (out, tmp_path))
+    assert one.keys() == two.keys() and all(one[k]["count"] == two[k]["count"] for k in one)
+    for k in one:
+        assert one[k]["sum"] == pytest.approx(two[k]["sum"], rel=1e-5, abs=1e-6), k
+    a, b = metrics(out, "shifcon"), metrics(tmp_path, "shifcon")
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b):
+        assert abs(x["loss"] - y["loss"]) < 1e-4 * max(1.0, abs(x["loss"])), (x, y)
