@@ -31,9 +31,11 @@ and lp replaces the router logits. A boosted expert is then always among the tok
 K per layer), and a suppressed one never is (while E − n_suppressed ≥ K).
 
 Decisions (ours):
-- SteerMoE's log-softmax runs in at least fp32 and the result stays there: in bf16 (their vLLM
-  dtype) max + 0.01 can round back to max (bf16 spacing is 2^-5 at |x| in [4, 8)), and the boosted
-  expert would only tie.
+- SteerMoE's log-softmax runs in at least fp32 and the result stays there, also in a bf16 model: the
+  router chooses the experts from the fp32 values (router.py casts only the gate weights back). In bf16
+  (their vLLM dtype) max + 0.01 can round back to max (bf16 spacing is 2^-5 at |x| in [4, 8)), and the
+  boosted expert would only tie (tests/test_methods_steering_runtime.py, the bf16 test: 128 near-uniform
+  experts, top-1; the rounded version lost the tie on the first token).
 - Chen's rule leaves an entry untouched bit for bit where λ·s·|z| is 0 (no -0.0 -> +0.0 rewrite), so
   λ = 0 is exactly the unsteered model.
 
@@ -260,10 +262,8 @@ def steering_interventions(stats, cfg, rule, strength, layers, target=None, guid
         return {}
     rows = list(pos.values())
     signs = steermoe_expert_signs(table(guides[0])[rows], table(target)[rows], int(strength), int(strength), cfg.top_k)
-    # back in the model's dtype: the layer's gate weights take the logits' dtype, and fp32 weights would turn
-    # a bf16 model's residual stream fp32 (an error at lm_head). In bf16 a boosted expert may then only TIE
-    # with the token's maximum (see "Decisions"); a fix needs router.py to choose from the fp32 logits.
-    return {l: RoutingIntervention(logit_fn=lambda z, s=signs[i]: steermoe_steer_logits(z, s).to(z.dtype))
+    # fp32 even in a bf16 model: the router chooses from these and casts only the gate weights back (router.py)
+    return {l: RoutingIntervention(logit_fn=lambda z, s=signs[i]: steermoe_steer_logits(z, s))
             for i, l in enumerate(pos)}
 
 
