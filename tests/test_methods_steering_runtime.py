@@ -166,3 +166,24 @@ def test_steermoe_boosted_expert_is_chosen_in_a_bf16_model(tok):
     assert out.logits.dtype == torch.bfloat16  # the residual stream stays in the model's dtype
     assert all(z.dtype == torch.float32 for z in out.router_logits)  # the router returns the logits it chose from
     assert torch.equal(out.router_logits[0][0], z_TE)
+
+
+def test_errors_name_the_callers_flags(ckpt, tok):
+    """eval.py's dashed flags by default; sample.py's and compare.py's --key=value settings with SETTING_FLAGS."""
+    path, stats_path = ckpt
+    stats = steering.load_statistics(stats_path)
+    cfg = tiny_model(tok, n_layers=4, mlp_only_layers=(0,)).config
+    cases = [(lambda n: steering.parse_layers("1-3", cfg, names=n), "layers", r" '1-3': an inclusive pair"),
+             (lambda n: steering.steering_interventions(stats, cfg, "chen", 0.02, (0, 2), names=n), "layers", r" 0,2: layers \[0\] are dense"),
+             (lambda n: steering.steering_interventions(stats, cfg, "chen", 0.02, (1, 4), names=n), "layers", " 1,4: outside"),
+             (lambda n: steering.steering_interventions(stats, cfg, "mean", 0.02, (1, 3), names=n), "rule", " 'mean': one of"),
+             (lambda n: steering.steering_interventions(stats, cfg, "steermoe", 1.5, (1, 3), target="sw", names=n), "strength", " 1.5: for steermoe"),
+             (lambda n: steering.steering_interventions(stats, cfg, "chen", float("nan"), (1, 3), names=n), "strength", " nan: for chen"),
+             (lambda n: steering.steering_interventions(stats, cfg, "steermoe", 1, (1, 3), target="hi", names=n), "target", " 'hi': steermoe needs")]
+    for call, key, message in cases:
+        with pytest.raises(ValueError, match=f"^--steering-{key}{message}"):
+            call(steering.DASHED_FLAGS)
+        with pytest.raises(ValueError, match=f"^--steering_{key}{message}"):
+            call(steering.SETTING_FLAGS)
+    with pytest.raises(ValueError, match="^--steering-layers 'x'"):  # the default: eval.py's spelling
+        steering.parse_layers("x", cfg)
