@@ -217,6 +217,16 @@ def routing_statistics(model, tok, samples, *, batch_size=16, max_len=512, syste
                 freq=freq, n_tokens=n_tokens)
 
 
+def pool_languages(stats, langs, name):
+    """Add to stats (routing_statistics's) the frequencies of langs' tokens taken together, as language `name`:
+    freq = Σ_lang count / Σ_lang n_tokens (each count = freq · n_tokens, an integer). E.g. SteerMoE's second
+    set when several target languages are steered at once (compare.py: "sw+hi"). -> stats."""
+    counts = sum(torch.tensor(stats["freq"][l], dtype=torch.float64) * stats["n_tokens"][l] for l in langs).round()
+    n = sum(stats["n_tokens"][l] for l in langs)
+    stats["freq"][name], stats["n_tokens"][name] = (counts / n).tolist(), n
+    return stats
+
+
 def load_statistics(path):
     import json
     try:

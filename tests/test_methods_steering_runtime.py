@@ -187,3 +187,16 @@ def test_errors_name_the_callers_flags(ckpt, tok):
             call(steering.SETTING_FLAGS)
     with pytest.raises(ValueError, match="^--steering-layers 'x'"):  # the default: eval.py's spelling
         steering.parse_layers("x", cfg)
+
+
+def test_pooled_languages_are_the_statistics_of_their_rows_together(ckpt, tok):
+    """Oracle: routing_statistics over the zh and sw rows relabelled as one language."""
+    from data.parallel import load_parallel_jsonl
+    path, stats_path = ckpt
+    stats = steering.pool_languages(steering.load_statistics(stats_path), ["zh", "sw"], "zh+sw")
+    model = tiny_model(tok, n_layers=4, mlp_only_layers=(0,))
+    rows = [dict(x, lang="zh+sw") for x in load_parallel_jsonl(PARALLEL) if x["lang"] in ("zh", "sw")]
+    together = steering.routing_statistics(model, tok, rows, max_len=48)
+    assert stats["n_tokens"]["zh+sw"] == together["n_tokens"]["zh+sw"] == stats["n_tokens"]["zh"] + stats["n_tokens"]["sw"]
+    got = [f for row in stats["freq"]["zh+sw"] for f in row]
+    assert got == pytest.approx([f for row in together["freq"]["zh+sw"] for f in row], abs=1e-15)
