@@ -129,7 +129,8 @@ def parse(argv):
     wanted = [STEERED.get(m, m) for m in methods]
     args.methods = list(dict.fromkeys(["plain"] + [m for m in wanted if m in METHODS]))
     # rows: the original model, then every trained method, each followed by the steering rows of its model
-    args.rows = [r for base in [ORIGINAL] + args.methods for r in [base] + [m for m in STEERED if STEERED[m] == base and m in methods]]
+    steered_by = {base: [m for m in STEERED if STEERED[m] == base and m in methods] for base in [ORIGINAL] + args.methods}
+    args.rows = [row for base in steered_by for row in [base] + steered_by[base]]
     steering_flags = [f"--{k}" for k in ("steering_rule", "steering_strength", "steering_layers", "steering_guides")
                       if getattr(args, k) is not None]
     if steering_flags and not any(m in STEERED for m in methods):
@@ -384,9 +385,8 @@ def evaluate(args, settings, seed, row, log=print):
         cached = json.load(open(path))
         if "inference" in cached and cached["inference"] == inference:
             return cached
-        if "inference" in cached:
-            log(f"[seed {seed}] {row}: evaluated again, with {inference_text(inference)} (its eval.json: "
-                f"{inference_text(cached['inference'])})")
+        was = inference_text(cached["inference"]) if "inference" in cached else "no inference settings (an older compare.py)"
+        log(f"[seed {seed}] {row}: evaluated again, with {inference_text(inference)} (its eval.json: {was})")
     os.makedirs(d, exist_ok=True)
     device = args.eval_device if args.eval_device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else None
