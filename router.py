@@ -11,8 +11,12 @@ A router maps each token's hidden state h (H,) to
 Every router here takes x (..., H) and returns (weights (N, K), expert_ids (N, K), logits (..., E)),
 N = the number of tokens, logits not a view (FSDP2 warns about views among a module's outputs); the MoE layer in
 model.py does the rest. Both take an optional edit_logits (a function (..., E) -> (..., E), applied to the gate
-logits before any expert is chosen): the hook of RoutingIntervention below. Two routers cover the models SARA is
-applied to:
+logits before any expert is chosen): the hook of RoutingIntervention below. An edit may return a wider dtype than
+the gate's (SteerMoE's fp32 log-probabilities of a bf16 model, methods/steering.py): the experts are chosen from
+the edited logits as returned, and those are the logits the router returns; only the gate weights go back to the
+gate's dtype, so the residual stream keeps the model's. (Rounding the edit back to bf16 made SteerMoE's
+max + 0.01 tie with the maximum: tests/test_methods_steering_runtime.py, the bf16 test.) Two routers cover the
+models SARA is applied to:
   - TopKRouter: softmax over ALL experts, then top-k, optionally renormalised over the chosen k
     (Qwen3-MoE, Mixtral, OLMoE).
   - SparseMixerRouter: Phi-3.5-MoE's "sparsemixer" top-2 (arXiv 2409.12136), which picks experts
@@ -52,18 +56,19 @@ class TopKRouter(nn.Module):
 
     def forward(self, x, edit_logits=None):  # x: (..., H), e.g. (B, T, H) or (N, H)
         logits = self.gate(x)  # (..., E), model dtype, as the checkpoints do
-        if edit_logits is not None:  # an intervention: the experts are chosen from the edited logits
-            logits = edit_logits(logits)
+        dtype = logits.dtype  # the gate weights' dtype: the experts' inputs stay in it
+        if edit_logits is not None:  # an intervention: the experts are chosen from the edited logits, in THEIR
+            logits = edit_logits(logits)  # dtype (an fp32 edit of a bf16 model is not rounded back: see the docstring)
         scores = logits.reshape(-1, logits.shape[-1])  # (N, E)
         if self.softmax_after_topk:
             top, expert_ids = torch.topk(scores, self.top_k, dim=-1)  # (N, K) each
-            return torch.softmax(top, dim=-1), expert_ids, logits  # weights in the logits' dtype
+            return torch.softmax(top, dim=-1).to(dtype), expert_ids, logits  # softmax in the logits' dtype
         # softmax over ALL experts in fp32 (float64 stays float64, for gradcheck)
         probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
         weights, expert_ids = torch.topk(probs, self.top_k, dim=-1)  # eq. 3: the K chosen experts, (N, K) each
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)  # eq. 4: gate weights over the chosen K
-        return weights.to(logits.dtype), expert_ids, logits
+        return weights.to(dtype), expert_ids, logits
 
 
 # -----------------------------------------------------------------------------
@@ -148,9 +153,11 @@ class SparseMixerRouter(nn.Module):
             # transformers 5.x, which jitters the shared hidden state in place and twice)
             x = x * torch.empty_like(x).uniform_(1.0 - self.input_jitter, 1.0 + self.input_jitter)
         logits = self.gate(x)  # (..., E)
+        dtype = logits.dtype  # the gate weights' dtype (an edit may return fp32: chosen from, weights cast back)
         if edit_logits is not None:  # an intervention: the experts are chosen from the edited logits
             logits = edit_logits(logits)
         weights, expert_ids = sparsemixer(logits.reshape(-1, logits.shape[-1]), self.jitter_eps, self.training)
+        weights = weights.to(dtype)
         if self.clean_logits and x is not clean:
             # the returned logits (which the SARA term pools, and the router losses use) are those
             # of the un-jittered input: softmax(h W_g) exactly; the routing itself stays jittered

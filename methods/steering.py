@@ -31,15 +31,19 @@ and lp replaces the router logits. A boosted expert is then always among the tok
 K per layer), and a suppressed one never is (while E − n_suppressed ≥ K).
 
 Decisions (ours):
-- SteerMoE's log-softmax runs in at least fp32 and the result stays there: in bf16 (their vLLM
-  dtype) max + 0.01 can round back to max (bf16 spacing is 2^-5 at |x| in [4, 8)), and the boosted
-  expert would only tie.
+- SteerMoE's log-softmax runs in at least fp32 and the result stays there, also in a bf16 model: the
+  router chooses the experts from the fp32 values (router.py casts only the gate weights back). In bf16
+  (their vLLM dtype) max + 0.01 can round back to max (bf16 spacing is 2^-5 at |x| in [4, 8)), and the
+  boosted expert would only tie (tests/test_methods_steering_runtime.py, the bf16 test: 128 near-uniform
+  experts, top-1; the rounded version lost the tie on the first token).
 - Chen's rule leaves an entry untouched bit for bit where λ·s·|z| is 0 (no -0.0 -> +0.0 rewrite), so
   λ = 0 is exactly the unsteered model.
 
 Neither rule is a standard architecture: a serving engine (vLLM, SGLang) runs them only with a patched
 model file, as both authors did. Here they need the built-in generator (model.MoETransformer.generate).
 """
+
+import math
 
 import torch
 
@@ -182,6 +186,12 @@ def steermoe_steer_logits(router_logits_TE, signs_E, margin=STEERMOE_MARGIN):
 # Neither rule runs in a serving engine here: eval.py refuses --steering with --engine-url.
 
 RULES = ("chen", "steermoe")
+# how the caller spells its settings, for the error messages: eval.py's argparse flags (the default), and the
+# --key=value settings of sample.py and compare.py
+DASHED_FLAGS = dict(rule="--steering-rule", strength="--steering-strength", layers="--steering-layers",
+                    target="--steering-target")
+SETTING_FLAGS = dict(rule="--steering_rule", strength="--steering_strength", layers="--steering_layers",
+                     target="--steering_target")
 
 
 @torch.no_grad()
@@ -207,6 +217,16 @@ def routing_statistics(model, tok, samples, *, batch_size=16, max_len=512, syste
                 freq=freq, n_tokens=n_tokens)
 
 
+def pool_languages(stats, langs, name):
+    """Add to stats (routing_statistics's) the frequencies of langs' tokens taken together, as language `name`:
+    freq = Σ_lang count / Σ_lang n_tokens (each count = freq · n_tokens, an integer). E.g. SteerMoE's second
+    set when several target languages are steered at once (compare.py: "sw+hi"). -> stats."""
+    counts = sum(torch.tensor(stats["freq"][l], dtype=torch.float64) * stats["n_tokens"][l] for l in langs).round()
+    n = sum(stats["n_tokens"][l] for l in langs)
+    stats["freq"][name], stats["n_tokens"][name] = (counts / n).tolist(), n
+    return stats
+
+
 def load_statistics(path):
     import json
     try:
@@ -221,25 +241,20 @@ def load_statistics(path):
     return stats
 
 
-def steering_interventions(stats, cfg, rule, strength, layers, target=None, guides=GUIDES, path="--steering"):
+def steering_interventions(stats, cfg, rule, strength, layers, target=None, guides=GUIDES, path="--steering",
+                           names=DASHED_FLAGS):
     """{decoder layer: router.RoutingIntervention} for the steered layers (inclusive decoder-layer pair
     `layers`). rule "chen": strength = λ (z <- z + λ s |z|, guides[0] the language steered towards; λ = 0
     leaves every logit untouched bit for bit); "steermoe": strength = n, the number of (layer, expert)
     pairs boosted and the number suppressed (English minus `target`'s frequencies; 0 = no intervention).
-    Every mismatch between statistics, model and flags is a ValueError naming what to change."""
+    Every mismatch between statistics, model and flags is a ValueError naming what to change, with the flags
+    spelled as names says (DASHED_FLAGS: eval.py's; SETTING_FLAGS: sample.py's and compare.py's)."""
     from router import RoutingIntervention
-    if rule not in RULES:
-        raise ValueError(f"--steering-rule {rule!r}: one of {RULES}")
+    check_settings(cfg, rule, strength, layers, names)
     if stats["n_experts"] != cfg.n_experts or list(stats["moe_layers"]) != list(cfg.moe_layers):
         raise ValueError(f"{path}: measured on a model with {stats['n_experts']} experts and MoE layers {stats['moe_layers']}, "
                          f"this one has {cfg.n_experts} and {list(cfg.moe_layers)}: measure them on this model")
     start, end = layers
-    if not 0 <= start <= end < cfg.n_layers:
-        raise ValueError(f"--steering-layers {start},{end}: outside the model's decoder layers 0..{cfg.n_layers - 1}")
-    dense = [l for l in range(start, end + 1) if l not in cfg.moe_layers]
-    if dense:
-        raise ValueError(f"--steering-layers {start},{end}: layers {dense} are dense (no router to steer); "
-                         f"MoE layers: {list(cfg.moe_layers)}")
     pos = {l: cfg.moe_layers.index(l) for l in range(start, end + 1)}  # decoder layer -> row of the tables
     table = lambda lang: torch.tensor(stats["freq"][lang], dtype=torch.float64)
     if rule == "chen":
@@ -251,20 +266,36 @@ def steering_interventions(stats, cfg, rule, strength, layers, target=None, guid
                                        top_n=min(TOP_N, cfg.n_experts))
         return {l: RoutingIntervention(logit_fn=lambda z, s=s_LE[p]: chen_steer_logits(z, s.to(z.device), lam=strength))
                 for l, p in pos.items()}
-    if strength != int(strength) or strength < 0:
-        raise ValueError(f"--steering-strength {strength}: for steermoe, the number of boosted (and suppressed) experts, an integer >= 0")
     if not target or target not in stats["freq"] or guides[0] not in stats["freq"]:
-        raise ValueError(f"--steering-target {target!r}: steermoe needs the statistics of the target language and of "
+        raise ValueError(f"{names['target']} {target!r}: steermoe needs the statistics of the target language and of "
                          f"{guides[0]!r} ({path} has {sorted(stats['freq'])})")
     if strength == 0:
         return {}
     rows = list(pos.values())
     signs = steermoe_expert_signs(table(guides[0])[rows], table(target)[rows], int(strength), int(strength), cfg.top_k)
-    # back in the model's dtype: the layer's gate weights take the logits' dtype, and fp32 weights would turn
-    # a bf16 model's residual stream fp32 (an error at lm_head). In bf16 a boosted expert may then only TIE
-    # with the token's maximum (see "Decisions"); a fix needs router.py to choose from the fp32 logits.
-    return {l: RoutingIntervention(logit_fn=lambda z, s=signs[i]: steermoe_steer_logits(z, s).to(z.dtype))
+    # fp32 even in a bf16 model: the router chooses from these and casts only the gate weights back (router.py)
+    return {l: RoutingIntervention(logit_fn=lambda z, s=signs[i]: steermoe_steer_logits(z, s))
             for i, l in enumerate(pos)}
+
+
+def check_settings(cfg, rule, strength, layers, names=DASHED_FLAGS):
+    """The checks that need the model's config only (no statistics): rule, strength, the inclusive pair of
+    decoder layers `layers`. A ValueError naming the flag (spelled as names says); compare.py calls this
+    before training anything."""
+    if rule not in RULES:
+        raise ValueError(f"{names['rule']} {rule!r}: one of {RULES}")
+    if rule == "chen" and not math.isfinite(strength):
+        raise ValueError(f"{names['strength']} {strength}: for chen, the finite lambda of z + lambda * s * |z|")
+    if rule == "steermoe" and (not math.isfinite(strength) or strength != int(strength) or strength < 0):
+        raise ValueError(f"{names['strength']} {strength}: for steermoe, the number of boosted (and suppressed) experts, "
+                         "an integer >= 0")
+    start, end = layers
+    if not 0 <= start <= end < cfg.n_layers:
+        raise ValueError(f"{names['layers']} {start},{end}: outside the model's decoder layers 0..{cfg.n_layers - 1}")
+    dense = [l for l in range(start, end + 1) if l not in cfg.moe_layers]
+    if dense:
+        raise ValueError(f"{names['layers']} {start},{end}: layers {dense} are dense (no router to steer); "
+                         f"MoE layers: {list(cfg.moe_layers)}")
 
 
 def set_steering(model, edits):
@@ -285,13 +316,14 @@ def default_layers(cfg):
     return (moe[1], moe[-2]) if len(moe) > 2 else (moe[0], moe[-1])
 
 
-def parse_layers(text, cfg):
+def parse_layers(text, cfg, names=DASHED_FLAGS):
+    """"start,end" -> (start, end), an inclusive pair of decoder layers; "" or None -> default_layers(cfg)."""
     if not text:
         return default_layers(cfg)
     try:
         start, end = (int(x) for x in text.split(","))
     except ValueError:
-        raise ValueError(f"--steering-layers {text!r}: an inclusive pair start,end of decoder layers, e.g. 1,2") from None
+        raise ValueError(f"{names['layers']} {text!r}: an inclusive pair start,end of decoder layers, e.g. 1,2") from None
     return start, end
 
 

@@ -191,6 +191,8 @@ COVERAGE = {
     "python compare.py --out_dir out/compare --seeds 1,2,3 --jobs 2 configs/toy.py": COMPARE,
     "python compare.py --out_dir out/compare --seeds 1,2,3 configs/toy.py": COMPARE,
     "python compare.py --reanalyse --out_dir out/compare": COMPARE,
+    "python compare.py --reanalyse --quick --out_dir out/compare_quick --methods sara+steering --steering_rule steermoe "
+    "--steering_strength 1": COMPARE,
     "python compare.py --out_dir out/cmp --seeds 1,2,3 --launcher \"torchrun --nproc_per_node 8\" configs/qwen3_30b_a3b.py "
     "--init_from=DIR --data_path=FILE": GPU_ONLY,
     "python compare.py --out_dir out/cmp --launcher \"torchrun --nproc_per_node 8\" configs/qwen3_30b_a3b.py --init_from=DIR "

@@ -129,3 +129,74 @@ def test_eval_bench_steering_flags(ckpt, tmp_path):
                 "--data", str(FIX / "mgsm"), "--langs", "sw", "--steering", str(stats_path)])
     with pytest.raises(SystemExit, match="outside the model's decoder layers"):
         bench(path, tmp_path / "c", "--steering", str(stats_path), "--steering-layers", "1,9")
+
+
+def test_steermoe_boosted_expert_is_chosen_in_a_bf16_model(tok):
+    """bf16 weights (CPU): the router picks the top-k from SteerMoE's fp32 log-probabilities, so the boosted
+    expert (max + 0.01) is chosen for every token. Near-uniform routing over 128 experts puts the token's
+    largest log-probability near log(1/128) = -4.85, where bf16's spacing is 2^-5 > 0.01: a router that chose
+    from a bf16 rounding sees a tie there, and with top_k=1 may lose it to a lower-numbered expert (it did,
+    before router.py kept the edited logits' fp32)."""
+    E, layers = 128, [1, 2]
+    model = tiny_model(tok, n_layers=3, mlp_only_layers=(0,), n_experts=E, top_k=1)
+    with torch.no_grad():
+        for l in layers:
+            model.layers[l].mlp.router.gate.weight.mul_(0.05)  # near-uniform routing
+    model = model.to(torch.bfloat16)
+    ids = torch.tensor([tok.encode_chat("Habari ya leo? Watu wote wamezaliwa huru.", "Nzuri sana.")[0]])
+    with torch.no_grad():
+        raw_TE = model(ids).router_logits[0][0]  # layer 1, unsteered (its input does not depend on the steering)
+    # English uses expert E-1 far more, the target expert 0: n = 2 boosts E-1 and suppresses 0 on both layers
+    en = [[0.0] + [0.5 / (E - 2)] * (E - 2) + [0.5]] * 2
+    target = [[0.5] + [0.5 / (E - 2)] * (E - 2) + [0.0]] * 2
+    stats = dict(n_experts=E, top_k=1, moe_layers=layers, n_layers=3, freq=dict(en=en, sw=target))
+    edits = steering.steering_interventions(stats, model.config, "steermoe", 2, (1, 2), target="sw")
+    for edit in edits.values():
+        edit.record = True
+    steering.set_steering(model, edits)
+    with torch.no_grad():
+        out = model(ids)
+    # the premise: on some token the boost is below bf16's resolution (a bf16 rounding of the edit ties)
+    signs = torch.zeros(E, dtype=torch.int8)
+    signs[E - 1], signs[0] = 1, -1
+    z_TE = steering.steermoe_steer_logits(raw_TE, signs)
+    assert bool((z_TE[:, :E - 1].max(-1).values.to(torch.bfloat16) == z_TE[:, E - 1].to(torch.bfloat16)).any())
+    for l in layers:
+        assert edits[l].recorded[0][0, :, 0].tolist() == [E - 1] * ids.shape[1]
+    assert out.logits.dtype == torch.bfloat16  # the residual stream stays in the model's dtype
+    assert all(z.dtype == torch.float32 for z in out.router_logits)  # the router returns the logits it chose from
+    assert torch.equal(out.router_logits[0][0], z_TE)
+
+
+def test_errors_name_the_callers_flags(ckpt, tok):
+    """eval.py's dashed flags by default; sample.py's and compare.py's --key=value settings with SETTING_FLAGS."""
+    path, stats_path = ckpt
+    stats = steering.load_statistics(stats_path)
+    cfg = tiny_model(tok, n_layers=4, mlp_only_layers=(0,)).config
+    cases = [(lambda n: steering.parse_layers("1-3", cfg, names=n), "layers", r" '1-3': an inclusive pair"),
+             (lambda n: steering.steering_interventions(stats, cfg, "chen", 0.02, (0, 2), names=n), "layers", r" 0,2: layers \[0\] are dense"),
+             (lambda n: steering.steering_interventions(stats, cfg, "chen", 0.02, (1, 4), names=n), "layers", " 1,4: outside"),
+             (lambda n: steering.steering_interventions(stats, cfg, "mean", 0.02, (1, 3), names=n), "rule", " 'mean': one of"),
+             (lambda n: steering.steering_interventions(stats, cfg, "steermoe", 1.5, (1, 3), target="sw", names=n), "strength", " 1.5: for steermoe"),
+             (lambda n: steering.steering_interventions(stats, cfg, "chen", float("nan"), (1, 3), names=n), "strength", " nan: for chen"),
+             (lambda n: steering.steering_interventions(stats, cfg, "steermoe", 1, (1, 3), target="hi", names=n), "target", " 'hi': steermoe needs")]
+    for call, key, message in cases:
+        with pytest.raises(ValueError, match=f"^--steering-{key}{message}"):
+            call(steering.DASHED_FLAGS)
+        with pytest.raises(ValueError, match=f"^--steering_{key}{message}"):
+            call(steering.SETTING_FLAGS)
+    with pytest.raises(ValueError, match="^--steering-layers 'x'"):  # the default: eval.py's spelling
+        steering.parse_layers("x", cfg)
+
+
+def test_pooled_languages_are_the_statistics_of_their_rows_together(ckpt, tok):
+    """Oracle: routing_statistics over the zh and sw rows relabelled as one language."""
+    from data.parallel import load_parallel_jsonl
+    path, stats_path = ckpt
+    stats = steering.pool_languages(steering.load_statistics(stats_path), ["zh", "sw"], "zh+sw")
+    model = tiny_model(tok, n_layers=4, mlp_only_layers=(0,))
+    rows = [dict(x, lang="zh+sw") for x in load_parallel_jsonl(PARALLEL) if x["lang"] in ("zh", "sw")]
+    together = steering.routing_statistics(model, tok, rows, max_len=48)
+    assert stats["n_tokens"]["zh+sw"] == together["n_tokens"]["zh+sw"] == stats["n_tokens"]["zh"] + stats["n_tokens"]["sw"]
+    got = [f for row in stats["freq"]["zh+sw"] for f in row]
+    assert got == pytest.approx([f for row in together["freq"]["zh+sw"] for f in row], abs=1e-15)
