@@ -86,11 +86,14 @@ METHODS = dict(
     sara_frozen_routers=dict(freeze_routers=True),
     mismatched=dict(anchor_shuffle=True),  # control (b): SARA on a non-parallel English row's routing
     shifcon=dict(method="shifcon"),  # Zhang et al.: shift into English's subspace + contrastive term
+    sara_all_layers=dict(),  # ablation: SARA on every MoE layer (method_settings: sara_layer_list = the model's)
+    sara_random_band=dict(),  # ablation: SARA on a band of the same width elsewhere, drawn per seed (method_settings)
 )
 ORIGINAL = "original"  # the row of the model before fine-tuning (always in the table)
 # training-free rows: the model of the named run (or the original model) with inference-time routing steering
 STEERED = {"original+steering": ORIGINAL, "plain+steering": "plain", "sara+steering": "sara"}
-DEFAULT_METHODS = "plain,sara,live_kl,frozen_routers,mismatched,original+steering,plain+steering,sara+steering"
+DEFAULT_METHODS = ("plain,sara,live_kl,shifcon,frozen_routers,mismatched,sara_all_layers,sara_random_band,"
+                   "original+steering,plain+steering,sara+steering")
 STATS_FILE = "steering_stats.json"
 # --quick: a 3-layer toy, 2 seeds, one short epoch (the CI test); measured in the test's docstring
 QUICK = ["--model_config={'vocab_size': 4096, 'hidden_size': 32, 'n_layers': 3, 'n_heads': 2, 'n_kv_heads': 1, "
@@ -169,10 +172,31 @@ def run_dir(out_dir, seed, method):
     return os.path.join(out_dir, f"seed{seed}", method)
 
 
+def method_settings(method, settings, seed, cfg):
+    """The train.py settings a method's run adds (METHODS), with the two band ablations resolved against the
+    model's MoE layers: sara_all_layers -> every MoE layer; sara_random_band -> a contiguous band of the SARA
+    band's width at a start drawn per seed (numpy default_rng(1000 + seed)) among the starts whose layers are
+    all MoE layers, never the SARA band's own start. Recorded per run in results.json."""
+    band = list(settings.sara_layer_list) or list(layer_band(*settings.sara_band))
+    if method == "sara_all_layers":
+        return dict(sara_layer_list=list(cfg.moe_layers))
+    if method == "sara_random_band":
+        width = len(band)
+        starts = [s for s in range(cfg.n_layers - width + 1)
+                  if s != min(band) and all(l in cfg.moe_layers for l in range(s, s + width))]
+        if not starts:
+            raise SystemExit(f"compare: sara_random_band: no other band of {width} MoE layers in a model with MoE layers "
+                             f"{cfg.moe_layers} (the SARA band is {band})")
+        start = int(np.random.default_rng(1000 + seed).choice(starts))
+        return dict(sara_layer_list=[], sara_band=(start, start + width - 1))
+    return dict(METHODS[method])
+
+
 def train(args, settings, seed, method, log):
     """One train.py process for (seed, method); the stage-0 base.pt of the seed copied in first."""
     d = run_dir(args.out_dir, seed, method)
-    extra = dict(METHODS.get(method, {}), export_hf=True) if method != "base" else dict(epochs=0, export_hf=False)
+    extra = (dict(method_settings(method, settings, seed, original_config(settings)), export_hf=True) if method != "base"
+             else dict(epochs=0, export_hf=False))
     cmd = shlex.split(args.launcher) if args.launcher else [sys.executable]
     cmd += [os.path.join(ROOT, "train.py"), *args.train_args, flag("seed", seed), flag("out_dir", d),
             flag("log_interval", 1), *[flag(k, v) for k, v in extra.items()]]
@@ -241,6 +265,12 @@ def install_inference(row, model, tok, args, settings, d):
     """What row runs at inference besides its weights, installed on model (model=None: only described).
     -> its description (recorded in eval.json and results.json; a cached eval.json made with another one
     is evaluated again), None for the weights alone. The one place a row's inference hook is chosen."""
+    if METHODS.get(row, {}).get("method") == "shifcon":  # the shift by each row's language, its exported vectors
+        from methods import shifcon
+        desc = dict(kind="shifcon", vectors=os.path.join(d, "hf", shifcon.VECTORS_FILE))
+        if model is not None:
+            shifcon.install_for_inference(model, os.path.join(d, "hf"), settings.train_langs + [settings.anchor_lang])
+        return desc
     if row in STEERED:  # inference-time routing steering, statistics of the steered model itself
         desc = dict(kind="steering", statistics=os.path.join(d, STATS_FILE), **steering_settings(args, settings))
         if model is not None:
@@ -257,6 +287,8 @@ def inference_text(inference):
     """install_inference's description in a few words, for the log and the table."""
     if inference is None:
         return "the weights alone"
+    if inference["kind"] == "shifcon":
+        return "ShifCon's shift by each row's language"
     if inference["kind"] == "steering":
         return (f"{inference['rule']}, strength {inference['strength']:g}, layers {inference['layers'][0]}.."
                 f"{inference['layers'][1]}")
@@ -337,6 +369,11 @@ def original_config(settings):
 # -----------------------------------------------------------------------------
 # the measures
 
+def row_languages(model):
+    """set_rows of a residual hook that needs each row's language (ShifCon's shift), else None."""
+    return getattr(model.residual_hook, "set_rows", None)
+
+
 @torch.no_grad()
 def held_out_ce(model, tok, settings, device):
     """train.py's held-out CE (loop.evaluate): the train_langs' held-out rows, tokenized as train.py does;
@@ -346,8 +383,10 @@ def held_out_ce(model, tok, settings, device):
     rows = [x for x in split(settings)[1] if x["lang"] in settings.train_langs]
     examples, _ = tokenize_samples(tok, rows, settings.max_len, settings.system_prompt or None)
     mb = settings.micro_batch
+    set_rows = row_languages(model)
     out = forward_and_pool(model, [e["input_ids"] for e in examples], labels=[e["labels"] for e in examples],
-                           pad_id=tok.pad_id, batch_size=mb, device=device)
+                           pad_id=tok.pad_id, batch_size=mb, device=device,
+                           before_batch=(lambda rows: set_rows([e["lang"] for e in examples[rows]])) if set_rows else None)
     ce = sum(out.nll[i:i + mb].sum().item() / out.n_targets[i:i + mb].sum().item() * len(examples[i:i + mb])
              for i in range(0, len(examples), mb))
     return ce / max(len(examples), 1)
@@ -359,7 +398,7 @@ def routing_js(model, tok, settings, device):
     from evaluation.routing import routing_distributions, routing_divergence
     val = [x for x in split(settings)[1] if x["lang"] in settings.train_langs + [settings.anchor_lang]]
     dists = routing_distributions(model, tok, val, batch_size=settings.micro_batch, max_len=settings.max_len,
-                                  system=settings.system_prompt or None)
+                                  system=settings.system_prompt or None, set_rows=row_languages(model))
     band = set(settings.sara_layer_list or layer_band(*settings.sara_band))
     rows = routing_divergence(dists, settings.anchor_lang, langs=settings.train_langs, layers=model.config.moe_layers)
     return float(np.mean([r["js_paired"] for r in rows if r["layer"] in band]))
@@ -399,7 +438,7 @@ def evaluate(args, settings, seed, row, log=print):
         raise SystemExit(f"compare: seed {seed}, row {row!r}: {err}") from None
     res = dict(val_ce=held_out_ce(model, tok, settings, device), js_band=routing_js(model, tok, settings, device),
                model=source, inference=inference, eval_dtype=str(next(model.parameters()).dtype))
-    if inference is None:  # the same weights the loop evaluated: the same number (a check of this code)
+    if inference is None or inference["kind"] == "shifcon":  # what the loop evaluated (ShifCon: shifted): the same number
         res["val_ce_loop"] = loop_ce(args, seed, row)
         exact = res["eval_dtype"] == "torch.float32" and settings.dtype == "float32"
         if exact and res["val_ce_loop"] is not None and abs(res["val_ce"] - res["val_ce_loop"]) > CE_TOLERANCE:
@@ -482,7 +521,9 @@ def main(argv):
     text = table(runs, args.rows, args.seeds)
     steered = {r: STEERED[r] for r in args.rows if r in STEERED}
     with open(os.path.join(args.out_dir, "results.json"), "w") as f:
-        json.dump(dict(platform=platform_info(), argv=argv, methods={m: METHODS[m] for m in args.methods}, rows=args.rows,
+        cfg = original_config(settings)
+        json.dump(dict(platform=platform_info(), argv=argv, rows=args.rows,
+                       methods={m: {seed: method_settings(m, settings, seed, cfg) for seed in args.seeds} for m in args.methods},
                        steering=dict(rows=steered, **steering_settings(args, settings)) if steered else None,
                        train_args=args.train_args, seeds=args.seeds, runs=runs, table=text), f, indent=1)
     print(text)

@@ -102,7 +102,8 @@ def main(argv=None):
             stats = steering.load_statistics(s["steering"])
             set_steering_edits = steering.steering_interventions(
                 stats, model.config, s["steering_rule"], s["steering_strength"],
-                steering.parse_layers(s["steering_layers"], model.config), target=s["steering_target"], path=s["steering"])
+                steering.parse_layers(s["steering_layers"], model.config, names=steering.SETTING_FLAGS),
+                target=s["steering_target"], path=s["steering"], names=steering.SETTING_FLAGS)
         except ValueError as err:
             raise ConfigError(f"steering: {err}") from None
         steering.set_steering(model, set_steering_edits)

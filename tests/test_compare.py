@@ -13,7 +13,7 @@ import compare as C
 from compare import table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHODS = ["plain", "sara", "live_kl", "frozen_routers", "mismatched"]
+METHODS = ["plain", "sara", "live_kl", "shifcon", "frozen_routers", "mismatched", "sara_all_layers", "sara_random_band"]
 STEERED = ["original+steering", "plain+steering", "sara+steering"]
 
 
@@ -37,18 +37,23 @@ def test_quick_comparison_then_reanalyse(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["platform"]["torch"] and results["seeds"] == [1, 2]
     runs = {(r["method"], r["seed"]): r for r in results["runs"]}
-    assert len([r for r in runs if r[0] in METHODS]) == 10 and len(runs) == 2 * (len(METHODS) + len(STEERED) + 1)
+    assert len([r for r in runs if r[0] in METHODS]) == 2 * len(METHODS) and len(runs) == 2 * (len(METHODS) + len(STEERED) + 1)
     for seed in (1, 2):  # identical batches, from the runs' own metrics.jsonl
         digests = {m: runs[m, seed]["batches"] for m in METHODS}
         assert len(digests["plain"]) >= 2 and all(d == digests["plain"] for d in digests.values())
     assert runs["plain", 1]["batches"] != runs["plain", 2]["batches"]  # (the seed does pick the order)
     s = {m: runs[m, 1]["settings"] for m in METHODS}  # each method's settings recorded with its results
     assert s["plain"]["lambda_js"] == 0 and s["live_kl"]["method"] == "live_kl" and s["frozen_routers"]["freeze_routers"]
-    assert s["mismatched"]["anchor_shuffle"] and s["sara"]["lambda_js"] > 0
+    assert s["mismatched"]["anchor_shuffle"] and s["sara"]["lambda_js"] > 0 and s["shifcon"]["method"] == "shifcon"
+    assert s["sara_all_layers"]["sara_layer_list"] == [0, 1, 2]  # the quick toy's 3 MoE layers; its SARA band is (1, 1)
+    assert [tuple(runs["sara_random_band", seed]["settings"]["sara_band"]) for seed in (1, 2)] != [(1, 1)] * 2
+    assert all(runs["sara_random_band", seed]["settings"]["sara_band"] in ([0, 0], [2, 2]) for seed in (1, 2))
+    assert results["methods"]["sara_random_band"]["1"]["sara_band"] == runs["sara_random_band", 1]["settings"]["sara_band"]
     assert runs["plain", 1]["val_ce"] != runs["sara", 1]["val_ce"]  # the methods did differ
-    for (m, seed), r in runs.items():  # compare's own held-out CE is the loop's (metrics.jsonl), hook-free rows
+    for (m, seed), r in runs.items():  # compare's own held-out CE is the loop's (metrics.jsonl), ShifCon's shifted
         if m not in STEERED:
-            assert r["inference"] is None and abs(r["val_ce"] - r["val_ce_loop"]) < 1e-4, (m, seed)
+            assert (r["inference"] is None) == (m != "shifcon") and abs(r["val_ce"] - r["val_ce_loop"]) < 1e-4, (m, seed)
+    assert runs["shifcon", 1]["inference"]["kind"] == "shifcon" and os.path.exists(runs["shifcon", 1]["inference"]["vectors"])
     check_steering_rows(out, runs, rule="chen", strength=0.022)
 
     again = compare("--reanalyse", "--quick", "--jobs", "2", "--out_dir", str(out))

@@ -103,7 +103,7 @@ def test_sample_py_steering_flags(ckpt):
     plain = sample.main(base)
     zero = sample.main(base + [f"--steering={str(stats_path)!r}", "--steering_strength=0.0"])
     assert zero == plain
-    with pytest.raises(SystemExit, match="steering: --steering-layers 0,1: layers \\[0\\] are dense"):
+    with pytest.raises(SystemExit, match="steering: --steering_layers 0,1: layers \\[0\\] are dense"):
         sample.main(base + [f"--steering={str(stats_path)!r}", "--steering_layers='0,1'"])
     # the documented SteerMoE call (docs/baselines.md): it runs, (strength 1: this tiny model has 2 experts to promote)
     steered = sample.main(base + [f"--steering={str(stats_path)!r}", "--steering_rule='steermoe'", "--steering_strength=1",
