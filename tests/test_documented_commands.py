@@ -176,6 +176,10 @@ COVERAGE = {
     # methods, steering, the comparison
     "python train.py --method=live_kl --live_kl_alpha=0.1 --live_kl_freeze=early_layers":
         ("tests/test_methods_components.py", "test_train_py_runs_live_kl_with_frozen_routers_and_refuses_a_shuffle_without_anchors"),
+    "python train.py --method=shifcon --out_dir=out/toy_shifcon":
+        ("tests/test_shifcon_inference.py", "test_train_exports_vectors_that_reproduce_the_loops_held_out_ce"),
+    "python sample.py --checkpoint=out/toy_shifcon/hf --prompt=\"Habari\" --lang=sw":
+        ("tests/test_shifcon_inference.py", "test_sample_py_on_the_exported_shifcon_model"),
     "python train.py --freeze_routers=True --lambda_js=0":
         ("tests/test_methods_components.py", "test_train_py_runs_live_kl_with_frozen_routers_and_refuses_a_shuffle_without_anchors"),
     "python train.py --anchor_shuffle=True":

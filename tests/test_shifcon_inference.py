@@ -112,7 +112,7 @@ def test_lang_on_a_checkpoint_without_shifcon_is_an_error(tok, tmp_path):
 def shifcon_run(tmp_path_factory):
     from test_train import run_train, tiny_args
     out = tmp_path_factory.mktemp("toy_shifcon")
-    run_train(tiny_args(out, method="shifcon", sara_band=(1, 1), export_hf=True))
+    run_train(tiny_args(out_dir=out, method="shifcon", sara_band=(1, 1), export_hf=True))  # (a 3-layer toy: band (1, 1))
     return out, tiny_args
 
 
