@@ -23,12 +23,12 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from anchors import forward_and_pool
-from checkpoint import (CheckpointError, all_finite, check_fingerprint, load_training_state, read_checkpoint_meta,
-                        save_training_state)
+from checkpoint import CheckpointError, all_finite
 from data.parallel import collate, step_batches
 from jsonl import JsonlError, append_jsonl, read_jsonl
 from optim import lr_at, make_optimizer
 from step_loss import step_loss
+from training_state import check_fingerprint, load_training_state, read_checkpoint_meta, save_training_state
 
 
 @dataclass

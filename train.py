@@ -38,8 +38,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import dirlock
-from checkpoint import (_read_json, check_fingerprint, CheckpointError, file_digest, load_base, load_model,
-                        recover_checkpoint, save_base, save_hf_state)
+from checkpoint import _read_json, CheckpointError, file_digest, load_base, load_model, save_base, save_hf_state
 from configurator import ConfigError
 from data.parallel import load_parallel_jsonl, split_train_val, tokenize_samples, with_anchor_lang
 from hf_config import config_from_hf
@@ -49,6 +48,7 @@ from model import MoEConfig, MoETransformer
 from provenance import platform_info
 from settings import TOY_TOKENIZER, TrainSettings
 from tokenizer import load_tokenizer, save_hf_tokenizer, toy_chat_format
+from training_state import check_fingerprint, recover_checkpoint
 
 # -----------------------------------------------------------------------------
 # settings: the toy experiment's defaults (settings.py), config files, --key=value; all checked

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import checkpoint
+import training_state
 from checkpoint import (CheckpointError, config_from_hf, config_to_hf, hf_tensor_map, load_model, read_safetensors_header,
                         save_hf, write_safetensors)
 from model import MoEConfig, MoETransformer, phi35_moe_config, qwen3_30b_a3b_config, sample_next_token
@@ -493,28 +494,28 @@ def test_crash_at_each_commit_step_resumes_from_newest_complete(tmp_path, monkey
             def crash_point(name, at, _want=crash):
                 if name == _want:
                     raise _Crash
-            monkeypatch.setattr(checkpoint, "_crash_point", crash_point)
+            monkeypatch.setattr(training_state, "_crash_point", crash_point)
         try:
-            checkpoint.save_training_state(path, model, opt, step, dict(fingerprint={"run": 1}))
+            training_state.save_training_state(path, model, opt, step, dict(fingerprint={"run": 1}))
         except _Crash:
             pass
     monkeypatch.undo()
     model, opt, train_step = _tiny_training()  # a fresh process
-    notes = checkpoint.recover_checkpoint(path)
+    notes = training_state.recover_checkpoint(path)
     assert notes  # what was repaired is reported
     assert not os.path.exists(path + ".tmp") and not os.path.exists(path + ".old")
-    assert checkpoint.load_training_state(path, model, opt) == resumed_step
+    assert training_state.load_training_state(path, model, opt) == resumed_step
     assert all(torch.equal(p, weights[resumed_step][n]) for n, p in model.state_dict().items())
-    assert checkpoint.read_checkpoint_meta(path) == {"fingerprint": {"run": 1}, "step": resumed_step}
+    assert training_state.read_checkpoint_meta(path) == {"fingerprint": {"run": 1}, "step": resumed_step}
     train_step()
-    checkpoint.save_training_state(path, model, opt, 3, dict(fingerprint={"run": 1}))
-    assert checkpoint.checkpoint_step(path) == 3 and not os.path.exists(path + ".old")
+    training_state.save_training_state(path, model, opt, 3, dict(fingerprint={"run": 1}))
+    assert training_state.checkpoint_step(path) == 3 and not os.path.exists(path + ".old")
 
 
 def test_directory_without_complete_marker_is_an_error(tmp_path):
     (tmp_path / "ckpt").mkdir()
     with pytest.raises(CheckpointError, match="without a COMPLETE marker"):
-        checkpoint.recover_checkpoint(tmp_path / "ckpt")
+        training_state.recover_checkpoint(tmp_path / "ckpt")
 
 
 @pytest.mark.parametrize("content, pattern", [

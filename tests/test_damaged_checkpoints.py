@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import checkpoint
+import training_state
 from checkpoint import CheckpointError
 
 # DCP without a process group (one process) warns that it assumes so
@@ -41,16 +42,16 @@ def _train_and_save(path, seed, steps, sharded):
         model(torch.randint(0, 50, (2, 5)), labels=torch.randint(0, 50, (2, 5))).loss.backward()
         opt.step()
         opt.zero_grad()
-    checkpoint.save_training_state(path, model, opt, steps, dict(fingerprint={"run": seed}), sharded=sharded)
+    training_state.save_training_state(path, model, opt, steps, dict(fingerprint={"run": seed}), sharded=sharded)
     return model.state_dict(), opt.state_dict(), torch.get_rng_state()
 
 
 def _resume(path, sharded):
     """What train.py does at start-up: repair, read meta.json, load -> (step, model, optimizer)."""
-    checkpoint.recover_checkpoint(path)
-    checkpoint.read_checkpoint_meta(path)
+    training_state.recover_checkpoint(path)
+    training_state.read_checkpoint_meta(path)
     model, opt = _tiny_training(99)
-    step = checkpoint.load_training_state(path, model, opt, sharded=sharded)
+    step = training_state.load_training_state(path, model, opt, sharded=sharded)
     return step, model, opt
 
 
@@ -192,7 +193,7 @@ def test_crafted_dcp_metadata_runs_no_code(runs, tmp_path):
     model, opt = _tiny_training(0)
     with pytest.raises(CheckpointError, match=r"ckpt/\.metadata: not readable as DCP metadata .*io\.open "
                                               r"is not a class of DCP metadata"):
-        checkpoint.load_training_state(tmp_path / "ckpt", model, opt, sharded=True)
+        training_state.load_training_state(tmp_path / "ckpt", model, opt, sharded=True)
     assert not (tmp_path / "pwned").exists()
 
 
@@ -201,7 +202,7 @@ def test_crafted_plain_data_in_a_shard_runs_no_code(tmp_path):
     weights_only=False; ours does not."""
     import torch.distributed.checkpoint as dcp
     model, opt = _tiny_training(0)
-    checkpoint.save_training_state(tmp_path / "ckpt", model, opt, 1, dict(fingerprint={}), sharded=True)
+    training_state.save_training_state(tmp_path / "ckpt", model, opt, 1, dict(fingerprint={}), sharded=True)
     from torch.distributed.checkpoint.state_dict import get_state_dict
     model_sd, optim_sd = get_state_dict(model, opt)
     evil = tmp_path / "evil"
@@ -209,7 +210,7 @@ def test_crafted_plain_data_in_a_shard_runs_no_code(tmp_path):
     for f in ("COMPLETE", "meta.json", "rng_rank0.pt"):
         shutil.copy(tmp_path / "ckpt" / f, evil / f)
     with pytest.raises(CheckpointError, match=r"evil/__0_0.distcp: not readable .*restore it from a backup"):
-        checkpoint.load_training_state(evil, model, opt, sharded=True)
+        training_state.load_training_state(evil, model, opt, sharded=True)
     assert not (tmp_path / "pwned").exists()
 
 
@@ -221,13 +222,13 @@ def test_wrong_layout_names_the_launch(runs, tmp_path, sharded):
     if sharded:
         with pytest.raises(CheckpointError, match=r"sharded \(FSDP\) checkpoint written by 1 ranks: resume it "
                                                   r"under torchrun --nproc_per_node 1 with parallel=fsdp"):
-            checkpoint.load_training_state(src, model, opt, sharded=False)
+            training_state.load_training_state(src, model, opt, sharded=False)
     else:
         with pytest.raises(CheckpointError, match=r"unsharded state.pt .*resume it with the parallel setting"):
-            checkpoint.load_training_state(src, model, opt, sharded=True)
+            training_state.load_training_state(src, model, opt, sharded=True)
     with pytest.raises(CheckpointError, match=r"rng_rank3.pt: missing: .* written by 1 processes .* this is rank 3: "
                                               r"resume under torchrun --nproc_per_node 1"):
-        checkpoint.load_training_state(src, model, opt, sharded=sharded, rank=3)
+        training_state.load_training_state(src, model, opt, sharded=sharded, rank=3)
 
 
 @pytest.mark.parametrize("sharded", [False, True], ids=["pt", "dcp"])
@@ -244,7 +245,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(CheckpointError, match=r"ckpt.tmp: writing the step-3 checkpoint failed .*No space left "
                                               rf".*{path} still holds step 2. Free disk space"):
-        checkpoint.save_training_state(path, model, opt, 3, dict(fingerprint={"run": 1}), sharded=sharded)
+        training_state.save_training_state(path, model, opt, 3, dict(fingerprint={"run": 1}), sharded=sharded)
     monkeypatch.setattr(torch, "save", real_save)
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no .tmp, no .part left
     step, model, opt = _resume(path, sharded)
@@ -262,12 +263,12 @@ def test_atomic_torch_save_leaves_no_part_file(tmp_path, monkeypatch):
 _SAVE_FOREVER = """
 import sys, warnings
 warnings.filterwarnings("ignore")
-import torch, checkpoint
+import torch, training_state
 from tests.test_damaged_checkpoints import _tiny_training, _weights_of_step
 model, opt = _tiny_training(0)
 for step in range(1, 10**6):
     _weights_of_step(model, step)
-    checkpoint.save_training_state(sys.argv[1], model, opt, step, dict(fingerprint={}), sharded=sys.argv[2] == "1")
+    training_state.save_training_state(sys.argv[1], model, opt, step, dict(fingerprint={}), sharded=sys.argv[2] == "1")
     print(step, flush=True)
 """
 
@@ -297,14 +298,14 @@ def test_signal_during_saves_resumes_a_complete_checkpoint_exactly(tmp_path, sig
     time.sleep(random.Random(f"{sig}{sharded}").uniform(0, 0.05))
     proc.send_signal(getattr(signal, sig))
     proc.wait(timeout=60)
-    checkpoint.recover_checkpoint(path)
+    training_state.recover_checkpoint(path)
     model, opt = _tiny_training(0)
-    step = checkpoint.load_training_state(path, model, opt, sharded=sharded)
+    step = training_state.load_training_state(path, model, opt, sharded=sharded)
     expected, _ = _tiny_training(0)
     _weights_of_step(expected, step)
     assert step >= 2 and _same_state(model.state_dict(), expected.state_dict())
-    checkpoint.save_training_state(path, model, opt, step + 1, dict(fingerprint={}), sharded=sharded)
-    assert checkpoint.checkpoint_step(path) == step + 1 and sorted(os.listdir(tmp_path)) == ["ckpt"]
+    training_state.save_training_state(path, model, opt, step + 1, dict(fingerprint={}), sharded=sharded)
+    assert training_state.checkpoint_step(path) == step + 1 and sorted(os.listdir(tmp_path)) == ["ckpt"]
 
 
 if __name__ == "__main__":  # the table of cases -> outcomes: PYTHONPATH=. python tests/test_damaged_checkpoints.py
