@@ -386,8 +386,9 @@ def _parse_size(size):
 
 
 def _is_ours(name):
-    """Files a save writes or makes stale: weights, their index, config.json."""
-    return name in ("config.json", "model.safetensors.index.json") or (
+    """Files a save writes or makes stale: weights, their index, config.json, and a method's inference file
+    (ShifCon's shifcon.json: a run that writes none must not inherit the vectors of another model)."""
+    return name in ("config.json", "model.safetensors.index.json", "shifcon.json") or (
         name.startswith(("model", "pytorch_model")) and name.endswith((".safetensors", ".bin")))
 
 

@@ -36,6 +36,7 @@ from evaluation.accuracy import (compare_conditions, format_comparison, format_c
 from evaluation.benchmarks import BENCHMARKS, PROTOCOLS, check_protocol, item_prompt, load_benchmarks, load_templates
 from evaluation.figures import FIGURES_SKIPPED, plot_routing
 from evaluation.generate import encode_prompt, make_generative_responder, make_loglik_responder, peek_context
+from methods import shifcon
 from evaluation.routing import (METRICS, band_divergence_change, band_from_rows, format_routing, models_in,
                                 read_routing_csv, routing_distributions, routing_divergence, write_routing_csv)
 from model import context_problem, sampling_problems
@@ -89,6 +90,10 @@ def check_bench_args(args):
                          "model unsteered; pass --checkpoint instead")
     if not args.steering and (args.steering_layers or args.steering_target):
         raise SystemExit("--steering-layers/--steering-target need --steering FILE")
+    if args.engine_url and args.checkpoint and args.shifcon != "off" and shifcon.find_vectors(args.checkpoint):
+        raise SystemExit(f"--checkpoint {args.checkpoint} is a ShifCon model ({shifcon.VECTORS_FILE}): a serving engine "
+                         "(--engine-url) runs its weights without the shift, which is not ShifCon; evaluate it with "
+                         "--checkpoint alone (the built-in generator), or pass --shifcon off to mean the unshifted weights")
     if not args.checkpoint and not args.engine_url:
         raise SystemExit("bench needs --checkpoint, or --engine-url and --engine-model")
     if args.engine_url:  # the URL (never echoed: it may hold a password) and the client's settings, up front
@@ -188,9 +193,8 @@ def make_responder(args, items, templates):
 def shifcon_hook(model, checkpoint, langs, mode):
     """A ShifCon checkpoint (shifcon.json next to its weights) runs with its shift unless --shifcon off
     (methods/shifcon.install_for_inference); said on stderr either way. -> the hook or None."""
-    from methods import shifcon
     try:
-        hook = shifcon.install_for_inference(model, checkpoint, langs, mode)
+        hook = shifcon.install_for_inference(model, checkpoint, langs, mode, unshifted="pass --shifcon off")
     except ValueError as err:
         raise SystemExit(f"--checkpoint {checkpoint}: {err}") from None
     path = shifcon.find_vectors(checkpoint)
@@ -232,7 +236,7 @@ def cmd_bench(args):
                 max_new_tokens=args.max_new_tokens, seed=args.seed, templates=args.templates, system=args.system,
                 steering=dict(file=args.steering, rule=args.steering_rule, strength=args.steering_strength,
                               layers=args.steering_layers, target=args.steering_target) if args.steering else None,
-                shifcon=args.shifcon if args.checkpoint and Path(args.checkpoint, "shifcon.json").is_file() else None,
+                shifcon=args.shifcon if args.checkpoint and not args.engine_url and shifcon.find_vectors(args.checkpoint) else None,
                 platform=platform_info(None if args.engine_url else args.device))
     out = args.out or f"results/{args.benchmark}-{args.protocol}-{label.replace('/', '-')}"
     write_bench_outputs(out, records, summary, meta)

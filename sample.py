@@ -93,7 +93,8 @@ def main(argv=None):
     check_context(model.config.max_position_embeddings)
     if is_shifcon:  # its layers were trained shifted: the prompt's language decides the shift
         try:
-            shifcon.install_for_inference(model, s["checkpoint"], [s["lang"]]).set_rows(s["lang"])
+            shifcon.install_for_inference(model, s["checkpoint"], [s["lang"]],
+                                          unshifted="pass its English code as --lang").set_rows(s["lang"])
         except ValueError as err:
             raise ConfigError(f"lang={s['lang']!r} ({sources['lang']}): {err}") from None
     if s["steering"]:  # inference-time routing steering (methods/steering.py), through router.RoutingIntervention

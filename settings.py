@@ -58,6 +58,8 @@ class TrainSettings:
     shifcon_ce_weight: float = 0.5  # method=shifcon: weight of L_CE (their pipeline's 0.5)
     shifcon_contrastive_weight: float = 2.0  # method=shifcon: weight of the contrastive term (their 2.0); 0 = the shift alone
     shifcon_scale: float = 1.0  # method=shifcon: InfoNCE logits = scale * e g^T (their 1.0)
+    shifcon_contrastive_batch: int = 12  # method=shifcon: pairs of one language in each micro-batch's contrastive batch (their 12)
+    shifcon_contrastive_max_len: int = 128  # method=shifcon: tokens kept of each contrastive row (theirs: English 100, target 256)
     freeze_routers: bool = False  # control: every router gate weight W_g frozen (any method; with lambda_js=0: plain + frozen)
     anchor_shuffle: bool = False  # control (sara, offline): each training row anchored on another item's anchor
     # optimisation
@@ -177,6 +179,7 @@ RULES = dict(
     shifcon_positions=lambda v: None if len(v) == 0 or (len(v) == 2 and all(type(x) is int for x in v) and 0 < v[0] < v[1])
     else "must be () (from the band) or a pair (l_f, l_b) of residual positions with 0 < l_f < l_b",
     shifcon_ce_weight=_positive, shifcon_contrastive_weight=in_range(0, math.inf), shifcon_scale=_positive,
+    shifcon_contrastive_batch=at_least(2), shifcon_contrastive_max_len=at_least(2),
     live_kl_alpha=in_range(0, math.inf), live_kl_freeze=one_of("early_layers", "routers", "none"),
     epochs=at_least(0), global_batch=at_least(1), micro_batch=at_least(1), lr=_positive,
     warmup_frac=in_range(0, 1), min_lr_frac=in_range(0, 1), weight_decay=at_least(0),

@@ -76,6 +76,9 @@ except (OSError, ValueError, TypeError) as err:  # (CheckpointError and JSON err
 band_layers, band = sara.band_positions(s, sources, model_cfg.moe_layers)  # band: positions in out.router_logits
 shifcon_positions = None
 if s.method == "shifcon":  # the shift's residual positions must exist in this model (l_b - 1 is a decoder layer)
+    if not s.shifcon_positions and sorted(band_layers) != list(range(min(band_layers), max(band_layers) + 1)):
+        raise ConfigError(f"sara_layer_list={s.sara_layer_list!r} ({sources['sara_layer_list']}): ShifCon shifts a contiguous "
+                          "run of layers; its default positions come from a contiguous band: set shifcon_positions=(l_f, l_b)")
     shifcon_positions = tuple(s.shifcon_positions) or shifcon.default_positions(band_layers)
     if shifcon_positions[1] > model_cfg.n_layers:
         _key = "shifcon_positions" if s.shifcon_positions else ("sara_layer_list" if s.sara_layer_list else "sara_band")
@@ -317,7 +320,8 @@ log(f"stage 3: {n_steps} steps ({s.epochs} epochs x {steps_per_epoch}), method={
 # (method "sara" is left out of the fingerprint: checkpoints written before the setting existed still resume)
 # (settings added later enter only when set, so that older checkpoints still resume)
 _later = dict(method="sara", live_kl_alpha=0.1, live_kl_freeze="early_layers", freeze_routers=False, anchor_shuffle=False,
-              shifcon_positions=(), shifcon_ce_weight=0.5, shifcon_contrastive_weight=2.0, shifcon_scale=1.0)
+              shifcon_positions=(), shifcon_ce_weight=0.5, shifcon_contrastive_weight=2.0, shifcon_scale=1.0,
+              shifcon_contrastive_batch=12, shifcon_contrastive_max_len=128)
 run_id = fingerprint(_shared_keys + ["anchor_lang", "lambda_js", "lambda_lb", "anchor_mode", "epochs", "lr", "router_clean_logits"]
                      + [k for k, v in _later.items() if getattr(s, k) != v], model=model_digest, band=band_layers)
 _phase = dict(sara="sara" if s.lambda_js > 0 else "finetune", live_kl="live_kl" if s.live_kl_alpha > 0 else "finetune",

@@ -188,6 +188,7 @@ class LanguagePrior(Component):
 
     def __init__(self, model, prior, inner=None):
         self.model, self.prior, self.inner = model, prior, inner
+        self.ce_weight = inner.ce_weight if inner is not None else 1.0
         self._stack = contextlib.ExitStack()
 
     def begin_step(self, micro_batches, run):

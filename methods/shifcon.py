@@ -48,6 +48,7 @@ Decisions (ours):
 import json
 import math
 import os
+import random
 
 import torch
 import torch.distributed as dist
@@ -193,8 +194,11 @@ class LanguageVectors:
             lang, _, p = key.rpartition("@")
             if not lang or not p.isdigit() or not isinstance(entry, dict) or set(entry) != {"sum", "count"}:
                 raise ValueError(f"{where}: entry {key!r} must be 'lang@position': {{'sum': [...], 'count': n}}")
-            s = torch.tensor(entry["sum"], dtype=torch.float64)
-            if s.dim() != 1 or not torch.isfinite(s).all() or not isinstance(entry["count"], int) or entry["count"] < 1:
+            try:
+                s = torch.tensor(entry["sum"], dtype=torch.float64)
+            except (TypeError, ValueError, RuntimeError):
+                raise ValueError(f"{where}: entry {key!r}: 'sum' must be a list of numbers") from None
+            if s.dim() != 1 or not torch.isfinite(s).all() or type(entry["count"]) is not int or entry["count"] < 1:
                 raise ValueError(f"{where}: entry {key!r} needs a finite vector and a count >= 1")
             out._sum[(lang, int(p))], out._count[(lang, int(p))] = s, entry["count"]
         return out
@@ -219,8 +223,9 @@ class ShiftHook:
         before decoder layer back − 1:     h <- h − v_English[back] + v_lang[back]
     (the vector measured at position p applied to the input of layer p − 1; see the module docstring).
     set_rows(langs) before every forward: one language code per row of the batch (None or English: the row
-    is untouched, bit for bit), or one code for all rows (generation, where the batch size changes). A
-    forward whose row count differs from the codes given is an error, never a silent misalignment.
+    is untouched, bit for bit; the list serves that one forward), or one code for all rows and every
+    forward (generation, where the batch size changes). A forward whose row count differs from the codes
+    given, or a second forward without new codes, is an error, never a silent misalignment.
     record: residual positions whose input (B, T, H) is kept in .recorded, with its graph, at each forward
     (the training component reads its contrastive term and vector updates from them). Install with
     model.residual_hook = hook (None afterwards)."""
@@ -256,6 +261,8 @@ class ShiftHook:
         if p == 0:
             self.recorded = {}
             self._prepare(x_BTH)
+            if not isinstance(self.rows, str):  # one batch's languages serve one forward: a stale list is never reused
+                self.rows = None
         if p in self.record:
             self.recorded[p] = x_BTH
         if p not in self._table:
@@ -328,19 +335,30 @@ def default_positions(band_layers):
 
 
 class ShifCon(Component):
-    """ShifCon in the loop. One forward per micro-batch of [target rows (shifted); their English sources;
-    unshifted copies of the target rows], the last two with labels -100: L_CE is over the target rows
-    (shifted, as in their instruction batch); the contrastive term and the vector updates read the
-    unshifted English and target hidden states (their contrastive batch runs without the shift).
-    Language vectors: a running mean over batches (the batches of one pass of the original model over
-    the training pairs, then every (micro-batch, language) group of training), fixed within a step and
-    updated at its end from every rank's groups (identical on every rank)."""
+    """ShifCon in the loop. Every micro-batch's ONE forward holds [the micro-batch's rows (shifted, with
+    labels: L_CE, their instruction batch); a contrastive batch of up to `contrastive_batch` training pairs
+    of ONE language: their English sources, then their target rows (unshifted, labels -100: their
+    separate contrastive batch, run without the shift)], the contrastive rows cut to `contrastive_max_len`
+    tokens. The contrastive batch's language is that of the micro-batch's first row; its pairs are drawn
+    without replacement from that language's training pairs by a generator seeded with (seed, the
+    micro-batch's ids), so a resumed run draws the same ones. The contrastive term and the language-vector
+    updates read the contrastive batch's hidden states.
+    Language vectors: a running mean over batches (one pass of the original model over the training pairs,
+    then every contrastive batch of training), fixed within a step and updated at its end from every rank's
+    batches (identical on every rank)."""
 
-    def __init__(self, hook, langs, band, hidden_size, scale, ce_weight, contrastive_weight):
+    def __init__(self, hook, pairs, band, hidden_size, scale, ce_weight, contrastive_weight, contrastive_batch=12,
+                 contrastive_max_len=128, seed=0):
         self.hook, self.band, self.scale = hook, band, scale
         self.ce_weight, self.weight = ce_weight, contrastive_weight
-        self.keys = [(lang, p) for lang in list(langs) + [hook.english] for p in (hook.forward, hook.back)]
+        self.pairs = {}  # lang -> the training rows of that language with an English source
+        for e in pairs:
+            if e["has_anchor"]:
+                self.pairs.setdefault(e["lang"], []).append(e)
+        self.contrastive_batch, self.contrastive_max_len, self.seed = contrastive_batch, contrastive_max_len, seed
+        self.keys = [(lang, p) for lang in sorted(self.pairs) + [hook.english] for p in (hook.forward, hook.back)]
         self.hidden_size = hidden_size
+        self._contrast = None  # (lang, number of pairs) of the current micro-batch's contrastive batch
         self._reset_pending()
 
     def _reset_pending(self):
@@ -358,36 +376,47 @@ class ShifCon(Component):
         forward, back = positions
         core = net.module if hasattr(net, "module") else net
         hook = ShiftHook(LanguageVectors(), forward, back, s.anchor_lang, record=range(forward, back + 1))
-        self = cls(hook, s.train_langs, band, core.config.hidden_size, s.shifcon_scale, s.shifcon_ce_weight,
-                   s.shifcon_contrastive_weight)
+        self = cls(hook, examples, band, core.config.hidden_size, s.shifcon_scale, s.shifcon_ce_weight,
+                   s.shifcon_contrastive_weight, s.shifcon_contrastive_batch, s.shifcon_contrastive_max_len, s.seed)
+        missing = [lang for lang in s.train_langs if lang not in self.pairs]
+        if missing:  # (train.py checks this before the model loads)
+            raise ValueError(f"ShifCon: no training pair of {missing}: no language vector to shift by")
         core.residual_hook = hook
         from data.parallel import collate
         was_training = net.training
         net.eval()
-        pairs = [e for e in examples if e["has_anchor"]]
         with torch.no_grad():
-            for lang in s.train_langs:
-                rows = [e for e in pairs if e["lang"] == lang]
+            for lang in sorted(self.pairs):
+                rows = self.pairs[lang]
                 for i in range(0, len(rows), s.micro_batch):
-                    chunk = rows[i:i + s.micro_batch]
-                    seqs = [dict(input_ids=e["input_ids"], labels=[IGNORE_INDEX] * len(e["input_ids"])) for e in chunk]
-                    seqs += [dict(input_ids=e["anchor_input_ids"], labels=[IGNORE_INDEX] * len(e["anchor_input_ids"]))
-                             for e in chunk]
+                    seqs = self._contrast_rows(rows[i:i + s.micro_batch])
                     batch = {k: v.to(run.dist.device) for k, v in collate(seqs, run.pad_id).items()}
                     hook.set_rows([None] * len(seqs))
                     with run.autocast:
                         net(batch["input_ids"], attention_mask=batch["attention_mask"] if len(seqs) > 1 else None)
                     if run.dist.rank == 0:
-                        n, mask = len(chunk), batch["attention_mask"]
-                        self._gather(lang, list(range(n)), list(range(n, 2 * n)), mask)
+                        n = len(seqs) // 2
+                        self._gather(lang, list(range(n, 2 * n)), list(range(n)), batch["attention_mask"])
         net.train(was_training)
+        hook.recorded = {}
         if hasattr(net, "reshard"):  # FSDP2 keeps the root's parameters gathered after a forward no backward follows
             net.reshard()
         self.end_step(run)
-        missing = [lang for lang in s.train_langs if not any(e["lang"] == lang for e in pairs)]
-        if missing:  # checked by train.py before the model loads; kept here for other callers
-            raise ValueError(f"ShifCon: no training pair of {missing}: no language vector to shift by")
         return self
+
+    def _contrast_rows(self, pairs):
+        """[English sources; target rows] of the pairs, cut to contrastive_max_len tokens, labels -100."""
+        cut = self.contrastive_max_len
+        return ([dict(input_ids=e["anchor_input_ids"][:cut], labels=[IGNORE_INDEX] * len(e["anchor_input_ids"][:cut]))
+                 for e in pairs]
+                + [dict(input_ids=e["input_ids"][:cut], labels=[IGNORE_INDEX] * len(e["input_ids"][:cut])) for e in pairs])
+
+    def contrastive_pairs(self, micro):
+        """The contrastive batch of a micro-batch: pairs of its first row's language, a seeded draw (see the class)."""
+        lang = micro[0]["lang"]
+        pool = self.pairs.get(lang, [])
+        rng = random.Random(f"{self.seed}:" + " ".join(e["id"] for e in micro))
+        return lang, rng.sample(pool, min(self.contrastive_batch, len(pool)))
 
     def _gather(self, lang, target_rows, english_rows, mask_BT):
         """Add one batch of `lang` (target rows and their English rows of the last forward) to the step's sums."""
@@ -403,34 +432,28 @@ class ShifCon(Component):
                     counts[k] += 1
 
     def extend_batch(self, micro):
-        """The English sources of the anchored rows, then unshifted copies of those rows; labels all -100."""
-        paired = [e for e in micro if e["has_anchor"]]
-        return ([dict(input_ids=e["anchor_input_ids"], labels=[IGNORE_INDEX] * len(e["anchor_input_ids"])) for e in paired]
-                + [dict(input_ids=e["input_ids"], labels=[IGNORE_INDEX] * len(e["input_ids"])) for e in paired])
+        """The micro-batch's contrastive batch: English sources, then target rows; labels all -100."""
+        lang, pairs = self.contrastive_pairs(micro)
+        self._contrast = (lang, len(pairs))
+        return self._contrast_rows(pairs)
 
     def set_rows(self, langs):
         self.hook.set_rows(langs)
 
     def loss(self, out, batch, net, run):
-        examples, n = batch["examples"], len(batch["examples"])
-        paired = [i for i, e in enumerate(examples) if e["has_anchor"]]
-        k, mask = len(paired), batch["mask"]
-        groups = {}  # their contrastive batch is of ONE language: pairs grouped by language
-        for j, i in enumerate(paired):
-            groups.setdefault(examples[i]["lang"], []).append(j)
-        terms = []
-        for lang, js in groups.items():
-            english_rows, target_rows = [n + j for j in js], [n + k + j for j in js]
+        n, (lang, k), mask = len(batch["examples"]), self._contrast, batch["mask"]
+        english_rows, target_rows = list(range(n, n + k)), list(range(n + k, n + 2 * k))
+        value = torch.zeros((), device=out.loss.device)
+        if k >= 1:
             self._gather(lang, target_rows, english_rows, mask)
-            if len(js) < 2:  # one pair has no negative: InfoNCE is log 1 = 0
-                continue
+        if k >= 2:  # (one pair has no negative: InfoNCE is log 1 = 0)
             en_idx, tgt_idx = (torch.tensor(r, device=out.loss.device) for r in (english_rows, target_rows))
             positions = range(self.hook.forward, self.hook.back)
-            terms.append(shifcon_contrastive(
+            value = shifcon_contrastive(
                 [self.hook.recorded[p][en_idx].float() for p in positions], None if mask is None else mask[en_idx],
                 [self.hook.recorded[p][tgt_idx].float() for p in positions], None if mask is None else mask[tgt_idx],
-                self.scale))
-        value = torch.stack(terms).mean() if terms else torch.zeros((), device=out.loss.device)
+                self.scale)
+        self.hook.recorded = {}  # (the graph keeps what the backward needs; nothing else stays alive)
         return dict(contrastive=Term(value, self.weight))
 
     def end_step(self, run):
@@ -475,11 +498,12 @@ class ShifCon(Component):
         return [path]
 
 
-def install_for_inference(model, checkpoint, langs, mode="auto"):
+def install_for_inference(model, checkpoint, langs, mode="auto", unshifted="run it with its shift off"):
     """The shift of a ShifCon checkpoint (its shifcon.json) on model.residual_hook, for eval.py and sample.py.
     -> the ShiftHook (call .set_rows(lang) before each language's prompts), or None: no shifcon.json, or
     mode "off" (the model run without its shift, for analysis). A language without a vector is an error
-    before any prompt runs. Languages are matched exactly, as in the training data."""
+    before any prompt runs (its remedy, `unshifted`, in the caller's words). Languages are matched exactly,
+    as in the training data."""
     path = find_vectors(checkpoint)
     if path is None or mode == "off":
         return None
@@ -487,6 +511,6 @@ def install_for_inference(model, checkpoint, langs, mode="auto"):
     unknown = [l for l in langs if l != hook.english and l not in hook.vectors.languages()]
     if unknown:
         raise ValueError(f"{path}: no language vector for {unknown} (it has {hook.vectors.languages()}): this ShifCon "
-                         "model was not trained on them; evaluate it with its shift off to run them unshifted")
+                         f"model was not trained on them; {unshifted} to run them unshifted")
     model.residual_hook = hook
     return hook

@@ -22,6 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(vocab_size=4096, hidden_size=32, n_layers=4, n_heads=2, n_kv_heads=1, intermediate_size=64, n_experts=4,
             top_k=2, moe_intermediate_size=32, qk_norm=True, router_aux_loss_coef=0.01)
 POSITIONS = (2, 4)  # layers 1 and 2 run shifted; the contrastive term on positions 2 and 3
+CUT = 24  # shifcon_contrastive_max_len here
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,8 @@ def fresh_model():
 
 def make_run(tmp_path=None, **kw):
     s = TrainSettings(**{**dict(global_batch=4, micro_batch=4, log_interval=1, eval_interval=1000, ckpt_interval=1000,
-                                lr=3e-3, train_langs=["sw", "hi"], lambda_lb=0.0), **kw})
+                                lr=3e-3, train_langs=["sw", "hi"], lambda_lb=0.0, shifcon_contrastive_batch=4,
+                                shifcon_contrastive_max_len=CUT), **kw})
     path = None
     if tmp_path is not None:
         tmp_path.mkdir(parents=True, exist_ok=True)
@@ -71,37 +73,43 @@ def info_nce64(e_BH, t_BH):
     return 0.5 * (F.cross_entropy(logits, diag) + F.cross_entropy(logits.T, diag))
 
 
-def test_one_forward_equals_their_separate_forwards_value_and_gradient(examples):
-    """[target rows shifted; English rows; target copies] in ONE forward gives the loss (0.5 CE + 2 contrastive)
-    and the gradient of: CE of a shifted forward of the target rows alone + the contrastive term of separate,
-    unshifted, unpadded forwards of every sequence (float64 pooling and InfoNCE)."""
-    micro = [e for e in examples if e["lang"] == "sw"][:4]
-    assert len(micro) == 4 and all(e["has_anchor"] for e in micro)
-    model, run = fresh_model(), make_run()
-    method = ShifCon.prepare(run, model, examples, [1, 2], POSITIONS)
-    vectors = method.hook.vectors
-    # ours: the loop's one forward
+def loop_forward(method, model, micro):
+    """What loop.micro_steps does for one micro-batch: extend, set the rows' languages, one forward."""
     extra = method.extend_batch(micro)
     method.set_rows([e["lang"] for e in micro] + [None] * len(extra))
     batch = collate(micro + extra, 0)
-    batch.update(examples=micro, mask=batch["attention_mask"])
-    out = model(batch["input_ids"], attention_mask=batch["mask"], labels=batch["labels"])
+    batch.update(examples=micro, mask=batch["attention_mask"] if len(micro) + len(extra) > 1 else None)
+    return model(batch["input_ids"], attention_mask=batch["mask"], labels=batch["labels"]), batch
+
+
+def test_one_forward_equals_their_separate_forwards_value_and_gradient(examples):
+    """[micro-batch rows shifted; contrastive batch: English sources, target rows, unshifted] in ONE forward gives
+    the loss (0.5 CE + 2 contrastive) and the gradient of: CE of a shifted forward of the micro-batch alone + the
+    contrastive term of separate, unshifted, unpadded forwards of every contrastive sequence, cut to
+    contrastive_max_len tokens (float64 pooling and InfoNCE): their two batches, written out."""
+    micro = examples[:4]  # sw, hi, sw, hi: the contrastive batch is of sw, the first row's language
+    model, run = fresh_model(), make_run()
+    method = ShifCon.prepare(run, model, examples, [1, 2], POSITIONS)
+    vectors = method.hook.vectors
+    lang, pairs = method.contrastive_pairs(micro)
+    assert lang == "sw" and len(pairs) == 4 and all(e["lang"] == "sw" for e in pairs) and len({e["id"] for e in pairs}) == 4
+    assert method.contrastive_pairs(micro) == (lang, pairs)  # a seeded draw: a resumed run draws the same pairs
+    assert max(len(e["input_ids"]) for e in pairs) > CUT  # the cut is exercised
+    out, batch = loop_forward(method, model, micro)
     term = method.loss(out, batch, model, run)["contrastive"]
     ours = method.ce_weight * out.loss + term.weight * term.value
     model.zero_grad()
     ours.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    # theirs: separate forwards
-    model.residual_hook = shift_hook(vectors, ["sw"] * 4, *POSITIONS)
+    # theirs: the instruction batch shifted, alone; every contrastive sequence alone, unshifted
+    model.residual_hook = shift_hook(vectors, [e["lang"] for e in micro], *POSITIONS)
     target_only = collate(micro, 0)
     ce = model(target_only["input_ids"], attention_mask=target_only["attention_mask"], labels=target_only["labels"]).loss
-    model.residual_hook = None  # (the unshifted forwards below)
-    per_position = []
-    en = [hidden_alone(model, e["anchor_input_ids"], range(*POSITIONS)) for e in micro]
-    tg = [hidden_alone(model, e["input_ids"], range(*POSITIONS)) for e in micro]
-    for p in range(*POSITIONS):
-        per_position.append(info_nce64(torch.stack([unit64(h[p]) for h in en]), torch.stack([unit64(h[p]) for h in tg])))
-    contrastive = torch.stack(per_position).mean()
+    model.residual_hook = None
+    en = [hidden_alone(model, e["anchor_input_ids"][:CUT], range(*POSITIONS)) for e in pairs]
+    tg = [hidden_alone(model, e["input_ids"][:CUT], range(*POSITIONS)) for e in pairs]
+    contrastive = torch.stack([info_nce64(torch.stack([unit64(h[p]) for h in en]), torch.stack([unit64(h[p]) for h in tg]))
+                               for p in range(*POSITIONS)]).mean()
     theirs = 0.5 * ce.double() + 2.0 * contrastive
     assert out.loss.item() == pytest.approx(ce.item(), rel=1e-5)
     assert term.value.item() == pytest.approx(contrastive.item(), rel=1e-4) and term.value.item() > 0
@@ -114,40 +122,44 @@ def test_one_forward_equals_their_separate_forwards_value_and_gradient(examples)
     assert grads["embed_tokens.weight"].abs().sum() > 0
 
 
-def test_language_vectors_start_from_the_original_model_and_take_each_groups_batch_mean(examples):
+def test_a_micro_batch_of_one_row_still_has_its_contrastive_batch(examples):
+    """The paper-scale configs use micro_batch=1: the contrastive term must not vanish there."""
+    model, run = fresh_model(), make_run(micro_batch=1, global_batch=1)
+    method = ShifCon.prepare(run, model, examples, [1, 2], POSITIONS)
+    out, batch = loop_forward(method, model, examples[1:2])
+    term = method.loss(out, batch, model, run)["contrastive"]
+    assert method.contrastive_pairs(examples[1:2])[0] == "hi" and term.value.item() > 0.1
+
+
+def test_language_vectors_start_from_the_original_model_and_take_each_contrastive_batch_mean(examples):
     model, run = fresh_model(), make_run()
     method = ShifCon.prepare(run, model, examples, [1, 2], POSITIONS)
     v = method.hook.vectors
     sw = [e for e in examples if e["lang"] == "sw"]
     model.eval()
-    with torch.no_grad():  # prepare: batches of micro_batch = 4 rows of one language, the original model
+    with torch.no_grad():  # prepare: batches of micro_batch = 4 pairs of one language, the original model, cut
         chunks = [sw[i:i + 4] for i in range(0, len(sw), 4)]
-        want = torch.stack([torch.stack([unit64(hidden_alone(model, e["input_ids"], [2])[2]) for e in c]).mean(0)
+        want = torch.stack([torch.stack([unit64(hidden_alone(model, e["input_ids"][:CUT], [2])[2]) for e in c]).mean(0)
                             for c in chunks]).mean(0)
     assert v.sums_and_counts()[("sw", 2)][1] == len(chunks)
     torch.testing.assert_close(v.vector("sw", 2), want, rtol=1e-5, atol=1e-6)
-    # one training micro-batch: each language's group adds one batch mean (target copies and English rows)
+    # one training micro-batch: its contrastive batch adds one batch mean to its language and to English
     model.train()
     micro = examples[:4]
-    old = {k: v.sums_and_counts()[k] for k in [("sw", 4), ("en", 4)]}
-    extra = method.extend_batch(micro)
-    method.set_rows([e["lang"] for e in micro] + [None] * len(extra))
-    batch = collate(micro + extra, 0)
-    batch.update(examples=micro, mask=batch["attention_mask"])
-    method.loss(model(batch["input_ids"], attention_mask=batch["mask"], labels=batch["labels"]), batch, model, run)
+    old = {k: v.sums_and_counts()[k] for k in [("sw", 4), ("en", 4), ("hi", 4)]}
+    out, batch = loop_forward(method, model, micro)
+    method.loss(out, batch, model, run)
     assert v.sums_and_counts()[("sw", 4)][1] == old[("sw", 4)][1]  # fixed within the step
     method.end_step(run)
-    groups = {}
-    for e in micro:
-        groups.setdefault(e["lang"], []).append(e)
+    _, pairs = method.contrastive_pairs(micro)
     with torch.no_grad():
-        sw_mean = torch.stack([unit64(hidden_alone(model, e["input_ids"], [4])[4]) for e in groups["sw"]]).mean(0)
-        en_means = [torch.stack([unit64(hidden_alone(model, e["anchor_input_ids"], [4])[4]) for e in g]).mean(0)
-                    for g in groups.values()]
+        sw_mean = torch.stack([unit64(hidden_alone(model, e["input_ids"][:CUT], [4])[4]) for e in pairs]).mean(0)
+        en_mean = torch.stack([unit64(hidden_alone(model, e["anchor_input_ids"][:CUT], [4])[4]) for e in pairs]).mean(0)
     s, c = old[("sw", 4)]
     torch.testing.assert_close(v.vector("sw", 4), (s + sw_mean) / (c + 1), rtol=1e-5, atol=1e-6)
     s, c = old[("en", 4)]
-    torch.testing.assert_close(v.vector("en", 4), (s + sum(en_means)) / (c + len(groups)), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(v.vector("en", 4), (s + en_mean) / (c + 1), rtol=1e-5, atol=1e-6)
+    assert v.sums_and_counts()[("hi", 4)][1] == old[("hi", 4)][1]  # hi rows were trained on, not contrasted
 
 
 def test_resume_restores_the_vectors_and_equals_the_uninterrupted_run(tmp_path, examples):
@@ -191,8 +203,13 @@ def test_rows_must_be_set_before_every_forward_and_match_the_batch():
     model.residual_hook = hook
     with pytest.raises(ValueError, match="a batch of 3 rows, but 2 languages"):
         model(torch.zeros(3, 5, dtype=torch.long))
-    hook.set_rows("sw")  # one code: every row of any batch (generation)
+    hook.set_rows(["sw", "en", "sw"])
     model(torch.zeros(3, 5, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="not set before the forward"):  # a list serves ONE forward: never stale
+        model(torch.zeros(3, 5, dtype=torch.long))
+    hook.set_rows("sw")  # one code: every row of any batch, every forward (generation)
+    model(torch.zeros(3, 5, dtype=torch.long))
+    model(torch.zeros(2, 5, dtype=torch.long))
     hook.set_rows(["xx"])
     with pytest.raises(KeyError, match="no language vector for language 'xx'"):
         model(torch.zeros(1, 5, dtype=torch.long))
@@ -210,7 +227,12 @@ def test_export_file_round_trips_and_damaged_files_are_named(tmp_path, examples)
                             (dict(format="x"), "not a ShifCon vectors file"),
                             (dict(english="de"), "no vectors for its English language 'de'"),
                             (dict(vectors={**good["vectors"], "sw@2": dict(sum=[1.0] * 31, count=1)}), "sw@2 has 31 values"),
-                            (dict(vectors={**good["vectors"], "sw@2": dict(sum=[float("nan")] * 32, count=1)}), "finite")]:
+                            (dict(vectors={**good["vectors"], "sw@2": dict(sum=[float("nan")] * 32, count=1)}), "finite"),
+                            (dict(vectors={**good["vectors"], "sw@2": dict(sum=[None] * 32, count=1)}),
+                             "entry 'sw@2': 'sum' must be a list of numbers"),
+                            (dict(vectors={**good["vectors"], "sw@2": dict(sum=["a"] * 32, count=1)}),
+                             "entry 'sw@2': 'sum' must be a list of numbers"),
+                            (dict(vectors={**good["vectors"], "sw@2": dict(sum=[1.0] * 32, count=True)}), "count >= 1")]:
         json.dump({**good, **change}, open(tmp_path / "bad.json", "w"))
         with pytest.raises(ValueError, match=pattern):
             load_shift_hook(str(tmp_path / "bad.json"), model.config)

@@ -64,9 +64,24 @@ def test_bench_runs_each_language_shifted_by_its_own_vectors(shifcon_checkpoint,
 
 def test_a_language_without_a_vector_is_refused_before_any_prompt(shifcon_checkpoint, tmp_path, monkeypatch):
     monkeypatch.setattr(E, "run_benchmark", lambda *a, **k: pytest.fail("a prompt ran"))
-    with pytest.raises(SystemExit, match=r"no language vector for \['bn'\]"):
+    with pytest.raises(SystemExit, match=r"no language vector for \['bn'\].*pass --shifcon off"):
         E.main(["bench", "--checkpoint", str(shifcon_checkpoint), "--benchmark", "mgsm", "--data", str(FIX / "mgsm"),
                 "--langs", "sw,bn", "--protocol", "generative", "--runs", "1", "--max-new-tokens", "2"])
+
+
+def test_a_serving_engine_is_refused_for_a_shifcon_checkpoint(shifcon_checkpoint):
+    """An engine runs the weights without the shift: not ShifCon, so refused before any request (--shifcon off:
+    the unshifted weights, said so)."""
+    with pytest.raises(SystemExit, match="is a ShifCon model .* runs its weights without the shift"):
+        E.main(["bench", "--checkpoint", str(shifcon_checkpoint), "--engine-url", "http://127.0.0.1:9/v1",
+                "--engine-model", "m", "--benchmark", "mgsm", "--data", str(FIX / "mgsm"), "--langs", "sw"])
+
+
+def test_an_export_over_a_shifcon_directory_drops_its_vectors(shifcon_checkpoint, tok, tmp_path):
+    """A run that writes no vectors, exported into a directory that held another model's, must not inherit them."""
+    shutil.copytree(shifcon_checkpoint, tmp_path / "hf")
+    save_hf(tiny_model(tok, seed=1), tmp_path / "hf")
+    assert not (tmp_path / "hf" / "shifcon.json").exists() and (tmp_path / "hf" / "bpe.tiktoken").exists()
 
 
 def test_routing_is_shifted_from_the_shifted_layer_on(shifcon_checkpoint, tmp_path):
@@ -84,7 +99,7 @@ def test_sample_needs_the_prompts_language_and_generates_shifted(shifcon_checkpo
     args = ["--checkpoint=" + str(shifcon_checkpoint), "--prompt=habari", "--max_new_tokens=6"]
     with pytest.raises(ConfigError, match="is a ShifCon model .*pass --lang=CODE"):
         sample.main(args)
-    with pytest.raises(ConfigError, match=r"lang='xx'.*no language vector for \['xx'\]"):
+    with pytest.raises(ConfigError, match=r"lang='xx'.*no language vector for \['xx'\].*pass its English code as --lang"):
         sample.main(args + ["--lang=xx"])
     got = sample.main(args + ["--lang=sw"])
     model = tiny_model(tok)

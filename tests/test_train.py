@@ -290,6 +290,8 @@ def run_in_process(monkeypatch, args):
                                                       r"positions .* need l_b <= n_layers = 3"),
     (dict(method="shifcon", sara_band=(1, 2)), r"sara_band=\(1, 2\) \(command line\): ShifCon's positions \(l_f, l_b\) = "
                                                r"\(2, 4\) need l_b <= n_layers = 3"),
+    (dict(method="shifcon", sara_layer_list=[0, 2]), r"sara_layer_list=\[0, 2\] \(command line\): ShifCon shifts a contiguous"),
+    (dict(method="shifcon", shifcon_contrastive_batch=1), r"shifcon_contrastive_batch=1 \(command line\)"),
     (dict(method="shifcon", shifcon_positions=(2, 1)), r"shifcon_positions=\(2, 1\) \(command line\): must be \(\)"),
     (dict(method="shifcon", shifcon_ce_weight=0.0), r"shifcon_ce_weight=0.0 \(command line\)"),
     (dict(method="shifcon", sara_band=(1, 1), anchor_lang="xx"), r"ShifCon needs each language's pairs for its language vector: \['sw', 'hi'\] have no"),
