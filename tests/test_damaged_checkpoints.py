@@ -261,7 +261,8 @@ def test_atomic_torch_save_leaves_no_part_file(tmp_path, monkeypatch):
 
 
 _SAVE_FOREVER = """
-import sys, warnings
+import signal, sys, warnings
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a suite started in the background inherits SIGINT ignored
 warnings.filterwarnings("ignore")
 import torch, training_state
 from tests.test_damaged_checkpoints import _tiny_training, _weights_of_step
