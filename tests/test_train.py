@@ -400,6 +400,7 @@ def test_another_run_is_never_resumed(single_run, tmp_path, change, named):
     assert res.returncode != 0 and "base.pt belongs to another run" in res.stderr and named in res.stderr, res.stderr[-2000:]
 
 
+@pytest.mark.slow  # (22 s; the default suite keeps test_adamw_bf16_state_dict_round_trip_keeps_fp32_moments and the fp32 kill/resume)
 def test_bf16_sr_resume_equals_uninterrupted(tmp_path):
     """AdamWBF16 states (and its stochastic rounding's RNG) survive a resume: the NaN guard stops
     the run at step 7 (checkpoint at 5), the rerun resumes from 5, and every loss equals a run
