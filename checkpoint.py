@@ -392,14 +392,15 @@ def _is_ours(name):
         name.startswith(("model", "pytorch_model")) and name.endswith((".safetensors", ".bin")))
 
 
-def save_hf(model, path, max_shard_size="5GB", copy_from=None):
+def save_hf(model, path, max_shard_size="5GB", copy_from=None, extra_files=()):
     """
     Write `path` as a transformers checkpoint directory: config.json, and model.safetensors or,
     above max_shard_size, model-0000i-of-0000n.safetensors + model.safetensors.index.json (a tensor
     larger than max_shard_size gets a shard of its own). Tensors keep the model's dtype.
     copy_from: a checkpoint directory whose other files (tokenizer, generation_config.json, ...) are
-    copied alongside. The directory is replaced atomically (see the module docstring): a new
-    directory takes its name, so a process whose working directory it was keeps the old one.
+    copied alongside. extra_files: files written with the weights (ShifCon's shifcon.json), in the same
+    atomic step. The directory is replaced atomically (see the module docstring): a new directory
+    takes its name, so a process whose working directory it was keeps the old one.
     """
     path = Path(os.path.abspath(path))  # (normalised: "." has no name to put a sibling next to)
     hf = config_to_hf(model.config, dtype=model.embed_tokens.weight.dtype)
@@ -431,6 +432,8 @@ def save_hf(model, path, max_shard_size="5GB", copy_from=None):
             for src in Path(copy_from).iterdir():
                 if src.is_file() and not _is_ours(src.name):
                     shutil.copy2(src, tmp / src.name)
+        for f in extra_files:  # (a crash never leaves the weights without them)
+            shutil.copy2(f, tmp / Path(f).name)
         _replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -440,15 +443,13 @@ def save_hf(model, path, max_shard_size="5GB", copy_from=None):
 def save_hf_state(state_dict, config, path, copy_from=None, extra_files=()):
     """save_hf of a full state dict (e.g. gathered from FSDP shards) without a second copy of the
     weights: the model is built on the meta device and takes the tensors as they are. extra_files
-    (e.g. a tokenizer file) are copied into the directory too."""
+    are written with the weights (save_hf)."""
     with torch.device("meta"):
         model = MoETransformer(config)
     model.load_state_dict(state_dict, assign=True)
     if config.tie_word_embeddings:  # assign=True replaced the shared Parameter
         model.lm_head.weight = model.embed_tokens.weight
-    save_hf(model, path, copy_from=copy_from)
-    for f in extra_files:
-        shutil.copy(f, path)
+    save_hf(model, path, copy_from=copy_from, extra_files=extra_files)
 
 
 def file_digest(paths):

@@ -268,6 +268,9 @@ def install_inference(row, model, tok, args, settings, d):
     if METHODS.get(row, {}).get("method") == "shifcon":  # the shift by each row's language, its exported vectors
         from methods import shifcon
         desc = dict(kind="shifcon", vectors=os.path.join(d, "hf", shifcon.VECTORS_FILE))
+        if model is not None and not os.path.exists(desc["vectors"]):  # never evaluated unshifted in its place
+            raise ValueError(f"{desc['vectors']} is missing: the ShifCon run's export has no language vectors; "
+                             f"delete {d} and rerun to train it again")
         if model is not None:
             shifcon.install_for_inference(model, os.path.join(d, "hf"), settings.train_langs + [settings.anchor_lang])
         return desc

@@ -79,6 +79,11 @@ def test_quick_comparison_then_reanalyse(tmp_path):
                    (zero_runs[plain, seed]["val_ce"], zero_runs[plain, seed]["js_band"])
         assert moe_runs["sara+steering", seed]["js_band"] != zero_runs["sara", seed]["js_band"]  # SteerMoE acted
 
+    (out / "seed1" / "shifcon" / "hf" / "shifcon.json").unlink()  # a ShifCon export without its vectors is never
+    (out / "seed1" / "shifcon" / "eval.json").unlink()               # evaluated unshifted in its place
+    lost = compare("--reanalyse", "--quick", "--out_dir", str(out), "--methods", "shifcon")
+    assert lost.returncode != 0 and "shifcon.json is missing" in lost.stderr, lost.stderr[-2000:]
+
     metrics = out / "seed2" / "live_kl" / "metrics.jsonl"  # a run that saw other batches is refused
     metrics.write_text(metrics.read_text().replace(runs["live_kl", 2]["batches"][1][1], "0" * 12))
     bad = compare("--reanalyse", "--quick", "--out_dir", str(out))
