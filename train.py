@@ -343,4 +343,5 @@ if s.export_hf:
                              "at the end and exports)") from None
 log(f"done in {time.time() - _run_start:.0f} s wall ({world} process(es), {torch.get_num_threads()} threads each)")
 if ddp:
+    dist.barrier()  # every rank leaves together: a rank tearing gloo down while rank 0 still exports aborted once in CI
     dist.destroy_process_group()
