@@ -390,9 +390,8 @@ def held_out_ce(model, tok, settings, device):
     out = forward_and_pool(model, [e["input_ids"] for e in examples], labels=[e["labels"] for e in examples],
                            pad_id=tok.pad_id, batch_size=mb, device=device,
                            before_batch=(lambda rows: set_rows([e["lang"] for e in examples[rows]])) if set_rows else None)
-    ce = sum(out.nll[i:i + mb].sum().item() / out.n_targets[i:i + mb].sum().item() * len(examples[i:i + mb])
-             for i in range(0, len(examples), mb))
-    return ce / max(len(examples), 1)
+    from loop import held_out_ce as loop_held_out_ce
+    return loop_held_out_ce(out, mb)  # (the loop's own formula: the check against metrics.jsonl compares like with like)
 
 
 @torch.no_grad()

@@ -151,6 +151,16 @@ def check_finite_weights(net, path, run):
 # -----------------------------------------------------------------------------
 # evaluation and the loop
 
+def held_out_ce(pooled, batch_size):
+    """The held-out CE of forward_and_pool's output (nll, n_targets per sequence): the mean over micro-batches
+    of batch_size sequences of their token-mean CE, weighted by the micro-batch's size. compare.py reports
+    the same number for every row, and checks it against this loop's."""
+    n = len(pooled.nll)
+    ce = sum(pooled.nll[i:i + batch_size].sum().item() / pooled.n_targets[i:i + batch_size].sum().item()
+             * len(pooled.nll[i:i + batch_size]) for i in range(0, n, batch_size))
+    return ce / max(n, 1)
+
+
 @torch.no_grad()
 def evaluate(run, net, examples, method, phase, step):
     """Held-out CE (mean over micro-batches of their token-mean CE, weighted by size) and the method's
@@ -160,9 +170,7 @@ def evaluate(run, net, examples, method, phase, step):
     out = forward_and_pool(net, [e["input_ids"] for e in examples], labels=[e["labels"] for e in examples],
                            pad_id=run.pad_id, batch_size=mb, autocast=run.autocast, device=run.dist.device,
                            before_batch=lambda rows: method.set_rows([e.get("lang") for e in examples[rows]]))
-    ce = sum(out.nll[i:i + mb].sum().item() / out.n_targets[i:i + mb].sum().item()
-             * len(examples[i:i + mb]) for i in range(0, len(examples), mb))
-    res = dict(val_ce=ce / max(len(examples), 1))
+    res = dict(val_ce=held_out_ce(out, mb))
     res.update(method.evaluate(net, examples, out, run))
     run.log(f"{phase} {'before fine-tuning' if step < 0 else f'step {step}'}: val CE {res['val_ce']:.4f}"
             + method.describe(res))
